@@ -14,6 +14,7 @@ from tune_data.plugins import hookimpl
 
 from tune_models.families.chroma.flavours import CHROMA_FLAVOURS
 from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_LORA_TARGETS
+from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS, QWEN_IMAGE_LORA_TARGETS
 from tune_models.families.sd3.flavours import SD3_FLAVOURS, SD3_LORA_TARGETS
 from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS
 
@@ -21,6 +22,7 @@ _ZIMAGE = "tune_models.families.zimage.family:FAMILY"
 _FLUX = "tune_models.families.flux.family:FAMILY"
 _SD3 = "tune_models.families.sd3.family:FAMILY"
 _CHROMA = "tune_models.families.chroma.family:FAMILY"
+_QWEN_IMAGE = "tune_models.families.qwen_image.family:FAMILY"
 
 @hookimpl
 def tune_register_model_families(register: Callable[..., None]) -> None:
@@ -50,6 +52,16 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="base",
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
+    )
+    # ``qwen_image`` already matches ``qwen-image`` (names ignore case, - and _).
+    register(
+        "qwen_image",
+        _QWEN_IMAGE,
+        description="Alibaba Qwen-Image (20B MMDiT flow transformer, Qwen2.5-VL-7B text encoder, 3D causal VAE)",
+        flavours=QWEN_IMAGE_FLAVOURS,
+        default_flavour="base",
+        default_lora_target="all",
+        lora_targets=QWEN_IMAGE_LORA_TARGETS,
     )
     info = {
         "flavours": ZIMAGE_FLAVOURS,

@@ -1,0 +1,1 @@
+"""Qwen-Image (see :mod:`tune_models.families.qwen_image.family`)."""
