@@ -7,8 +7,8 @@ GPU (speed does not depend on the weights):
   20 x 112, caption width 2304, patch 1) with SANA 1.5's ``qk_norm="rms_norm_across_heads"``;
   1024 px is 32 x 32 DC-AE latents of 32 channels (1024 tokens), 300 caption tokens.
 - ``sana1.5-4.8b``: the same with 60 blocks (SANA 1.5 4.8B's depth).
-- ``lumina2``: ``Lumina2Transformer2DModel`` defaults (Lumina-Image-2.0: width 2304, 26 blocks +
-  2 + 2 refiners, 24 heads / 8 kv heads); 1024 px is 128 x 128 Flux-VAE latents (4096 tokens),
+- ``lumina2``: ``Lumina2Transformer2DModel`` defaults with ``cap_feat_dim=2304`` (Lumina-Image-2.0:
+  width 2304, 26 blocks + 2 + 2 refiners, 24 heads / 8 kv heads, Gemma-2-2B captions); 1024 px is 128 x 128 Flux-VAE latents (4096 tokens),
   256 caption tokens.
 
 Each row trains the family's ``all`` LoRA preset at rank 16 through tune's own path
@@ -40,7 +40,7 @@ def build(name: str):
         transformer = diffusers.SanaTransformer2DModel(num_layers=layers, qk_norm="rms_norm_across_heads")
         family, latents, caption = get_family("sana"), (32, 32, 32), 300
     else:
-        transformer = diffusers.Lumina2Transformer2DModel()
+        transformer = diffusers.Lumina2Transformer2DModel(cap_feat_dim=2304)  # Gemma-2-2B's width
         family, latents, caption = get_family("lumina2"), (16, 128, 128), 256
     transformer = transformer.to(device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     model = LoadedModel(
@@ -108,8 +108,9 @@ def main() -> None:
         for checkpointing in (True, False):
             try:
                 row = run(name, checkpointing, args.steps, args.warmup)
-            except torch.OutOfMemoryError as exc:
-                row = {"model": name, "gradient_checkpointing": checkpointing, "error": f"OOM: {exc}"[:200]}
+            except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
+                row = {"model": name, "gradient_checkpointing": checkpointing, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.json:

@@ -186,12 +186,12 @@ def test_other_family_lora_target_is_ignored_with_a_warning(workdir):
 def test_ignored_simpletuner_options_are_reported_once(workdir, caplog):
     with caplog.at_level(logging.WARNING, logger="tune.config"):
         loaded = load_config(
-            {"model_family": "z-image", "--use_ema": "true", "ema_warmup_steps": 10, "--snr_gamma": 5}
+            {"model_family": "z-image", "--use_ema": "true", "ema_warmup_steps": 10, "--disable_benchmark": True}
         )
-    assert loaded.ignored == ("ema_warmup_steps", "snr_gamma")
+    assert loaded.ignored == ("disable_benchmark", "ema_warmup_steps")
     assert loaded.train.use_ema is True
     messages = [r.getMessage() for r in caplog.records if "accepted but ignored" in r.getMessage()]
-    assert messages == ["accepted but ignored (not implemented in tune yet): ema_warmup_steps, snr_gamma"]
+    assert messages == ["accepted but ignored (not implemented in tune yet): disable_benchmark, ema_warmup_steps"]
     assert loaded.warnings[0] == messages[0]
 
 
@@ -211,7 +211,7 @@ def test_packaged_option_list_keeps_comments_and_names():
     assert {"flux_lora_target", "checkpointing_steps", "lora_rank"} <= names
     assert not any(name.startswith("#") for name in names)
     assert "lora_rank" not in ignored_options() and "use_ema" not in ignored_options()
-    assert "snr_gamma" in ignored_options()
+    assert "disable_benchmark" in ignored_options() and "snr_gamma" not in ignored_options()
 
 
 # -- files around config.json ---------------------------------------------------------------------
@@ -315,7 +315,7 @@ def fake_family(monkeypatch):
 
 def test_plan_resolves_family_datasets_and_steps(workdir, fake_family):
     images = {"wide fox.png": (128, 64), "wide cat.png": (128, 64), "square.png": (64, 64)}
-    path = write_project(workdir, {"resolution": 64, "aspect_bucket_alignment": 16, "num_train_epochs": 3, "gradient_accumulation_steps": 2, "--snr_gamma": 5}, images=images)
+    path = write_project(workdir, {"resolution": 64, "aspect_bucket_alignment": 16, "num_train_epochs": 3, "gradient_accumulation_steps": 2, "--disable_benchmark": True}, images=images)
     (workdir / "data" / "notes.bin").write_bytes(b"x")
     plan = build_plan(load_config(path))
     assert plan["family"]["name"] == "z-image"
@@ -331,11 +331,11 @@ def test_plan_resolves_family_datasets_and_steps(workdir, fake_family):
     assert plan["lora"]["target"] == "family default (all)" and plan["lora"]["alpha"] == 16.0
     assert plan["validation"]["steps"] == 8
     assert plan["noise"]["flow_shift"] == "3.0 [flavour default]"
-    assert plan["ignored"] == ["snr_gamma"]
+    assert plan["ignored"] == ["disable_benchmark"]
     assert plan["problems"] == []
     json.dumps(plan)  # plain data
     text = format_plan(plan)
-    for needle in ("family: z-image", "flavour: turbo (default)", "1 unsupported extension", "buckets:", "no problems found", "snr_gamma"):
+    for needle in ("family: z-image", "flavour: turbo (default)", "1 unsupported extension", "buckets:", "no problems found", "disable_benchmark"):
         assert needle in text
 
 
@@ -404,3 +404,20 @@ def test_family_prefixed_options_go_to_the_chosen_family(workdir):
     assert loaded.train.family_options == {"flux_guidance_value": 3.5, "flux_guidance_mode": "constant"}
     assert "flux_guidance_value" not in loaded.ignored
     assert "sd3_clip_uncond_behaviour" in loaded.ignored  # another family's option: ignored, said once
+
+
+def test_a_familys_own_option_reaches_it_even_when_simpletuner_has_no_such_key():
+    loaded = load_config({"model_family": "flux2", "flux2_guidance_value": 2.5})
+    assert loaded.train.family_options == {"flux2_guidance_value": 2.5}
+
+
+def test_an_unknown_key_named_after_another_family_is_still_an_error():
+    with pytest.raises(ConfigError, match="unknown config key 'flux2_guidance_value'"):
+        load_config({"model_family": "flux", "flux2_guidance_value": 2.5})
+
+
+def test_plan_names_block_swap_and_activation_offload(workdir, fake_family):
+    path = write_project(workdir, {"musubi_blocks_to_swap": 15, "offload_checkpointed_activations": True})
+    offload = build_plan(load_config(path))["precision"]["offload"]
+    assert offload.startswith("block swap: the last 15 transformer blocks stream from cpu")
+    assert "checkpointed activations wait in CPU memory" in offload

@@ -51,6 +51,9 @@ ALIASES: dict[str, str] = {
     "validation_steps": "validation_step_interval",
     "adam_beta1": "optimizer_beta1",
     "adam_beta2": "optimizer_beta2",
+    # UNet families keep their denoiser in ``unet/``; SimpleTuner names its location so.
+    "pretrained_unet_model_name_or_path": "pretrained_transformer_model_name_or_path",
+    "pretrained_unet_subfolder": "pretrained_transformer_subfolder",
 }
 
 #: Settings the trainer passes to every dataset that does not set them itself.
@@ -270,6 +273,12 @@ def _same_family(a: str, b: str) -> bool:
     return a.replace("-", "").replace("_", "").lower() == b.replace("-", "").replace("_", "").lower()
 
 
+def _family_prefix(name: str, family: str) -> bool:
+    """Whether option ``name`` is named after ``family`` (``flux2_guidance_value``, ``qwen_image_x``)."""
+    words = name.split("_")
+    return any(_same_family("_".join(words[:n]), family) for n in range(1, len(words)))
+
+
 def _unknown_key_error(key: str, where: str) -> str:
     known = sorted(set(_fields()) | set(ALIASES) | simpletuner_options())
     close = difflib.get_close_matches(key, known, n=1)
@@ -316,6 +325,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
     family_targets: list[tuple[str, str, Any]] = []
     inline_datasets: list[Any] | None = None
     prefixed: dict[str, Any] = {}  # SimpleTuner options that may belong to the model family
+    unknown: dict[str, tuple[str, Any]] = {}  # name -> (key as written, value)
 
     for raw_key, value in raw.items():
         key = str(raw_key).strip()
@@ -340,11 +350,18 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
             ignored.append(name)
             prefixed[name] = value
         else:
+            unknown[name] = (key, value)
+
+    family = values.get("model_family")
+    # A key SimpleTuner does not know may still be the chosen family's own option
+    # (flux2_guidance_value for flux2): the family validates it when the run starts.
+    for name, (key, value) in unknown.items():
+        if family and _family_prefix(name, family):
+            values.setdefault("family_options", {})[name] = _plain_value(value)
+        else:
             errors.append(_unknown_key_error(key, where))
     if errors:
         raise ConfigError("\n".join(errors))
-
-    family = values.get("model_family")
     if not family:
         raise ConfigError(f'model_family is required in {where} (for example "z-image" or "flux")')
     for key, target_family, value in family_targets:
@@ -363,8 +380,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
     # Keys named after the chosen family (flux_guidance_value for flux) are the family's options:
     # passed to it as they are written, and validated by the family when the run starts.
     for name, value in prefixed.items():
-        prefix = name.split("_", 1)[0]
-        if _same_family(prefix, family):
+        if _family_prefix(name, family):
             values.setdefault("family_options", {})[name] = _plain_value(value)
             ignored.remove(name)
 
@@ -375,7 +391,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
             f"report_to {report_to!r} is not implemented in tune yet; using {values['report_to']!r}"
         )
 
-    for key in ("data_backend_config", "user_prompt_library"):
+    for key in ("data_backend_config", "user_prompt_library", "lycoris_config"):
         if values.get(key) is not None:
             values[key] = str(_locate(key, values[key], bases))
 

@@ -80,6 +80,7 @@ def _family_section(loaded: LoadedConfig, problems: list[str]) -> tuple[dict[str
     facts = flavours.get(name or "", {})
     family["lora_targets"] = sorted(info.get("lora_targets") or info.get("lora_target_presets") or [])
     family["default_lora_target"] = info.get("default_lora_target")
+    family["prediction"] = info.get("prediction", "flow")  # the family's declared noise scheme
     return {"family": family, "flavour": flavour}, facts
 
 
@@ -231,13 +232,18 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
 
     if train.base_model_precision != "no_change":
         _registry_check("tune_quant.registry", "quantisers", train.base_model_precision, problems, "base_model_precision")
-    if train.enable_group_offload:
+    if train.musubi_blocks_to_swap:
+        offload = (f"block swap: the last {train.musubi_blocks_to_swap} transformer blocks stream from "
+                   f"{train.musubi_block_swap_device}")
+    elif train.enable_group_offload:
         offload = f"group offload ({train.group_offload_type}, {train.group_offload_blocks_per_group} block(s)/group"
         offload += ", CUDA stream" if train.group_offload_use_stream else ""
         offload += f", to disk at {train.group_offload_to_disk_path}" if train.group_offload_to_disk_path else ""
         offload += ")"
     else:
         offload = "model CPU offload" if train.enable_model_cpu_offload else "none"
+    if train.offload_checkpointed_activations:
+        offload += "; checkpointed activations wait in CPU memory"
     plan["precision"] = {
         "mixed_precision": train.mixed_precision,
         "base_model_precision": train.base_model_precision,
@@ -276,6 +282,15 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
     else:
         shift = "flavour default"
     plan["noise"] = {"flow_shift": shift, "caption_dropout_probability": train.caption_dropout_probability}
+    prediction = plan["family"].get("prediction", "flow")
+    if prediction != "flow":  # DDPM families: no flow shift; their own keys instead
+        plan["noise"] = {
+            "prediction_type": train.prediction_type or f"{prediction} [checkpoint's scheduler, unless it says otherwise]",
+            "snr_gamma": train.snr_gamma,
+            "soft_min_snr": train.use_soft_min_snr,
+            "timesteps": f"lowest {train.refiner_training_strength:g} (refiner_training)" if train.refiner_training else "all",
+            "caption_dropout_probability": train.caption_dropout_probability,
+        }
     plan["validation"] = _validation(loaded, facts)
     plan["output_dir"] = train.output_dir
     plan["checkpoints"] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,3 +291,32 @@ def test_registration_facts_describe_the_flavours(zimage):
     assert info["flavours"]["turbo"]["assistant_lora"] == zimage.flavour("turbo").assistant_lora
     assert model_families.get("zimage") is model_families.get("z-image")  # an alias, listed once
     assert model_families.names().count("z-image") == 1 and "zimage" not in model_families.names()
+
+
+def test_base_flavour_validates_with_real_classifier_free_guidance(zimage, tiny_path):
+    """Z-Image base is undistilled: its validation runs 28-50 steps at guidance 4-6 with a real
+    negative branch (the transformer sees prompt and negative prompt at every step)."""
+    base = zimage.flavour("base")
+    assert 28 <= base.inference_steps <= 50 and 4.0 <= base.guidance <= 6.0
+    model = load(zimage, tiny_path)
+    pipeline = zimage.validation_pipeline(model)
+    branches = []
+    hook = pipeline.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: branches.append(len(args[0] if args else kwargs["x"])), with_kwargs=True
+    )
+
+    def image(guidance, negative):
+        branches.clear()
+        out = zimage.generate(pipeline, "a red square", width=64, height=64, steps=2,
+                              guidance=guidance, seed=0, negative_prompt=negative)
+        return np.asarray(out, dtype=np.float32), list(branches)
+
+    try:
+        plain, plain_branches = image(0.0, None)
+        cfg, cfg_branches = image(base.guidance, "blurry, low quality")
+        other_negative, _ = image(base.guidance, "a red square")
+    finally:
+        hook.remove()
+    assert plain_branches == [1, 1] and cfg_branches == [2, 2]  # prompt + negative, each step
+    assert np.abs(cfg - plain).max() > 1.0
+    assert np.abs(cfg - other_negative).max() > 1.0  # the negative prompt is used

@@ -55,10 +55,27 @@ def test_bad_values_list_choices_or_rule(key, value, message):
 
 
 def test_known_but_unimplemented_choices_say_so():
-    with pytest.raises(ConfigError, match="model_type 'full' is not implemented in tune yet; supported: lora"):
-        make(model_type="full")
-    with pytest.raises(ConfigError, match="lora_type 'lycoris' is not implemented"):
-        make(lora_type="lycoris")
+    with pytest.raises(ConfigError, match="report_to 'comet_ml' is not implemented in tune yet"):
+        make(report_to="comet_ml")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lora_type": "lycoris"}, "lora_type 'lycoris' needs lycoris_config"),
+        ({"lora_type": "lycoris", "lycoris_config": "l.json", "use_dora": True}, "set dora_wd in lycoris_config"),
+        ({"model_type": "full", "use_ema": True}, "use_ema with model_type 'full' is not implemented"),
+        ({"model_type": "full", "base_model_precision": "int8-torchao"}, "would quantise them"),
+        ({"model_type": "full", "lora_type": "lycoris", "lycoris_config": "l.json"}, "applies to model_type 'lora'"),
+        ({"lora_init_type": "pissa", "use_dora": True}, "use_dora cannot be combined"),
+        ({"lora_init_type": "olora", "init_lora": "a.safetensors"}, "init_lora cannot be combined"),
+        ({"use_dora": True, "lora_format": "comfyui"}, "use_dora with lora_format 'comfyui' is not supported"),
+        ({"lora_init_type": "kaiming"}, "lora_init_type must be one of default, gaussian, pissa, olora, loftq"),
+    ],
+)
+def test_adapter_options_that_cannot_work_together_name_the_keys(values, message):
+    with pytest.raises(ConfigError, match=message):
+        make(**values)
 
 
 def test_offload_strategies_are_mutually_exclusive():

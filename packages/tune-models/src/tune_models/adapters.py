@@ -74,7 +74,7 @@ def load_assistant_lora(
     state_dict = model.family.lora_state_dict(path, weight_name=weight_name)
     if not state_dict:
         raise ValueError(f"assistant LoRA {path!s} (weight_name={weight_name!r}) holds no LoRA weights")
-    model.transformer.load_lora_adapter(state_dict, adapter_name=ASSISTANT_ADAPTER, prefix="transformer")
+    model.transformer.load_lora_adapter(state_dict, adapter_name=ASSISTANT_ADAPTER, prefix=model.family.lora_prefix)
     model.has_assistant = True
     model.extras[_ASSISTANT_ON_KEY] = True
     _apply(model)
@@ -97,6 +97,8 @@ def add_training_lora(
     target: str | list[str] | None = None,
     adapter_name: str = TRAINING_ADAPTER,
     param_dtype: torch.dtype | None = None,
+    init: bool | str = True,
+    use_dora: bool = False,
 ) -> list[torch.nn.Parameter]:
     """Inject a trainable LoRA into the transformer and return its parameters.
 
@@ -105,6 +107,12 @@ def add_training_lora(
     active together with the assistant (when enabled); only its own weights require grad.
     ``param_dtype`` (e.g. ``torch.float32``) upcasts the trainable weights, which is what mixed
     precision training of a bf16 model wants.
+
+    ``init`` is PEFT's ``init_lora_weights`` (``True``: A random, B zero; ``"gaussian"``,
+    ``"pissa"``, ``"olora"``, ...). PiSSA and OLoRA start from the weight's principal directions
+    and *subtract* them from the base weight, so the base is changed; see
+    ``tune_train.adapter_setup`` for how such an adapter is exported for the untouched base.
+    ``use_dora`` adds DoRA's per-output magnitude vector (trained too).
     """
     from peft import LoraConfig
 
@@ -124,7 +132,8 @@ def add_training_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
-        init_lora_weights=True,
+        init_lora_weights=init,
+        use_dora=use_dora,
     )
     try:
         with warnings.catch_warnings():  # a second adapter beside the assistant is intended
@@ -144,7 +153,8 @@ def add_training_lora(
 
 
 def training_lora_state_dict(model: LoadedModel, adapter_name: str = TRAINING_ADAPTER) -> dict[str, torch.Tensor]:
-    """The training adapter's weights in diffusers layout (``transformer.<module>.lora_A.weight``),
+    """The training adapter's weights in diffusers layout (``transformer.<module>.lora_A.weight``;
+    the prefix is the family's ``lora_prefix``, ``unet`` for UNet families),
     detached CPU copies, without the assistant's. ``pipeline.load_lora_weights(state_dict)``
     accepts it; it carries no alpha, so it reproduces the model exactly when alpha == rank; use
     :func:`save_training_lora` (which records alpha as diffusers metadata) otherwise."""
@@ -153,7 +163,8 @@ def training_lora_state_dict(model: LoadedModel, adapter_name: str = TRAINING_AD
     if adapter_name not in (getattr(model.transformer, "peft_config", None) or {}):
         raise ValueError(f"the transformer has no adapter named {adapter_name!r}")
     peft_sd = get_peft_model_state_dict(model.transformer, adapter_name=adapter_name)
-    return {f"transformer.{k}": v.detach().to("cpu").clone() for k, v in peft_sd.items()}
+    prefix = model.family.lora_prefix  # ``unet`` for UNet families
+    return {f"{prefix}.{k}": v.detach().to("cpu").clone() for k, v in peft_sd.items()}
 
 
 def training_lora_metadata(model: LoadedModel, adapter_name: str = TRAINING_ADAPTER) -> dict[str, Any]:
@@ -171,7 +182,8 @@ def lora_file_metadata(model: LoadedModel, adapter_name: str = TRAINING_ADAPTER)
     Merge them into the header of a file holding :func:`training_lora_state_dict`."""
     import json
 
-    packed = {f"transformer.{k}": v for k, v in training_lora_metadata(model, adapter_name).items()}
+    prefix = model.family.lora_prefix
+    packed = {f"{prefix}.{k}": v for k, v in training_lora_metadata(model, adapter_name).items()}
     return {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}
 
 
@@ -185,12 +197,15 @@ def save_training_lora(
     """Write the training adapter as the family pipeline's ``save_lora_weights`` does, with its
     alpha recorded, so ``pipeline.load_lora_weights(directory, weight_name=...)`` is exact."""
     state_dict = training_lora_state_dict(model, adapter_name)
-    layers = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+    prefix = model.family.lora_prefix
+    layers = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items()}
     model.family.pipeline_class().save_lora_weights(
         save_directory=str(directory),
-        transformer_lora_layers=layers,
         weight_name=weight_name,
-        transformer_lora_adapter_metadata=training_lora_metadata(model, adapter_name),
+        **{
+            f"{prefix}_lora_layers": layers,
+            f"{prefix}_lora_adapter_metadata": training_lora_metadata(model, adapter_name),
+        },
     )
     return Path(directory) / weight_name
 
@@ -210,7 +225,8 @@ def lora_file_scale(path: str | os.PathLike) -> float:
     if comfyui or "lora_adapter_metadata" not in header:  # ComfyUI alphas are folded on reading
         return 1.0
     packed = json.loads(header["lora_adapter_metadata"])
-    alpha, rank = packed.get("transformer.lora_alpha"), packed.get("transformer.r")
+    prefix = next((k.split(".", 1)[0] for k in packed if k.endswith(".lora_alpha")), "transformer")
+    alpha, rank = packed.get(f"{prefix}.lora_alpha"), packed.get(f"{prefix}.r")
     return float(alpha) / float(rank) if alpha and rank else 1.0
 
 
@@ -249,7 +265,7 @@ def load_training_lora(
             )
         if ".lora_B." in key and file_scale != ours:
             incoming = incoming.float() * (file_scale / ours)
-        loaded[key.removeprefix("transformer.")] = incoming
+        loaded[key.removeprefix(f"{model.family.lora_prefix}.")] = incoming
     result = set_peft_model_state_dict(model.transformer, loaded, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

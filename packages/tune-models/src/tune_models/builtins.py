@@ -14,15 +14,23 @@ from tune_data.plugins import hookimpl
 
 from tune_models.families.chroma.flavours import CHROMA_FLAVOURS
 from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_LORA_TARGETS
+from tune_models.families.flux2.flavours import FLUX2_FLAVOURS, FLUX2_LORA_TARGETS
+from tune_models.families.lumina2.flavours import LUMINA2_FLAVOURS, LUMINA2_LORA_TARGETS
 from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS, QWEN_IMAGE_LORA_TARGETS
+from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_LORA_TARGETS
 from tune_models.families.sd3.flavours import SD3_FLAVOURS, SD3_LORA_TARGETS
+from tune_models.families.sdxl.flavours import SDXL_FLAVOURS, SDXL_LORA_TARGETS
 from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS
 
 _ZIMAGE = "tune_models.families.zimage.family:FAMILY"
 _FLUX = "tune_models.families.flux.family:FAMILY"
+_FLUX2 = "tune_models.families.flux2.family:FAMILY"
 _SD3 = "tune_models.families.sd3.family:FAMILY"
 _CHROMA = "tune_models.families.chroma.family:FAMILY"
 _QWEN_IMAGE = "tune_models.families.qwen_image.family:FAMILY"
+_SANA = "tune_models.families.sana.family:FAMILY"
+_LUMINA2 = "tune_models.families.lumina2.family:FAMILY"
+_SDXL = "tune_models.families.sdxl.family:FAMILY"
 
 @hookimpl
 def tune_register_model_families(register: Callable[..., None]) -> None:
@@ -36,6 +44,15 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         lora_targets=FLUX_LORA_TARGETS,
     )
     register(
+        "flux2",
+        _FLUX2,
+        description="Black Forest Labs FLUX.2 (32B MMDiT flow transformer, Mistral-3 24B text encoder, 32-channel VAE)",
+        flavours=FLUX2_FLAVOURS,
+        default_flavour="dev",
+        default_lora_target="all",
+        lora_targets=FLUX2_LORA_TARGETS,
+    )
+    register(
         "sd3",
         _SD3,
         description="Stability AI Stable Diffusion 3.5 (MMDiT flow transformer, CLIP-L + CLIP-G + T5-XXL)",
@@ -43,6 +60,16 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="medium",
         default_lora_target="all",
         lora_targets=SD3_LORA_TARGETS,
+    )
+    register(
+        "sdxl",
+        _SDXL,
+        description="Stability AI Stable Diffusion XL 1.0 (DDPM UNet, epsilon or v-prediction, CLIP-L + OpenCLIP-G)",
+        flavours=SDXL_FLAVOURS,
+        default_flavour="base",
+        default_lora_target="all",
+        lora_targets=SDXL_LORA_TARGETS,
+        prediction="epsilon",  # the declared noise scheme, for `tune check` without importing torch
     )
     register(
         "chroma",
@@ -62,6 +89,25 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="base",
         default_lora_target="all",
         lora_targets=QWEN_IMAGE_LORA_TARGETS,
+    )
+    register(
+        "sana",
+        _SANA,
+        description="NVIDIA Sana / SANA 1.5 (linear-attention DiT, Gemma-2-2B text encoder, 32x DC-AE)",
+        flavours=SANA_FLAVOURS,
+        default_flavour="sana1.5-1.6b",
+        default_lora_target="all",
+        lora_targets=SANA_LORA_TARGETS,
+    )
+    register(
+        "lumina2",
+        _LUMINA2,
+        aliases=["lumina-image-2", "lumina"],
+        description="Alpha-VLLM Lumina Image 2.0 (2.6B unified NextDiT flow transformer, Gemma-2-2B, Flux VAE)",
+        flavours=LUMINA2_FLAVOURS,
+        default_flavour="base",
+        default_lora_target="all",
+        lora_targets=LUMINA2_LORA_TARGETS,
     )
     info = {
         "flavours": ZIMAGE_FLAVOURS,

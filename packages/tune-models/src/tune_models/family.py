@@ -4,11 +4,22 @@ A family declares what differs between models (checkpoints, components, prompt a
 encoding, the denoiser call, LoRA targets, the validation pipeline, LoRA key names for ComfyUI)
 and nothing else; losses, caches, loops and saving live once, outside the families.
 
-The loop relies on one convention, whatever the model: **flow matching** with
-``x_t = (1 - sigma) * x0 + sigma * noise`` and training target ``noise - x0``.
-:meth:`ModelFamily.predict` returns predictions in that convention, so a family whose network
-uses another time variable or sign (Z-Image takes ``t = 1 - sigma`` and predicts ``x0 - noise``)
-converts inside ``predict`` and nowhere else.
+A family declares its noise scheme in :attr:`ModelFamily.prediction`, and the loop picks the
+maths from that declaration, never from the family's name:
+
+- ``"flow"``: **flow matching** with ``x_t = (1 - sigma) * x0 + sigma * noise`` and training
+  target ``noise - x0``. :meth:`ModelFamily.predict` takes sigmas in [0, 1] and returns
+  predictions in that convention, so a family whose network uses another time variable or sign
+  (Z-Image takes ``t = 1 - sigma`` and predicts ``x0 - noise``) converts inside ``predict`` and
+  nowhere else.
+- ``"epsilon"`` / ``"v_prediction"``: **DDPM** (UNet families). ``predict`` takes integer timesteps
+  of the scheduler's training schedule and returns the network's raw output (noise or velocity);
+  the prediction type actually used is :meth:`ModelFamily.prediction_type` (the checkpoint's
+  scheduler config, or the user's ``prediction_type``), the maths is ``tune_train.ddpm``.
+
+Per-sample image geometry (original size, crop, training size) reaches families that condition
+on it through :meth:`ModelFamily.batch_conditions`, merged into the prompt batch ``predict``
+receives; the others ignore it.
 
 A family is registered by a plugin (see :mod:`tune_models.hookspecs`) and fetched by name with
 :func:`get_family`.
@@ -30,6 +41,30 @@ from tune_models import flow
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
+
+
+@attrs.frozen
+class SampleGeometry:
+    """Where one training sample came from, in pixels, ``(height, width)`` / ``(top, left)`` order
+    as size/crop micro-conditioning writes it."""
+
+    original_size: tuple[int, int]
+    """The image's size before any resize."""
+    crop_top_left: tuple[int, int]
+    """Top-left corner of the crop window in the resized image."""
+    target_size: tuple[int, int]
+    """The training sample's size (its bucket)."""
+
+    @classmethod
+    def from_planned(cls, planned: Any) -> SampleGeometry:
+        """From a ``tune_data.buckets.PlannedImage`` (``record``, ``bucket``, ``crop_box``)."""
+        width, height = planned.bucket
+        left, top = planned.crop_box[0], planned.crop_box[1]
+        return cls(
+            original_size=(int(planned.record.height), int(planned.record.width)),
+            crop_top_left=(int(top), int(left)),
+            target_size=(int(height), int(width)),
+        )
 
 
 @attrs.frozen
@@ -71,6 +106,11 @@ class ModelSource:
     location itself is the transformer folder (it holds ``config.json`` directly)."""
     pretrained_vae_model_name_or_path: str | None = None
     """Load the VAE from here instead (a folder with a ``vae`` subfolder, or a VAE folder)."""
+    pretrained_text_encoder_model_name_or_path: str | None = None
+    """Load the (first) text encoder and its tokenizer from here instead: a pipeline folder or
+    repository with ``text_encoder``/``tokenizer`` subfolders, or the encoder's own repository
+    (e.g. ``google/gemma-2-2b-it``). The config keys that name one family's encoder
+    (``pretrained_gemma_model_name_or_path``) set this."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the checkpoints."""
     variant: str | None = None
@@ -142,7 +182,11 @@ class ModelFamily:
     """``lora_target`` name -> module-name suffixes for peft's ``target_modules``."""
     default_lora_target: str = "all"
     prediction: str = "flow"
-    """Noise scheme of :meth:`predict`'s output; every family here speaks ``flow`` (see module doc)."""
+    """Noise scheme of :meth:`predict` (see the module doc): ``flow``, or for a DDPM family its
+    default prediction type (``epsilon`` or ``v_prediction``) when the scheduler config names none."""
+    lora_prefix: str = "transformer"
+    """Name of the denoiser component in the family's pipeline and LoRA files (``unet`` for a
+    UNet family): LoRA keys are ``<lora_prefix>.<module>.lora_A.weight``."""
     vae_scale_factor: int = 8
     """Pixels per latent along one side, for the real checkpoints (the tiny ones differ)."""
     patch_size: int = 2
@@ -157,6 +201,10 @@ class ModelFamily:
     text_encoder_classes: tuple[str, ...] = ()
     """transformers classes of ``text_encoder``, ``text_encoder_2``, ... in that order, each with
     an ``AutoTokenizer`` in ``tokenizer``, ``tokenizer_2``, ..."""
+    text_encoder_config_key: str | None = None
+    """The config key that relocates this family's (first) text encoder through
+    ``ModelSource.pretrained_text_encoder_model_name_or_path`` (``pretrained_gemma_model_name_or_path``
+    for the Gemma families); ``None``: no such key, and the trainer refuses one."""
     default_extras: dict[str, Any] = {}
     """Initial ``LoadedModel.extras`` (deep-copied per model), besides ``root``."""
 
@@ -235,6 +283,31 @@ class ModelFamily:
     def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
         """``shift * s / (1 + (shift - 1) * s)`` elementwise."""
         return flow.shift_sigmas(sigmas, shift)
+
+    def prediction_type(self, model: LoadedModel) -> str:
+        """What :meth:`predict` returns for ``model``: ``flow`` for a flow family; for a DDPM
+        family the user's override (``model.extras["prediction_type"]``, set by the trainer from
+        ``prediction_type``), else the checkpoint's scheduler config, else :attr:`prediction`."""
+        if self.prediction == "flow":
+            return "flow"
+        override = model.extras.get("prediction_type")
+        if override:
+            return str(override)
+        config = getattr(model.scheduler, "config", None)
+        configured = config.get("prediction_type") if config is not None else None
+        return str(configured or self.prediction)
+
+    def batch_conditions(
+        self,
+        model: LoadedModel,
+        geometry: Sequence[SampleGeometry],
+        *,
+        device: str | torch.device,
+        dtype: torch.dtype,
+    ) -> dict[str, Any]:
+        """Extra inputs :meth:`predict` takes from each sample's geometry (merged into the
+        collated prompt batch). None here: only families with size/crop conditioning override it."""
+        return {}
 
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:
         """Take the family's own training options from the run's config (SimpleTuner keys, e.g.
@@ -400,7 +473,7 @@ class ModelFamily:
         (no LoRA dropout) and is put back as it was."""
         generator = torch.Generator("cpu").manual_seed(int(seed))
         extra = self._pipeline_call_kwargs(pipeline, guidance=guidance, negative_prompt=negative_prompt)
-        transformer = pipeline.transformer
+        transformer = getattr(pipeline, self.lora_prefix)
         was_training = transformer.training
         transformer.eval()
         try:

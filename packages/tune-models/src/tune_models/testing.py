@@ -122,10 +122,8 @@ class ModelFamilyTests:
         )
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        sigmas = torch.linspace(0.3, 0.8, latents.shape[0])
-        view = sigmas.view(-1, 1, 1, 1).to(latents)
-        noisy = (1 - view) * latents + view * noise
-        target = noise - latents
+        sigmas = self.times(family, model, torch.linspace(0.3, 0.8, latents.shape[0]))
+        noisy, target = self.noised(family, model, latents, noise, sigmas)
         if getattr(model.transformer, "_supports_gradient_checkpointing", False):
             model.transformer.enable_gradient_checkpointing()
         model.transformer.train()
@@ -140,6 +138,25 @@ class ModelFamilyTests:
             losses.append(loss.item())
         model.transformer.eval()
         return losses
+
+    @staticmethod
+    def times(family: ModelFamily, model: LoadedModel, levels: torch.Tensor) -> torch.Tensor:
+        """What :meth:`ModelFamily.predict` takes for noise levels in [0, 1]: the sigmas
+        themselves for a flow family, integer training timesteps for a DDPM family."""
+        if family.prediction == "flow":
+            return levels
+        steps = int(model.scheduler.config.num_train_timesteps)
+        return (levels * (steps - 1)).round().long()
+
+    @staticmethod
+    def noised(
+        family: ModelFamily, model: LoadedModel, latents: torch.Tensor, noise: torch.Tensor, times: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noisy latents, training target)`` in the family's noise scheme (flow, or DDPM with
+        the model's ``alphas_cumprod`` and prediction type)."""
+        from tune_models.families._shared import noised
+
+        return noised(family, model, latents, noise, times)
 
     def image(self, family: ModelFamily, pipeline: Any, seed: int = 0) -> Any:
         import numpy as np
@@ -210,7 +227,8 @@ class ModelFamilyTests:
         latents = family.encode_images(model, self.pixels(2))
         cond = family.collate_prompts(family.encode_prompts(model, list(self.prompts)), model.device, model.dtype)
         with torch.no_grad():
-            out = family.predict(model, torch.randn_like(latents), torch.tensor([0.2, 0.9]), cond)
+            times = self.times(family, model, torch.tensor([0.2, 0.9]))
+            out = family.predict(model, torch.randn_like(latents), times, cond)
         assert out.shape == latents.shape
         assert torch.isfinite(out).all()
 
@@ -229,7 +247,7 @@ class ModelFamilyTests:
         trained = self.load(family, tiny_path)
         self.train(family, trained)
         state_dict = adapters.training_lora_state_dict(trained)
-        assert state_dict and all(k.startswith("transformer.") for k in state_dict)
+        assert state_dict and all(k.startswith(f"{family.lora_prefix}.") for k in state_dict)
         expected = self.image(family, family.validation_pipeline(trained))
 
         pipeline = family.validation_pipeline(self.load(family, tiny_path))
@@ -253,13 +271,16 @@ class ModelFamilyTests:
         self.train(family, model)
         state_dict = adapters.training_lora_state_dict(model)
         comfy = family.to_comfyui(state_dict)
-        assert comfy and all(k.startswith("diffusion_model.") for k in comfy)
+        prefix = family.comfyui_key_prefix or "diffusion_model."
+        assert comfy and all(k.startswith(prefix) for k in comfy)
         back = family.from_comfyui(comfy)
         assert set(back) == set(state_dict)
         for key, tensor in state_dict.items():
             assert torch.equal(back[key], tensor), key
 
     def test_flow_shift(self, family: ModelFamily) -> None:
+        if family.prediction != "flow":
+            _require_pytest().skip(f"{family.name} is not a flow-matching family")
         small = family.flow_shift(256, 256, shift=None, auto_shift=True)
         large = family.flow_shift(1024, 1024, shift=None, auto_shift=True)
         assert 0 < small < large

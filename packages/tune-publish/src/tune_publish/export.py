@@ -8,6 +8,7 @@ the file and card in ``outputs``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +17,42 @@ from tune_publish.model_card import write_model_card
 from tune_publish.modelspec import modelspec_metadata
 
 
-def export_adapter(adapter: Any) -> dict[str, str]:
-    """Write ``pytorch_lora_weights.safetensors`` (diffusers or ComfyUI layout) and ``README.md``.
+#: ModelSpec architecture suffix and model-card title word per ``TrainedAdapter.adapter_type``.
+_KINDS = {"lora": ("/lora", "LoRA"), "lycoris": ("/lycoris", "LyCORIS"), "full": ("", "fine-tune")}
 
-    Returns ``{"lora": path, "model_card": path}``. The file header carries the loaders' adapter
-    metadata (alpha) and ModelSpec provenance.
+
+def export_adapter(adapter: Any) -> dict[str, str]:
+    """Write the run's weights and ``README.md``.
+
+    An adapter goes to ``pytorch_lora_weights.safetensors`` (diffusers or ComfyUI layout for a
+    LoRA, the lycoris-lora library's own keys for LyCORIS); returns ``{"lora": path,
+    "model_card": path}``. The file header carries the loaders' adapter metadata (alpha,
+    LyCORIS settings) and ModelSpec provenance. A full fine-tune (``adapter_type == "full"``)
+    goes to a diffusers ``transformer/`` folder instead (output ``transformer``).
     """
-    title = f"{adapter.family} {adapter.flavour} LoRA"
+    kind = getattr(adapter, "adapter_type", "lora")
+    suffix, word = _KINDS[kind]
+    title = f"{adapter.family} {adapter.flavour} {word}"
     metadata = dict(adapter.header) | modelspec_metadata(
-        architecture=f"{adapter.family}/lora",
+        architecture=f"{adapter.family}{suffix}",
         title=title,
         training_info={"base_model": adapter.base_model, **adapter.settings},
     )
-    convert = adapter.to_comfyui if adapter.lora_format == "comfyui" else None
-    if adapter.lora_format == "comfyui" and convert is None:
-        raise ValueError(f"lora_format 'comfyui': model family {adapter.family!r} has no ComfyUI key mapping")
     output_dir = Path(adapter.output_dir)
-    lora = save_lora(adapter.state_dict, output_dir / LORA_WEIGHT_NAME, metadata=metadata, convert=convert)
+    if kind == "full":
+        written = {"transformer": str(save_model_folder(adapter.state_dict, adapter.model_config,
+                                                        output_dir / "transformer", metadata=metadata))}
+    else:
+        convert = adapter.to_comfyui if adapter.lora_format == "comfyui" and kind == "lora" else None
+        if adapter.lora_format == "comfyui" and convert is None:
+            raise ValueError(f"lora_format 'comfyui': model family {adapter.family!r} has no ComfyUI key mapping")
+        if convert is not None:
+            # ComfyUI-layout keys carry their alphas as tensors; diffusers' kohya/ComfyUI readers
+            # refuse a file that also has its own alpha header ("Both network_alphas and
+            # metadata cannot be specified").
+            metadata.pop("lora_adapter_metadata", None)
+        lora = save_lora(adapter.state_dict, output_dir / LORA_WEIGHT_NAME, metadata=metadata, convert=convert)
+        written = {"lora": str(lora)}
     card = write_model_card(
         output_dir,
         base_model=adapter.base_model,
@@ -41,5 +61,46 @@ def export_adapter(adapter: Any) -> dict[str, str]:
         title=title,
         settings=adapter.settings,
         validation_images=adapter.validation_images,
+        kind=kind,
     )
-    return {"lora": str(lora), "model_card": str(card)}
+    return {**written, "model_card": str(card)}
+
+
+def save_model_folder(
+    state_dict: dict[str, Any],
+    config: dict[str, Any] | None,
+    folder: str | os.PathLike[str],
+    *,
+    metadata: dict[str, str] | None = None,
+    max_shard_size: str = "10GB",
+) -> Path:
+    """Write a diffusers model folder (``config.json`` + ``diffusion_pytorch_model*.safetensors``,
+    sharded with an index past ``max_shard_size``) that ``<ModelClass>.from_pretrained`` and the
+    family pipeline's ``from_pretrained(..., transformer=...)`` load.
+
+    Tensors are written one shard at a time from where they are, so no second copy of the whole
+    model is made. The folder is built beside ``folder`` and renamed into place when complete.
+    """
+    import json
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
+
+    if not config or "_class_name" not in config:
+        raise ValueError("a model folder needs the model's diffusers config (with _class_name)")
+    target = Path(folder)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_torch_state_dict(
+        state_dict,
+        partial,
+        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt", **(metadata or {})},
+    )
+    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    return target

@@ -123,6 +123,44 @@ def _usage(base_model: str, adapter: str, weight_name: str, prompt: str) -> str:
     )
 
 
+def _usage_full(base_model: str, folder: str, prompt: str) -> str:
+    return "\n".join(
+        [
+            "```python",
+            "import torch",
+            "from diffusers import AutoModel, DiffusionPipeline",
+            "",
+            f"transformer = AutoModel.from_pretrained({json.dumps(folder)}, torch_dtype=torch.bfloat16)",
+            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(base_model)}, transformer=transformer, "
+            "torch_dtype=torch.bfloat16)",
+            'pipe.to("cuda")',
+            f"image = pipe({json.dumps(prompt, ensure_ascii=False)}).images[0]",
+            "```",
+        ]
+    )
+
+
+def _usage_lycoris(base_model: str, adapter: str, weight_name: str) -> str:
+    return "\n".join(
+        [
+            "diffusers' `load_lora_weights` does not read LyCORIS files; apply it with the",
+            "`lycoris-lora` library (ComfyUI also loads it):",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "from lycoris import create_lycoris_from_weights",
+            "",
+            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(base_model)})",
+            f"network, _ = create_lycoris_from_weights(1.0, {json.dumps(adapter + '/' + weight_name)}, pipe.transformer)",
+            "network.merge_to()",
+            "```",
+        ]
+    )
+
+
+_INTRO = {"lora": "A LoRA adapter", "lycoris": "A LyCORIS adapter", "full": "A full fine-tune of the transformer"}
+
+
 def write_model_card(
     output_dir: str | os.PathLike[str],
     *,
@@ -137,12 +175,14 @@ def write_model_card(
     license: str = "other",
     adapter_id: str | None = None,
     weight_name: str = LORA_WEIGHT_NAME,
+    kind: str = "lora",
 ) -> Path:
     """Write ``output_dir/README.md`` atomically and return its path.
 
     ``validation_images`` are ``(prompt, path)`` pairs with paths relative to ``output_dir`` (the
     card travels with the folder). ``adapter_id`` is what the usage snippet loads (a Hub repo id
-    once published); it defaults to ``"path/to/output_dir"`` as a placeholder.
+    once published); it defaults to ``"path/to/output_dir"`` as a placeholder. ``kind`` (``lora``,
+    ``lycoris``, ``full``) picks the description and the loading snippet.
     """
     out = Path(output_dir)
     images = [(str(prompt), _relative_image(path)) for prompt, path in validation_images]
@@ -156,7 +196,7 @@ def write_model_card(
         "",
         f"# {title}",
         "",
-        f"A LoRA adapter for {model_line}, trained with tune.",
+        f"{_INTRO.get(kind, _INTRO['lora'])} for {model_line}, trained with tune.",
         "",
     ]
     if trigger:
@@ -172,9 +212,13 @@ def write_model_card(
             body += [f"![{alt}](<{url}>)", "", f"*{_caption(prompt)}*", ""]
     sample_prompt = images[0][0] if images else (trigger or "a photo")
     body += [
-        "## Use it with diffusers",
+        "## Use it with diffusers" if kind != "lycoris" else "## Use it",
         "",
-        _usage(base_model, adapter_id or "path/to/output_dir", weight_name, sample_prompt),
+        _usage_full(base_model, (adapter_id or "path/to/output_dir") + "/transformer", sample_prompt)
+        if kind == "full"
+        else _usage_lycoris(base_model, adapter_id or "path/to/output_dir", weight_name)
+        if kind == "lycoris"
+        else _usage(base_model, adapter_id or "path/to/output_dir", weight_name, sample_prompt),
         "",
     ]
     return write_text_atomic(out / "README.md", "\n".join(body))

@@ -18,7 +18,7 @@ import torch
 
 @attrs.frozen
 class TrainedAdapter:
-    """A trained LoRA and everything needed to save, describe and publish it."""
+    """A trained adapter (or fully fine-tuned transformer) and everything needed to save, describe and publish it."""
 
     state_dict: dict[str, torch.Tensor]
     """The adapter in the diffusers/PEFT key layout (``transformer.<module>.lora_A.weight``)."""
@@ -45,3 +45,9 @@ class TrainedAdapter:
     ema_state_dict: dict[str, torch.Tensor] | None = None
     """The EMA weights (``use_ema``) in the same layout as ``state_dict``; the trainer also writes
     them as ``pytorch_lora_weights_ema.safetensors`` (output ``lora_ema``). None without EMA."""
+    adapter_type: str = "lora"
+    """What ``state_dict`` holds: ``lora`` (PEFT/diffusers keys, DoRA included), ``lycoris`` (the
+    lycoris-lora library's own keys, ``lycoris_<module>.<weight>``) or ``full`` (every weight of
+    the transformer, diffusers names, written as a ``transformer/`` model folder)."""
+    model_config: dict[str, Any] | None = None
+    """For ``full``: the transformer's diffusers ``config.json`` content. None otherwise."""

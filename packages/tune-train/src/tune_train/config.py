@@ -30,10 +30,11 @@ class ConfigError(ValueError):
 # Enum-like fields: every value SimpleTuner accepts for the key, and the subset tune implements.
 # A value outside the first tuple is a typo; a value outside the second is a clear "not yet".
 CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "model_type": (("lora", "full"), ("lora",)),
+    "model_type": (("lora", "full"),) * 2,
     "resolution_type": (("pixel", "area", "pixel_area"),) * 2,
     "mixed_precision": (("bf16", "fp16", "no"),) * 2,
-    "lora_type": (("standard", "lycoris"), ("standard",)),
+    "lora_type": (("standard", "lycoris"),) * 2,
+    "lora_init_type": (("default", "gaussian", "pissa", "olora", "loftq"),) * 2,
     "lora_format": (("diffusers", "comfyui"),) * 2,
     "report_to": (("none", "tensorboard", "wandb", "comet_ml", "all"), ("none", "tensorboard", "wandb", "all")),
     "ema_device": (("cpu", "accelerator"),) * 2,
@@ -101,7 +102,7 @@ class TrainConfig:
     model_flavour: str | None = None
     """Variant of the family (``turbo``, ``dev``, ...). Default: the family's default flavour."""
     model_type: str = _field("lora", _choices)
-    """What is trained. Default ``lora``. Choices: lora, full (full fine-tuning is not implemented yet)."""
+    """What is trained. Default ``lora``. Choices: lora (an adapter, see ``lora_type``), full (every weight of the transformer, exported as a diffusers ``transformer/`` folder; no EMA, quantisation or assistant LoRA)."""
     pretrained_model_name_or_path: str | None = None
     """Local folder or hub id of the base model. Default: the flavour's checkpoint."""
     pretrained_transformer_model_name_or_path: str | None = None
@@ -110,6 +111,8 @@ class TrainConfig:
     """Subfolder of the transformer in that location. Default: ``transformer``; ``none`` means the root."""
     pretrained_vae_model_name_or_path: str | None = None
     """Load the VAE from another folder or hub id. Default: the base model's ``vae``."""
+    pretrained_gemma_model_name_or_path: str | None = None
+    """Load the Gemma-2 text encoder and tokenizer (``sana``, ``lumina2``) from another folder or hub id: a pipeline with ``text_encoder``/``tokenizer`` subfolders or the encoder's own repository (``google/gemma-2-2b-it``). Default: the base model's ``text_encoder``."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the base model. Default: the main branch."""
     variant: str | None = None
@@ -201,7 +204,13 @@ class TrainConfig:
 
     # --- LoRA ------------------------------------------------------------------------------------
     lora_type: str = _field("standard", _choices)
-    """Adapter kind. Default ``standard`` (PEFT LoRA). Choices: standard, lycoris (not implemented yet)."""
+    """Adapter kind. Default ``standard`` (PEFT LoRA). Choices: standard, lycoris (the lycoris-lora library, settings in ``lycoris_config``)."""
+    lora_init_type: str = _field("default", _choices)
+    """How a new PEFT LoRA starts. Default ``default`` (A random, B zero: no change at step 0). Choices: default, gaussian, pissa and olora (start from the weight's principal directions; the base weight is changed while training, and the export folds that in so the file applies to the original base), loftq (not supported: its adapter only fits a LoftQ-quantised base)."""
+    use_dora: bool = False
+    """Train a DoRA (weight-decomposed LoRA: a magnitude vector per output besides A and B). Default false."""
+    lycoris_config: str | None = None
+    """Path to the LyCORIS settings JSON for ``lora_type: lycoris`` (``algo`` lokr/loha/full/..., ``factor``, ``linear_dim``, ``linear_alpha``, ``apply_preset``). Required with lycoris."""
     lora_rank: int = _field(16, _positive)
     """LoRA rank (inner dimension). Default 16."""
     lora_alpha: float | None = _field(None, _positive)
@@ -242,6 +251,16 @@ class TrainConfig:
     """Chance per sample that ``noise_offset`` is applied. Default 0.25."""
     input_perturbation: float = _field(0.0, _non_negative, _finite)
     """Perturb the noise that makes the model input (not the target) by this much Gaussian noise. Default 0 (off)."""
+    prediction_type: str | None = _field(None, _check(lambda v: v in ("epsilon", "v_prediction", "flow_matching"), "one of epsilon, v_prediction, flow_matching"))
+    """What a DDPM (UNet) family's network predicts: ``epsilon`` (the noise) or ``v_prediction`` (the velocity). Default: the checkpoint's scheduler config. Flow families accept only ``flow_matching``."""
+    snr_gamma: float | None = _field(None, _positive, _finite)
+    """Min-SNR-gamma loss weighting for epsilon / v-prediction families: each sample's loss is weighted by ``min(SNR, gamma) / SNR`` (epsilon) or ``/ (SNR + 1)`` (v). 5 is the usual value. Default none (plain MSE); ignored, with a warning, for flow families."""
+    use_soft_min_snr: bool = False
+    """With ``snr_gamma``: use the smooth minimum ``SNR * gamma / (SNR + gamma)`` instead of ``min(SNR, gamma)`` (k-diffusion's soft-min-SNR with ``sigma_data**2 = 1 / gamma``). Default false."""
+    refiner_training: bool = False
+    """Train only the low-noise timesteps (the lowest ``refiner_training_strength`` share), the range a refiner model denoises. Epsilon / v-prediction families only. Default false."""
+    refiner_training_strength: float = _field(0.2, _check(lambda v: 0 < v <= 1, "in (0, 1]"))
+    """Share of the timesteps ``refiner_training`` trains, from the clean end. Default 0.2 (timesteps below 200 of 1000)."""
 
     # --- checkpoints ---------------------------------------------------------------------------
     checkpoint_step_interval: int | None = _field(None, _positive)
@@ -354,6 +373,7 @@ class TrainConfig:
             raise ConfigError("push_to_hub needs hub_model_id (the repository to upload to)")
         if self.peft_lora_target_modules is not None and not self.peft_lora_target_modules:
             raise ConfigError("peft_lora_target_modules must name at least one module, got []")
+        self._check_adapter_choices()
         if self.flow_use_uniform_schedule and self.flow_use_beta_schedule:
             raise ConfigError("flow_use_uniform_schedule and flow_use_beta_schedule are mutually exclusive; pick one")
         if self.ignore_final_epochs and self.max_train_steps is None:
@@ -367,6 +387,41 @@ class TrainConfig:
 
             parse_optimizer_config(self.optimizer_config)  # raises on a malformed list
         self.validation_sizes()  # raises on a malformed validation_resolution
+
+    def _check_adapter_choices(self) -> None:
+        """Combinations of model_type / lora_type / init options that cannot work together."""
+        if self.model_type == "full":
+            if self.lora_type != "standard":
+                raise ConfigError(f"lora_type {self.lora_type!r} applies to model_type 'lora', not 'full'")
+            if self.use_ema:
+                raise ConfigError("use_ema with model_type 'full' is not implemented in tune yet")
+            if self.base_model_precision not in (None, "no_change"):
+                raise ConfigError(
+                    f"model_type 'full' trains the weights themselves; base_model_precision "
+                    f"{self.base_model_precision!r} would quantise them (use no_change)"
+                )
+            if self.init_lora:
+                raise ConfigError("init_lora applies to model_type 'lora'; for 'full' set pretrained_transformer_model_name_or_path")
+        if self.lora_type == "lycoris":
+            if not self.lycoris_config:
+                raise ConfigError("lora_type 'lycoris' needs lycoris_config (path to its JSON settings)")
+            if self.use_dora or self.lora_init_type != "default":
+                raise ConfigError(
+                    "use_dora and lora_init_type apply to lora_type 'standard'; for LyCORIS set "
+                    "dora_wd in lycoris_config"
+                )
+            if self.lora_format == "comfyui":
+                raise ConfigError("lora_format 'comfyui' applies to lora_type 'standard'; a LyCORIS file keeps the library's own keys")
+        if self.use_dora and self.lora_format == "comfyui":
+            raise ConfigError(
+                "use_dora with lora_format 'comfyui' is not supported (the ComfyUI key mapping carries "
+                "plain LoRA only); use lora_format diffusers"
+            )
+        if self.lora_init_type in ("pissa", "olora"):
+            if self.use_dora:
+                raise ConfigError(f"use_dora cannot be combined with lora_init_type {self.lora_init_type!r}")
+            if self.init_lora:
+                raise ConfigError(f"init_lora cannot be combined with lora_init_type {self.lora_init_type!r} (it changes the base weights)")
 
     # --- derived values ----------------------------------------------------------------------------
 

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from tune_data.config import DatasetConfig
 from tune_train import checkpoint as ckpt
-from tune_train import flow
+from tune_train import ddpm, flow
 from tune_train.artifacts import TrainedAdapter
-from tune_train.config import TrainConfig
+from tune_train.config import ConfigError, TrainConfig
 from tune_train.data import TrainingData
 from tune_train.loss_log import LossLog
 from tune_train.ema import EMA
@@ -114,12 +114,10 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from tune_models.adapters import add_training_lora
         from tune_models.family import ModelSource, get_family
+        from tune_train.adapter_setup import build_trained_weights
 
         config = self.config
-        if config.model_type != "lora":
-            raise NotImplementedError(f"model_type {config.model_type!r} is not supported yet; use 'lora'")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_partials(self.output_dir)
 
@@ -148,11 +146,16 @@ class Trainer:
         # Model: frozen base weights in the storage dtype; the LoRA trains in fp32.
         self.family = get_family(config.model_family)
         self.flavour = self.family.flavour(config.model_flavour)
+        if config.pretrained_gemma_model_name_or_path and self.family.text_encoder_config_key != "pretrained_gemma_model_name_or_path":
+            raise ConfigError(
+                f"pretrained_gemma_model_name_or_path is set, but model_family {self.family.name!r} has no Gemma text encoder"
+            )
         source = ModelSource(
             pretrained_model_name_or_path=config.pretrained_model_name_or_path or self.flavour.pretrained,
             pretrained_transformer_model_name_or_path=config.pretrained_transformer_model_name_or_path,
             pretrained_transformer_subfolder=config.pretrained_transformer_subfolder,
             pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
+            pretrained_text_encoder_model_name_or_path=config.pretrained_gemma_model_name_or_path,
             revision=config.revision,
             variant=config.variant,
             assistant_lora_path=config.assistant_lora_path,
@@ -189,6 +192,8 @@ class Trainer:
 
         self.model = self.family.load(source, self.flavour.name, dtype=weight_dtype, device="cpu")
         self.family.configure_training(self.model, config.family_options)
+        # The noise scheme is the family's declaration: None trains flow matching (tune_train.flow).
+        self.ddpm = ddpm.scheme_for(self.family, self.model, config)
         # Caches are filled before anything big moves to the accelerator.
         self._cache_embeddings()
 
@@ -203,28 +208,13 @@ class Trainer:
             # None keeps diffusers' own checkpointing; offload_checkpointed_activations swaps in
             # one that parks each block's saved input in pinned CPU memory until backward.
             transformer.enable_gradient_checkpointing(offload.gradient_checkpointing_func())
-        target = config.peft_lora_target_modules or config.lora_target or self.family.default_lora_target
-        self.trainable = add_training_lora(
-            self.model,
-            rank=config.lora_rank,
-            alpha=config.lora_scale_alpha(),
-            dropout=config.lora_dropout,
-            target=target,
+        # The PEFT LoRA / LyCORIS network / whole transformer to train (adapter_setup.py), started
+        # from init_lora when set. Adapters train in fp32 unless the optimizer is built for
+        # low-precision weights (adamw_bf16 keeps bf16 and makes up for rounding with Kahan sums).
+        self.weights = build_trained_weights(
+            self.model, self.family, config, optimizer_param_dtype=getattr(build_optimizer, "param_dtype", None)
         )
-        # The LoRA trains in fp32, unless the optimizer is built for low-precision weights
-        # (adamw_bf16 keeps bf16 weights and makes up for the rounding with Kahan summation).
-        param_dtype = getattr(build_optimizer, "param_dtype", torch.float32)
-        for param in self.trainable:
-            param.data = param.data.to(param_dtype)
-        if config.init_lora:
-            # Continue from an existing adapter (diffusers or the family's ComfyUI layout).
-            from tune_models.adapters import load_training_lora, lora_file_scale
-
-            load_training_lora(
-                self.model,
-                self.family.lora_state_dict(config.init_lora),
-                file_scale=lora_file_scale(config.init_lora),
-            )
+        self.trainable = self.weights.trainable
         offloaded = offload.strategy in ("block_swap", "group")
         if offloaded:
             # The strategy places what stays resident on the device and keeps the rest off it.
@@ -316,28 +306,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def compute_loss(self, dataset_id: str, batch: Sequence[Any], generator: torch.Generator) -> torch.Tensor:
-        """Flow-matching loss of one micro-batch, every random draw taken from ``generator``."""
+        """Loss of one micro-batch in the family's noise scheme (flow matching, or DDPM epsilon /
+        v-prediction with optional min-SNR weights), every random draw taken from ``generator``."""
+        from tune_models.family import SampleGeometry
+
         config = self.config
         drop = (torch.rand(len(batch), generator=generator) < config.caption_dropout_probability).tolist()
         latents, prompts = self.data.load_batch(dataset_id, batch, drop, step=self.global_step)
         device = self.accelerator.device
-        sigmas = flow.sample_sigmas(
-            len(batch),
-            generator,
-            scheme=config.sigma_scheme(),
-            scale=config.flow_sigmoid_scale,
-            alpha=config.flow_beta_schedule_alpha,
-            beta=config.flow_beta_schedule_beta,
-        )
-        width, height = batch[0].bucket  # every batch is one bucket
-        shift = self.family.flow_shift(
-            height,
-            width,
-            shift=config.flow_schedule_shift if config.flow_schedule_shift is not None else self.flavour.shift,
-            auto_shift=config.flow_schedule_auto_shift,
-            model=self.model,
-        )
-        sigmas = self.family.shift_sigmas(sigmas, shift)
+        scheme = self.ddpm
+        if scheme is not None:
+            # DDPM: integer timesteps; ``sigmas`` below carries them to ``family.predict``.
+            sigmas = scheme.sample_timesteps(len(batch), generator)
+        else:
+            sigmas = flow.sample_sigmas(
+                len(batch),
+                generator,
+                scheme=config.sigma_scheme(),
+                scale=config.flow_sigmoid_scale,
+                alpha=config.flow_beta_schedule_alpha,
+                beta=config.flow_beta_schedule_beta,
+            )
+            width, height = batch[0].bucket  # every batch is one bucket
+            shift = self.family.flow_shift(
+                height,
+                width,
+                shift=config.flow_schedule_shift if config.flow_schedule_shift is not None else self.flavour.shift,
+                auto_shift=config.flow_schedule_auto_shift,
+                model=self.model,
+            )
+            sigmas = self.family.shift_sigmas(sigmas, shift)
         noise = torch.randn(latents.shape, generator=generator)
         # Optional draws come after the fixed ones, so turning an option on does not change the
         # sigmas and noise every run without it draws.
@@ -348,14 +346,24 @@ class Trainer:
         model_noise = noise
         if config.input_perturbation > 0:
             model_noise = noise + config.input_perturbation * torch.randn(latents.shape, generator=generator)
-        noisy = flow.add_noise(latents, model_noise, sigmas)
-        target = flow.velocity_target(latents, noise)
+        if scheme is not None:
+            noisy = scheme.add_noise(latents, model_noise, sigmas)
+            target = scheme.target(latents, noise, sigmas)
+        else:
+            noisy = flow.add_noise(latents, model_noise, sigmas)
+            target = flow.velocity_target(latents, noise)
         dtype = self.accelerator.unwrap_model(self.model.transformer).dtype
         prompt_batch = self.family.collate_prompts(prompts, device=device, dtype=dtype)
+        # Per-sample geometry (original size, crop, target size) for families that condition on
+        # it (size/crop micro-conditioning); the others add nothing.
+        geometry = [SampleGeometry.from_planned(planned) for planned in batch]
+        prompt_batch.update(self.family.batch_conditions(self.model, geometry, device=device, dtype=dtype))
         with self.accelerator.autocast():
             prediction = self.family.predict(
                 self.model, noisy.to(device), sigmas.to(device), prompt_batch
             )
+        if scheme is not None:
+            return scheme.loss(prediction, target, sigmas)
         return torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
 
     def train_step(self) -> dict[str, float]:
@@ -456,7 +464,7 @@ class Trainer:
         # Exporters (tune-publish's built-in writes the LoRA file and the model card) and
         # publishers attach here and add what they wrote to ``outputs``.
         self.hook.tune_train_end(trainer=self, outputs=outputs)
-        if self.accelerator.is_main_process and "lora" not in outputs:
+        if self.accelerator.is_main_process and not {"lora", "transformer"} & outputs.keys():
             log.warning(
                 "no exporter plugin wrote the LoRA file (is tune-publish installed? "
                 "pip install tune-publish); the adapter is in %s", outputs["checkpoint"]
@@ -540,8 +548,10 @@ class Trainer:
             }
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
-            with self._eval_weights():
-                lora = (self._lora_state_dict(), self._lora_header())
+            lora = None
+            if self.weights.kind == "lora":  # a checkpoint loads into a diffusers pipeline as it is
+                with self._eval_weights():
+                    lora = (self._lora_state_dict(), self._lora_header())
             path = ckpt.save_checkpoint(
                 self.output_dir,
                 self.global_step,
@@ -555,9 +565,7 @@ class Trainer:
         return path
 
     def _lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from tune_models.adapters import training_lora_state_dict
-
-        return {k: v.detach().clone() for k, v in training_lora_state_dict(self.model).items()}
+        return self.weights.state_dict(self.model)
 
     def ema_lora_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The EMA weights in the same diffusers layout as the LoRA file, or None without EMA."""
@@ -580,9 +588,7 @@ class Trainer:
 
     def _lora_header(self) -> dict[str, str]:
         """diffusers' adapter metadata (so loaders apply our alpha) plus where the weights came from."""
-        from tune_models.adapters import lora_file_metadata
-
-        return lora_file_metadata(self.model) | {"tune.step": str(self.global_step)}
+        return self.weights.header(self.model) | {"tune.step": str(self.global_step)}
 
     def trained_adapter(self) -> TrainedAdapter:
         """The adapter as it stands now, for exporters (``tune_train_end``) and notebooks."""
@@ -602,6 +608,8 @@ class Trainer:
             lora_format=config.lora_format,
             to_comfyui=to_comfyui,
             step=self.global_step,
+            adapter_type=self.weights.kind,
+            model_config=self.weights.model_config(self.model),
             settings={
                 "steps": self.global_step,
                 "learning_rate": config.learning_rate,
@@ -646,6 +654,13 @@ class Trainer:
         config = self.config
         prompts = self.validation_prompts()
         if config.validation_disable or not prompts or not self.accelerator.is_main_process:
+            return []
+        try:  # a flavour may have no text-to-image pipeline (e.g. a refiner): train on, say so once
+            self.family.validation_pipeline(self.model)
+        except NotImplementedError as exc:
+            if not getattr(self, "_validation_warned", False):
+                log.warning("no validation images: %s", exc)
+                self._validation_warned = True
             return []
         from tune_models.adapters import set_assistant_enabled
 

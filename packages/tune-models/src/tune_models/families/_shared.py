@@ -50,6 +50,26 @@ def load_vae(vae_class: Any, location: str, *, is_root: bool, dtype: torch.dtype
         return vae_class.from_pretrained(location, torch_dtype=dtype, **kwargs)
 
 
+def load_text_encoder(encoder_class: Any, location: str, *, dtype: torch.dtype) -> tuple[Any, Any]:
+    """``(text encoder, tokenizer)`` from ``ModelSource.pretrained_text_encoder_model_name_or_path``:
+    a pipeline folder or repository (``text_encoder/`` and ``tokenizer/``) or the encoder's own
+    folder or repository (config and tokenizer at its root). The base model's ``revision`` and
+    ``variant`` describe another repository, so they are not passed."""
+    from transformers import AutoTokenizer
+
+    local = Path(location)
+    if local.is_dir():
+        nested = (local / "text_encoder" / "config.json").is_file()
+        encoder = encoder_class.from_pretrained(location, subfolder="text_encoder" if nested else "", dtype=dtype)
+        tokenizer_sub = "tokenizer" if (local / "tokenizer").is_dir() else ""
+        return encoder, AutoTokenizer.from_pretrained(location, subfolder=tokenizer_sub)
+    try:
+        encoder = encoder_class.from_pretrained(location, subfolder="text_encoder", dtype=dtype)
+        return encoder, AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
+    except OSError:  # the encoder's own repository
+        return encoder_class.from_pretrained(location, dtype=dtype), AutoTokenizer.from_pretrained(location)
+
+
 def freeze(*modules: Any, device: str | torch.device) -> None:
     for module in modules:
         if module is None:
@@ -97,6 +117,11 @@ def load_components(
     )
     for suffix, class_name in zip(component_suffixes(len(text_encoder_classes)), text_encoder_classes):
         encoder_class = getattr(transformers, class_name)
+        if not suffix and source.pretrained_text_encoder_model_name_or_path:
+            components["text_encoder"], components["tokenizer"] = load_text_encoder(
+                encoder_class, source.pretrained_text_encoder_model_name_or_path, dtype=dtype
+            )
+            continue
         components[f"text_encoder{suffix}"] = encoder_class.from_pretrained(
             root, subfolder=f"text_encoder{suffix}", dtype=dtype, **kwargs
         )
@@ -441,6 +466,22 @@ def split_fused_lora(
     return out
 
 
+def noised(
+    family: Any, model: Any, latents: torch.Tensor, noise: torch.Tensor, times: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noisy latents, training target)`` in ``family``'s noise scheme, for tiny-model warm
+    starts and the conformance suite: flow (``times`` are sigmas), or DDPM (``times`` are integer
+    timesteps; ``model.scheduler.alphas_cumprod`` and the model's prediction type)."""
+    if family.prediction == "flow":
+        view = times.view(-1, 1, 1, 1).to(latents)
+        return (1 - view) * latents + view * noise, noise - latents
+    alpha = model.scheduler.alphas_cumprod[times.long().cpu()].view(-1, 1, 1, 1).to(latents)
+    noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+    if family.prediction_type(model) == "v_prediction":
+        return noisy, alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    return noisy, noise
+
+
 def warm_start(family: Any, model: Any, *, steps: int, seed: int, shift: float = 1.0, lr: float = 5e-3) -> None:
     """Train a tiny model's transformer (all weights) briefly as a denoiser of synthetic images,
     so that a LoRA on it has something to adapt (a random transformer cannot denoise at all)."""
@@ -463,11 +504,14 @@ def warm_start(family: Any, model: Any, *, steps: int, seed: int, shift: float =
             index = torch.randint(0, pool, (2,), generator=generator)
             x0 = latents[index]
             noise = torch.randn(x0.shape, generator=generator)
-            sigmas = family.shift_sigmas(torch.rand(2, generator=generator), shift)
-            view = sigmas.view(-1, 1, 1, 1)
+            if family.prediction == "flow":
+                times = family.shift_sigmas(torch.rand(2, generator=generator), shift)
+            else:  # DDPM: integer timesteps of the scheduler's training schedule
+                times = torch.randint(0, int(model.scheduler.config.num_train_timesteps), (2,), generator=generator)
+            noisy, target = noised(family, model, x0, noise, times)
             cond = family.collate_prompts([embeds[i] for i in index.tolist()], "cpu", torch.float32)
-            pred = family.predict(model, (1 - view) * x0 + view * noise, sigmas, cond)
-            torch.nn.functional.mse_loss(pred, noise - x0).backward()
+            pred = family.predict(model, noisy, times, cond)
+            torch.nn.functional.mse_loss(pred, target).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     transformer.requires_grad_(False)

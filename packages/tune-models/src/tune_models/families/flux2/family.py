@@ -1,0 +1,408 @@
+"""FLUX.2 (Black Forest Labs): a 32 B MMDiT flow transformer, a Mistral-3 (Mistral Small 3.1, 24 B)
+text encoder and a 32-channel VAE, read off diffusers' ``Flux2Pipeline``,
+``Flux2Transformer2DModel`` and ``AutoencoderKLFlux2`` (0.42):
+
+- prompts: each prompt becomes a chat (BFL's system message, then the prompt as the user turn,
+  ``format_input`` in the pipeline module), tokenised by the tokenizer's chat template, padded
+  and truncated to ``max_sequence_length`` (512). The encoder runs with the attention mask; the
+  hidden states of layers 10, 20 and 30 (``text_encoder_out_layers``) are stacked per token into
+  one ``[seq, 3 x 5120] = [512, 15360]`` sequence. The pipeline hands the transformer the whole
+  padded sequence and no mask, so we cache it that way (and the mask beside it, unused by the
+  denoiser call, so a later masked-training option needs no re-cache). ``txt_ids`` are
+  ``(0, 0, 0, l)``.
+- latents: the VAE's 32-channel posterior mode at 1/8 of the pixels is *patchified* 2x2 into 128
+  channels at 1/16 and normalised by the VAE's batch-norm running statistics
+  (``(z - running_mean) / sqrt(running_var + batch_norm_eps)``, per patchified channel), as
+  ``Flux2Pipeline._encode_vae_image`` does. We cache that ``B x 128 x H/16 x W/16`` tensor: the
+  flow noise lives in that space. :meth:`Flux2Family.predict` only flattens it into tokens
+  (``B x hw x 128``, the transformer's ``patch_size`` is 1) with ``img_ids`` ``(0, row, col, 0)``.
+- the transformer takes ``timestep = sigma`` (the pipeline divides the scheduler's ``1000 sigma``
+  by 1000; the model multiplies by 1000) and predicts the velocity ``noise - x0`` (the scheduler's
+  Euler step is ``x + (sigma_next - sigma) v``): no sign flip.
+- dev is guidance-distilled: the pipeline's ``guidance_scale`` (4 by default) is an *input*
+  embedding, not classifier-free guidance. Training feeds a constant guidance (1.0 by default) or
+  a uniform draw per sample (``flux2_guidance_mode: random-range`` with
+  ``flux2_guidance_min``/``_max``), as for FLUX.1.
+- shift: resolution-dependent, from the scheduler config like every family (the pipeline's own
+  sampler uses BFL's step-count-dependent ``compute_empirical_mu`` at inference).
+- reference/edit conditioning: the denoiser side is here (``predict(..., reference_latents=)``
+  appends clean reference latents as extra tokens at ``t = 10, 20, ...``, as the pipeline does
+  with its ``image`` argument; checked against it in the tests). The data side is not:
+  conditioning datasets (``conditioning_data``, ``reference_strict`` / ``reference_loose``
+  pairing) are refused by tune-data, so training is text-to-image.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tune_models.families import _shared
+from tune_models.families.flux2.flavours import FLUX2_FLAVOURS
+from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
+
+_DOUBLE_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_SINGLE = ["to_qkv_mlp_proj"]
+_FFS = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+
+GUIDANCE_MODES = ("constant", "random-range")
+TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
+"""Hidden-state indices stacked into the prompt embedding (``Flux2Pipeline.encode_prompt``'s
+default ``text_encoder_out_layers``; index 0 is the token embeddings)."""
+
+
+class Flux2Family(ModelFamily):
+    """FLUX.2-dev (text-to-image)."""
+
+    name = "flux2"
+    flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX2_FLAVOURS.items()}
+    default_flavour = "dev"
+    # diffusers names the single blocks' output projection ``attn.to_out``, the same suffix as the
+    # double blocks' ``to_out`` ModuleList, which peft cannot adapt; so a suffix preset cannot
+    # name it. Add it explicitly (``single_transformer_blocks.0.attn.to_out``, ...) when wanted.
+    lora_target_presets = {
+        "all": _DOUBLE_ATTENTION + _SINGLE,
+        "all+ffs": _DOUBLE_ATTENTION + _SINGLE + _FFS,
+        "attention": list(_DOUBLE_ATTENTION),
+    }
+    """``all`` (default): every attention projection of the double-stream blocks and the fused
+    q/k/v/MLP input projection of the single-stream blocks; ``all+ffs``: also the double blocks'
+    feed-forward layers (both streams); ``attention``: the double blocks' attention only."""
+    default_lora_target = "all"
+    prediction = "flow"
+    vae_scale_factor = 8
+    patch_size = 2
+    """The VAE's 2x2 patchify: one transformer token per 16 x 16 pixels."""
+    max_sequence_lengths = {"dev": 512, "tiny": 256}
+    """Prompt tokens, padded and truncated (the pipeline's default; the tiny model's is shorter,
+    still longer than BFL's system message in its byte-level tokens)."""
+    label = "Flux.2"
+    transformer_class = "Flux2Transformer2DModel"
+    text_encoder_classes = ("Mistral3ForConditionalGeneration",)
+    default_extras = {"guidance": {"mode": "constant", "value": 1.0, "min": 1.0, "max": 4.0}}
+    lora_keys_module = "tune_models.families.flux2.lora_keys"
+    comfyui_key_prefix = "diffusion_model."
+    comfyui_key_suffix = ".lora_down.weight"
+    """Our ComfyUI files (``lora_down``/``lora_up``) are read here; diffusers would send them to its
+    kohya converter, which expects ``lora_unet_`` names."""
+    tiny_module = "tune_models.families.flux2.tiny"
+
+    def pipeline_class(self) -> type:
+        from diffusers import Flux2Pipeline
+
+        return Flux2Pipeline
+
+    # ----------------------------------------------------------------- loading
+    def load(
+        self,
+        source: ModelSource,
+        flavour: str | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LoadedModel:
+        """The generic load with FLUX.2's VAE class (``AutoencoderKLFlux2``). The tokenizer is read
+        with ``AutoTokenizer`` (its chat template is all prompt encoding needs), not the
+        checkpoint's ``PixtralProcessor``, which would require torchvision for its image half."""
+        from tune_models import adapters
+
+        chosen = self.flavour(flavour)
+        root = source.pretrained_model_name_or_path or chosen.pretrained
+        if root == self.flavours["tiny"].pretrained:
+            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        components = self._load_components(source, root, dtype=dtype, device=device)
+        model = LoadedModel(
+            family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components
+        )
+        if source.assistant_lora_path and not source.disable_assistant_lora:
+            adapters.load_assistant_lora(model, source.assistant_lora_path, weight_name=source.assistant_lora_weight_name)
+        return model
+
+    @staticmethod
+    def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
+        import diffusers
+        import transformers
+
+        kwargs = _shared.load_kwargs(source)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
+        transformer = diffusers.Flux2Transformer2DModel.from_pretrained(
+            source.pretrained_transformer_model_name_or_path or root,
+            subfolder=_shared.subfolder("transformer", source.pretrained_transformer_subfolder),
+            torch_dtype=dtype,
+            **kwargs,
+        )
+        vae_location = source.pretrained_vae_model_name_or_path or root
+        vae = _shared.load_vae(diffusers.AutoencoderKLFlux2, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs)
+        text_encoder = transformers.Mistral3ForConditionalGeneration.from_pretrained(
+            root, subfolder="text_encoder", dtype=dtype, **kwargs
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(root, subfolder="tokenizer", **hub_kwargs)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = Flux2Family._processor_chat_template(root, **hub_kwargs)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", **hub_kwargs)
+        _shared.freeze(transformer, vae, text_encoder, device=device)
+        return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @staticmethod
+    def _processor_chat_template(root: str, **hub_kwargs: Any) -> str:
+        """The chat template a processor folder keeps beside the tokenizer (``chat_template.jinja``,
+        or ``chat_template.json`` from older transformers), for a tokenizer that came without one."""
+        import json
+
+        from transformers.utils import cached_file
+
+        for name in ("chat_template.jinja", "chat_template.json"):
+            path = cached_file(
+                root, name, subfolder="tokenizer", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            )
+            if path:
+                text = open(path, encoding="utf-8").read()
+                return json.loads(text)["chat_template"] if name.endswith(".json") else text
+        raise ValueError(
+            f"the FLUX.2 tokenizer in {root!r} (subfolder 'tokenizer') has no chat template; prompts are "
+            "encoded through it as Flux2Pipeline does. Use a checkpoint whose tokenizer or processor has one."
+        )
+
+    def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:
+        """FLUX.2's training options: ``flux2_guidance_mode`` (``constant``, default, or
+        ``random-range``), ``flux2_guidance_value`` (1.0: ai-toolkit and SimpleTuner train
+        guidance-distilled Flux at 1), ``flux2_guidance_min`` (1.0), ``flux2_guidance_max`` (4.0)."""
+        guidance = dict(model.extras["guidance"])
+        mode = options.get("flux2_guidance_mode")
+        if mode is not None:
+            if mode not in GUIDANCE_MODES:
+                raise ValueError(f"flux2_guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {mode!r}")
+            guidance["mode"] = mode
+        for key in ("value", "min", "max"):
+            value = options.get(f"flux2_guidance_{key}")
+            if value is not None:
+                guidance[key] = float(value)
+        if guidance["mode"] == "random-range" and not guidance["min"] <= guidance["max"]:
+            raise ValueError(
+                f"flux2_guidance_min ({guidance['min']}) must not exceed flux2_guidance_max ({guidance['max']})"
+            )
+        model.extras["guidance"] = guidance
+
+    # ----------------------------------------------------------------- prompts
+    def _max_sequence_length(self, flavour: Flavour) -> int:
+        return self.max_sequence_lengths.get(flavour.name, 512)
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, model: LoadedModel, prompts: list[str], *, batch_size: int = 4
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, as ``Flux2Pipeline.encode_prompt`` computes it: ``prompt_embeds``
+        ``[max_sequence_length, 3 x hidden]`` (layers 10/20/30 stacked per token, padding
+        included) and the tokenizer's ``attention_mask`` ``[max_sequence_length]`` (int64)."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not one string")
+        encoder = model.text_encoder
+        param = next(encoder.parameters())
+        length = self._max_sequence_length(model.flavour)
+        results: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            tokens = model.tokenizer.apply_chat_template(
+                format_input(prompts=chunk, system_message=SYSTEM_MESSAGE),
+                add_generation_prompt=False,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                padding="max_length",
+                truncation=True,
+                max_length=length,
+            )
+            mask = tokens["attention_mask"]
+            hidden = encoder(
+                input_ids=tokens["input_ids"].to(param.device),
+                attention_mask=mask.to(param.device),
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states
+            if len(hidden) <= max(TEXT_ENCODER_OUT_LAYERS):
+                raise ValueError(
+                    f"the {self.label} text encoder has {len(hidden) - 1} layers; prompt embeddings stack the "
+                    f"hidden states of layers {TEXT_ENCODER_OUT_LAYERS}"
+                )
+            stacked = torch.stack([hidden[k] for k in TEXT_ENCODER_OUT_LAYERS], dim=2)  # B x L x 3 x D
+            embeds = stacked.flatten(2)  # per token: layer 10, then 20, then 30 (the pipeline's order)
+            for i in range(len(chunk)):
+                results.append(
+                    {
+                        "prompt_embeds": embeds[i].detach().to(device="cpu", dtype=param.dtype).contiguous(),
+                        "attention_mask": mask[i].to(torch.int64).contiguous(),
+                    }
+                )
+        return results
+
+    def collate_prompts(
+        self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        batch = _shared.stack_prompts(items, device, dtype, label=self.label, keys=("prompt_embeds",))
+        if all("attention_mask" in i for i in items):
+            batch["attention_mask"] = torch.stack([i["attention_mask"] for i in items]).to(device=device)
+        return batch
+
+    # ----------------------------------------------------------------- images
+    @staticmethod
+    def patchify(latents: torch.Tensor) -> torch.Tensor:
+        """``B x C x H x W`` -> ``B x 4C x H/2 x W/2`` (``Flux2Pipeline._patchify_latents``)."""
+        b, c, h, w = latents.shape
+        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return x.reshape(b, c * 4, h // 2, w // 2)
+
+    @staticmethod
+    def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`patchify` (``Flux2Pipeline._unpatchify_latents``)."""
+        b, c, h, w = latents.shape
+        x = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, c // 4, h * 2, w * 2)
+
+    @staticmethod
+    def _normalisation(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's batch-norm statistics of the patchified latents, as mean and std."""
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``B x 3 x H x W`` in [-1, 1] -> ``B x 128 x H/16 x W/16``: the posterior mode,
+        patchified 2x2 and batch-norm normalised (``Flux2Pipeline._encode_vae_image``)."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"encode_images expects pixels of shape B x 3 x H x W, got {tuple(pixels.shape)}")
+        multiple = self._latent_multiple(model)
+        if pixels.shape[-2] % multiple or pixels.shape[-1] % multiple:
+            raise ValueError(
+                f"image size {pixels.shape[-1]}x{pixels.shape[-2]} must be a multiple of {multiple} for {self.label}"
+            )
+        vae = model.vae
+        param = next(vae.parameters())
+        latents = self.patchify(vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist.mode())
+        mean, std = self._normalisation(vae, latents)
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`encode_images` (the pipeline's decode): pixels in [-1, 1]."""
+        vae = model.vae
+        param = next(vae.parameters())
+        latents = latents.to(device=param.device, dtype=param.dtype)
+        mean, std = self._normalisation(vae, latents)
+        return vae.decode(self.unpatchify(latents * std + mean), return_dict=False)[0].clamp(-1, 1)
+
+    # ----------------------------------------------------------------- denoiser
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """``B x C x H x W`` -> ``B x HW x C`` tokens (``Flux2Pipeline._pack_latents``)."""
+        b, c, h, w = latents.shape
+        return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of :meth:`pack` (row-major tokens, as the pipeline's ``img_ids`` scatter them)."""
+        b, _, c = tokens.shape
+        return tokens.permute(0, 2, 1).reshape(b, c, height, width)
+
+    @staticmethod
+    def image_ids(height: int, width: int, device: torch.device) -> torch.Tensor:
+        """``[HW, 4]`` position ids ``(t=0, row, col, l=0)`` (``Flux2Pipeline._prepare_latent_ids``)."""
+        return torch.cartesian_prod(
+            torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1)
+        ).to(device)
+
+    @staticmethod
+    def text_ids(length: int, device: torch.device) -> torch.Tensor:
+        """``[L, 4]`` position ids ``(0, 0, 0, l)`` (``Flux2Pipeline._prepare_text_ids``)."""
+        return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).to(device)
+
+    def training_guidance(self, model: LoadedModel, batch: int, device: torch.device) -> torch.Tensor:
+        """The guidance input for a training batch (see :meth:`configure_training`); a random
+        range draws from torch's global generator, which the trainer seeds per step."""
+        cfg = model.extras.get("guidance", self.default_extras["guidance"])
+        if cfg["mode"] == "random-range":
+            values = cfg["min"] + (cfg["max"] - cfg["min"]) * torch.rand(batch)
+        else:
+            values = torch.full((batch,), float(cfg["value"]))
+        return values.to(device=device, dtype=torch.float32)
+
+    @staticmethod
+    def reference_ids(shapes: list[tuple[int, int]], device: torch.device, scale: int = 10) -> torch.Tensor:
+        """Position ids of reference-image tokens: ``(t, row, col, 0)`` with ``t = 10, 20, ...`` per
+        reference (``Flux2Pipeline._prepare_image_ids``), so references sit apart from the target
+        (``t = 0``) and from each other in RoPE space."""
+        ids = [
+            torch.cartesian_prod(torch.tensor([scale + scale * i]), torch.arange(h), torch.arange(w), torch.arange(1))
+            for i, (h, w) in enumerate(shapes)
+        ]
+        return torch.cat(ids).to(device)
+
+    def predict(
+        self,
+        model: LoadedModel,
+        noisy_latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        prompts: dict[str, Any],
+        *,
+        reference_latents: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``noise - x0`` for ``x_t = (1 - sigma) x0 + sigma noise``: FLUX.2 takes
+        ``timestep = sigma`` and predicts that velocity (see the module docstring).
+
+        ``reference_latents`` (for edit/reference conditioning; the trainer passes none yet): clean
+        latents from :meth:`encode_images`, each ``B x 128 x h_i x w_i`` (one reference per
+        sample and entry), appended after the noisy tokens as ``Flux2Pipeline`` does with its
+        ``image`` argument; their outputs are dropped."""
+        embeds = prompts["prompt_embeds"]
+        sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0])
+        batch, _, height, width = noisy_latents.shape
+        transformer = model.transformer
+        dtype = next(transformer.parameters()).dtype
+        device = noisy_latents.device
+        guidance = None
+        if getattr(transformer.config, "guidance_embeds", False):
+            guidance = self.training_guidance(model, batch, device)
+        tokens = self.pack(noisy_latents.to(dtype))
+        ids = self.image_ids(height, width, device)
+        if reference_latents:
+            for ref in reference_latents:
+                if ref.ndim != 4 or ref.shape[:2] != noisy_latents.shape[:2]:
+                    raise ValueError(
+                        f"reference latents must be {batch} x {noisy_latents.shape[1]} x h x w like the noisy "
+                        f"latents, got {tuple(ref.shape)}"
+                    )
+            refs = torch.cat([self.pack(ref.to(device=device, dtype=dtype)) for ref in reference_latents], dim=1)
+            tokens = torch.cat([tokens, refs], dim=1)
+            ids = torch.cat([ids, self.reference_ids([tuple(r.shape[-2:]) for r in reference_latents], device)])
+        out = transformer(
+            hidden_states=tokens,
+            timestep=sigmas.to(dtype),
+            guidance=guidance,
+            encoder_hidden_states=embeds.to(dtype),
+            txt_ids=self.text_ids(embeds.shape[1], device),
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        return self.unpack(out[:, : height * width], height, width)
+
+    # ----------------------------------------------------------------- validation
+    def validation_pipeline(self, model: LoadedModel) -> Any:
+        pipeline = super().validation_pipeline(model)
+        pipeline._tune_max_sequence_length = self._max_sequence_length(model.flavour)
+        return pipeline
+
+    def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
+        """``guidance`` is the distilled guidance *input* (no CFG, so ``negative_prompt`` is unused)."""
+        return {
+            "max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512),
+            "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS,
+        }
+
+
+FAMILY = Flux2Family()

@@ -1,0 +1,19 @@
+"""Flavours of this family as plain data (no torch import): see :mod:`tune_models.flavour_facts`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tune_models.flavour_facts import flavour_facts
+
+FLUX2_FLAVOURS: dict[str, dict[str, Any]] = {
+    "dev": flavour_facts(
+        "black-forest-labs/FLUX.2-dev", 50, 4.0, None,
+        "FLUX.2-dev (32B, Mistral-3 text encoder, guidance-distilled: guidance is an input embedding), auto shift",
+    ),
+    "tiny": flavour_facts(
+        "tune-tiny:flux2", 2, 4.0, None,
+        "random tiny FLUX.2 with the real classes, built locally, for tests",
+    ),
+}
+FLUX2_LORA_TARGETS = ["all", "all+ffs", "attention"]

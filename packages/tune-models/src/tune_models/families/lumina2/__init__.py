@@ -1,0 +1,1 @@
+"""Lumina Image 2.0 (Alpha-VLLM): see :mod:`.family`."""

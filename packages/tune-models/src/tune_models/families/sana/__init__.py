@@ -1,0 +1,1 @@
+"""Sana (NVIDIA / MIT HAN Lab): see :mod:`.family`."""

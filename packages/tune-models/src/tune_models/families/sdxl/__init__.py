@@ -1,0 +1,1 @@
+"""Stable Diffusion XL (base, refiner). Importing this package is cheap; ``family`` imports torch."""

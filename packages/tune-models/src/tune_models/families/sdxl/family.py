@@ -1,0 +1,269 @@
+"""Stable Diffusion XL (Stability AI): a DDPM UNet, CLIP-L + OpenCLIP-G text encoders.
+
+What is particular to SDXL, read off diffusers' ``StableDiffusionXLPipeline`` and
+``UNet2DConditionModel`` (0.42):
+
+- the denoiser is a UNet (pipeline component ``unet``, LoRA keys ``unet.<module>``); it is kept
+  in ``LoadedModel.transformer`` like every family's denoiser, and :attr:`SDXLFamily.lora_prefix`
+  names it ``unet`` in LoRA files and in the pipeline.
+- noise: DDPM, not flow matching. The checkpoints' scheduler (``EulerDiscreteScheduler``,
+  ``scaled_linear`` betas 0.00085-0.012 over 1000 steps) says ``epsilon``; a v-prediction
+  fine-tune says ``v_prediction`` (or the user sets ``prediction_type``). ``predict`` takes integer
+  timesteps and returns the UNet's raw output; the maths is ``tune_train.ddpm``.
+- prompts: each CLIP's *second to last* hidden state (77 tokens), concatenated along channels
+  (768 + 1280 = 2048) as ``prompt_embeds``; the OpenCLIP-G projection of the end token
+  (``text_embeds``, 1280) as ``pooled_prompt_embeds``. The refiner has only OpenCLIP-G.
+- micro-conditioning: ``add_time_ids`` = original size (h, w) + crop top-left (top, left) +
+  target size (h, w), per sample, from the bucket planner's geometry
+  (:meth:`SDXLFamily.batch_conditions`); the refiner replaces the target size with an aesthetic
+  score (6.0, the pipeline's default). Without geometry (a caller that has none) ``predict`` uses
+  the latents' own size, no crop: what the pipeline does at inference.
+- latents: ``vae_latent * scaling_factor`` (0.13025), no shift; 4 channels at 1/8 of the pixels.
+- validation: ``StableDiffusionXLPipeline`` with classifier-free guidance against the negative
+  prompt (``force_zeros_for_empty_prompt`` when none), an Euler scheduler with the trained
+  prediction type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tune_models.families import _shared
+from tune_models.families.sdxl.flavours import SDXL_FLAVOURS
+from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, SampleGeometry
+
+_ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
+_FFS = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+AESTHETIC_SCORE = 6.0
+"""The refiner's aesthetic-score conditioning for training and validation (the pipeline's default)."""
+
+
+class SDXLFamily(ModelFamily):
+    """Stable Diffusion XL 1.0 base and refiner."""
+
+    name = "sdxl"
+    flavours = {name: Flavour(name=name, **facts) for name, facts in SDXL_FLAVOURS.items()}
+    default_flavour = "base"
+    # ``all``: the attention projections of every transformer block (self and cross attention),
+    # the usual SDXL LoRA; ``all+ffs`` adds the feed-forwards and the blocks' in/out projections.
+    lora_target_presets = {"all": list(_ATTENTION), "all+ffs": _ATTENTION + _FFS}
+    default_lora_target = "all"
+    prediction = "epsilon"
+    lora_prefix = "unet"
+    vae_scale_factor = 8
+    patch_size = 1
+    label = "SDXL"
+    lora_keys_module = "tune_models.families.sdxl.lora_keys"
+    comfyui_key_prefix = "lora_unet_"
+    """kohya / ComfyUI files (``lora_unet_...``) are read by :mod:`.lora_keys`, diffusers files by diffusers."""
+    tiny_module = "tune_models.families.sdxl.tiny"
+
+    # ----------------------------------------------------------------- loading
+    def pipeline_class(self) -> type:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def load(
+        self,
+        source: ModelSource,
+        flavour: str | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LoadedModel:
+        """UNet (``unet/``, or ``pretrained_transformer_model_name_or_path`` with
+        ``pretrained_transformer_subfolder``), VAE, the text encoders the checkpoint has (the
+        refiner has no ``text_encoder``) and its DDPM scheduler."""
+        import diffusers
+        import transformers
+
+        chosen = self.flavour(flavour)
+        root = source.pretrained_model_name_or_path or chosen.pretrained
+        tiny = self.flavours.get("tiny")
+        if tiny is not None and root == tiny.pretrained:
+            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        kwargs = _shared.load_kwargs(source)
+        hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
+        index = diffusers.DiffusionPipeline.load_config(root, **hub_kwargs)
+        components: dict[str, Any] = {
+            "transformer": diffusers.UNet2DConditionModel.from_pretrained(
+                source.pretrained_transformer_model_name_or_path or root,
+                subfolder=_shared.subfolder("unet", source.pretrained_transformer_subfolder),
+                torch_dtype=dtype,
+                **kwargs,
+            )
+        }
+        vae_location = source.pretrained_vae_model_name_or_path or root
+        components["vae"] = _shared.load_vae(
+            diffusers.AutoencoderKL, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs
+        )
+        encoders = (("", transformers.CLIPTextModel), ("_2", transformers.CLIPTextModelWithProjection))
+        for suffix, encoder_class in encoders:
+            entry = index.get(f"text_encoder{suffix}")
+            if not entry or entry[0] is None:  # the refiner has no CLIP-L
+                continue
+            components[f"text_encoder{suffix}"] = encoder_class.from_pretrained(
+                root, subfolder=f"text_encoder{suffix}", dtype=dtype, **kwargs
+            )
+            components[f"tokenizer{suffix}"] = transformers.AutoTokenizer.from_pretrained(
+                root, subfolder=f"tokenizer{suffix}", **hub_kwargs
+            )
+        components.setdefault("text_encoder", None)
+        components.setdefault("tokenizer", None)
+        if "text_encoder_2" not in components:
+            raise ValueError(f"{root} has no text_encoder_2: not an SDXL checkpoint")
+        components["scheduler"] = diffusers.EulerDiscreteScheduler.from_pretrained(
+            root, subfolder="scheduler", **hub_kwargs
+        )
+        _shared.freeze(
+            *(v for k, v in components.items() if k in ("transformer", "vae") or k.startswith("text_encoder")),
+            device=device,
+        )
+        extras = {"root": root, "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}
+        return LoadedModel(family=self, flavour=chosen, extras=extras, **components)
+
+    # ----------------------------------------------------------------- encoding
+    @torch.no_grad()
+    def encode_prompts(
+        self, model: LoadedModel, prompts: list[str], *, batch_size: int = 8
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, as ``StableDiffusionXLPipeline.encode_prompt`` computes it (no clip skip):
+        ``prompt_embeds`` ``[77, 2048]`` (refiner ``[77, 1280]``), ``pooled_prompt_embeds`` ``[1280]``."""
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not one string")
+        pairs = [(t, e) for t, e in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)) if e is not None]
+        results: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            hidden, pooled = [], None
+            for tokenizer, encoder in pairs:
+                ids = tokenizer(
+                    chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                ).input_ids
+                out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+                if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                    pooled = out[0]
+                hidden.append(out.hidden_states[-2])
+            embeds = torch.cat([h.to(hidden[-1].device) for h in hidden], dim=-1)
+            for i in range(len(chunk)):
+                results.append(
+                    {
+                        "prompt_embeds": embeds[i].detach().to("cpu").contiguous(),
+                        "pooled_prompt_embeds": pooled[i].detach().to("cpu").contiguous(),
+                    }
+                )
+        return results
+
+    def collate_prompts(
+        self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        return _shared.stack_prompts(
+            items, device, dtype, label=self.label, keys=("prompt_embeds", "pooled_prompt_embeds")
+        )
+
+    @torch.no_grad()
+    def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """``vae_latent * scaling_factor`` from the posterior's mode (SDXL's VAE has no shift)."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"encode_images expects pixels of shape B x 3 x H x W, got {tuple(pixels.shape)}")
+        multiple = self._latent_multiple(model)
+        if pixels.shape[-2] % multiple or pixels.shape[-1] % multiple:
+            raise ValueError(f"image size {pixels.shape[-1]}x{pixels.shape[-2]} must be a multiple of {multiple} for SDXL")
+        vae = model.vae
+        param = next(vae.parameters())
+        latents = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist.mode()
+        return latents * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+        vae = model.vae
+        param = next(vae.parameters())
+        latents = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
+
+    # ----------------------------------------------------------------- micro-conditioning
+    def time_ids(self, model: LoadedModel, geometry: Sequence[SampleGeometry]) -> torch.Tensor:
+        """``add_time_ids`` ``[B, 6]`` (refiner ``[B, 5]``), float32, as the pipeline builds them."""
+        rows = []
+        for item in geometry:
+            tail = (AESTHETIC_SCORE,) if model.extras.get("requires_aesthetics_score") else tuple(item.target_size)
+            rows.append([*item.original_size, *item.crop_top_left, *tail])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def batch_conditions(
+        self,
+        model: LoadedModel,
+        geometry: Sequence[SampleGeometry],
+        *,
+        device: str | torch.device,
+        dtype: torch.dtype,
+    ) -> dict[str, Any]:
+        """``add_time_ids`` from each sample's original size, crop and target size."""
+        return {"add_time_ids": self.time_ids(model, geometry).to(device=device, dtype=dtype)}
+
+    # ----------------------------------------------------------------- denoiser
+    def predict(
+        self,
+        model: LoadedModel,
+        noisy_latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        prompts: dict[str, Any],
+    ) -> torch.Tensor:
+        """The UNet's output (noise or velocity, see :meth:`prediction_type`) at integer DDPM
+        timesteps ``sigmas``; ``prompts`` may carry ``add_time_ids`` (else: no crop, the latents'
+        own size)."""
+        embeds = prompts["prompt_embeds"]
+        timesteps = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0])
+        unet = model.transformer
+        dtype = next(unet.parameters()).dtype
+        time_ids = prompts.get("add_time_ids")
+        if time_ids is None:
+            scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+            size = (noisy_latents.shape[-2] * scale, noisy_latents.shape[-1] * scale)
+            geometry = SampleGeometry(original_size=size, crop_top_left=(0, 0), target_size=size)
+            time_ids = self.time_ids(model, [geometry] * noisy_latents.shape[0])
+        return unet(
+            noisy_latents.to(dtype),
+            timesteps.to(dtype),
+            encoder_hidden_states=embeds.to(dtype),
+            added_cond_kwargs={
+                "text_embeds": prompts["pooled_prompt_embeds"].to(dtype),
+                "time_ids": time_ids.to(noisy_latents.device, dtype),
+            },
+            return_dict=False,
+        )[0]
+
+    # ----------------------------------------------------------------- validation
+    def validation_pipeline(self, model: LoadedModel) -> Any:
+        """``StableDiffusionXLPipeline`` over ``model``'s components, with its own Euler scheduler
+        set to the trained prediction type."""
+        from diffusers import EulerDiscreteScheduler
+
+        if model.text_encoder is None:
+            raise NotImplementedError(
+                "validation images for the SDXL refiner need an input image (img2img), which tune "
+                "does not make yet; set validation_disable: true"
+            )
+        scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config, prediction_type=self.prediction_type(model))
+        pipeline = self.pipeline_class()(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2,
+            unet=model.transformer,
+            scheduler=scheduler,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
+        """Classifier-free guidance ``guidance`` (> 1 enables it) against ``negative_prompt``."""
+        return {"negative_prompt": negative_prompt}
+
+
+FAMILY = SDXLFamily()

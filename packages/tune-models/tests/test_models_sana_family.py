@@ -1,0 +1,225 @@
+"""Sana: the conformance suite, plus conventions checked against diffusers' SanaPipeline.
+
+One tiny Sana is built per session (``sana_path``) and shared by every test here; torch is pinned
+to one thread while this module runs (tiny matrices on a shared CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tune_models import adapters
+from tune_models.family import ModelSource, get_family
+from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sana():
+    return get_family("sana")
+
+
+@pytest.fixture(scope="session")
+def sana_path(tmp_path_factory) -> Path:
+    return build_tiny_pipeline("sana", tmp_path_factory.mktemp("tiny-sana"))
+
+
+def load(family, path, flavour="tiny", **source):
+    source.setdefault("pretrained_model_name_or_path", str(path))
+    return family.load(ModelSource(**source), flavour)
+
+
+PROMPTS = ["a cat", "  A much LONGER prompt about a red square"]
+
+
+class TestSanaConformance(ModelFamilyTests):
+    family_name = "sana"
+    image_size = 32
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def tiny_path(cls, sana_path):  # the session's tiny Sana, built once
+        return sana_path
+
+
+def test_names_and_flavours(sana):
+    assert get_family("SANA") is sana
+    default = sana.flavour(None)
+    assert (default.name, default.pretrained, default.inference_steps, default.guidance, default.shift) == (
+        "sana1.5-1.6b", "Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", 20, 4.5, 3.0
+    )
+    assert {"sana1.5-1.6b", "sana1.5-4.8b", "sana-1.6b-1024", "tiny"} <= set(sana.flavours)
+    assert set(sana.lora_target_presets["self-attention"]) < set(sana.lora_target_presets["all"])
+    from tune_models.registry import model_families
+
+    info = model_families.get("sana").info
+    assert set(info["flavours"]) == set(sana.flavours) and info["default_flavour"] == "sana1.5-1.6b"
+    assert set(info["lora_targets"]) == set(sana.lora_target_presets)
+
+
+def _pipeline_prompts(pipe, prompts, instruction):
+    embeds, mask, _, _ = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False, complex_human_instruction=instruction
+    )
+    return embeds, mask
+
+
+def _check_against_pipeline(sana, model, instruction):
+    encoded = sana.encode_prompts(model, PROMPTS)
+    embeds, mask = _pipeline_prompts(sana.validation_pipeline(model), PROMPTS, instruction)
+    batch = sana.collate_prompts(encoded, "cpu", torch.float32)
+    length = batch["prompt_embeds"].shape[1]
+    assert embeds.shape[1] == 300 and length < 300
+    assert torch.equal(mask[:, :length], batch["prompt_attention_mask"]) and not mask[:, length:].any()
+    valid = batch["prompt_attention_mask"].bool()
+    torch.testing.assert_close(batch["prompt_embeds"][valid], embeds[:, :length][valid])
+    return encoded
+
+
+def test_prompts_and_masks_match_the_pipeline(sana, sana_path):
+    """With the default complex human instruction: Sana's lower-casing, instruction prefix,
+    ``select_index`` and mask, token for token."""
+    from tune_models.families.sana.family import default_complex_human_instruction
+
+    model = load(sana, sana_path)
+    instruction = list(default_complex_human_instruction())
+    assert instruction[0].startswith("Given a user prompt") and instruction[-1] == "User Prompt: "
+    encoded = _check_against_pipeline(sana, model, instruction)
+    assert encoded[0]["prompt_embeds"].shape[0] < encoded[1]["prompt_embeds"].shape[0]
+
+
+def test_complex_human_instruction_option(sana, sana_path):
+    """``sana_complex_human_instruction``: false drops the instruction, a list replaces it; the
+    cached prompts and the validation pipeline follow; a wrong type is refused by name."""
+    model = load(sana, sana_path)
+    default = sana.encode_prompts(model, PROMPTS[:1])[0]["prompt_embeds"]
+    sana.configure_training(model, {"sana_complex_human_instruction": False})
+    assert sana.validation_pipeline(model).tune_complex_human_instruction == []
+    off = _check_against_pipeline(sana, model, [])
+    assert off[0]["prompt_embeds"].shape != default.shape
+    sana.configure_training(model, {"sana_complex_human_instruction": ["Describe: "]})
+    _check_against_pipeline(sana, model, ["Describe: "])
+    sana.configure_training(model, {"unrelated": 1})  # other keys leave it alone
+    assert sana.complex_human_instruction(model) == ["Describe: "]
+    with pytest.raises(ValueError, match="sana_complex_human_instruction"):
+        sana.configure_training(model, {"sana_complex_human_instruction": 3})
+
+
+def test_predict_is_the_pipelines_velocity(sana, sana_path):
+    """One Flow-DPM-Solver step of SanaPipeline (no CFG) calls the transformer at its first sigma
+    ``s`` and returns ``x - s v``: ``predict`` at ``s`` must be that ``v`` and equal the
+    pipeline's own transformer output (timestep ``1000 s``, no sign flip, the mask for two prompts
+    of different lengths)."""
+    model = load(sana, sana_path)
+    latents = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    pipe = sana.validation_pipeline(model)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen["timestep"], seen["out"] = kwargs["timestep"].clone(), output[0].clone()
+
+    handle = model.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = pipe(
+            prompt=PROMPTS, height=32, width=32, num_inference_steps=1, guidance_scale=1.0, latents=latents,
+            output_type="latent", use_resolution_binning=False,
+            complex_human_instruction=pipe.tune_complex_human_instruction,
+        ).images
+    finally:
+        handle.remove()
+    sigma = float(pipe.scheduler.sigmas[0])
+    assert 0.5 < sigma <= 1
+    # The scheduler hands the transformer an integer timestep: 1000 sigma rounded down.
+    assert seen["timestep"].tolist() == [float(int(sigma * 1000))] * 2
+    cond = sana.collate_prompts(sana.encode_prompts(model, PROMPTS), "cpu", torch.float32)
+    with torch.no_grad():
+        velocity = sana.predict(model, latents, seen["timestep"] / 1000, cond)
+    torch.testing.assert_close(velocity, seen["out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, latents - sigma * velocity, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_hides_padding(sana, sana_path):
+    model = load(sana, sana_path)
+    cond = sana.collate_prompts(sana.encode_prompts(model, PROMPTS), "cpu", torch.float32)
+    latents = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = sana.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
+        short = int(cond["prompt_attention_mask"][0].sum())
+        cond["prompt_embeds"][0, short:] = 100.0
+        after = sana.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
+    torch.testing.assert_close(before, after)
+
+
+def test_latents_use_the_dc_ae_scaling(sana, sana_path):
+    model = load(sana, sana_path)
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    latents = sana.encode_images(model, pixels)
+    torch.testing.assert_close(latents, model.vae.encode(pixels).latent * model.vae.config.scaling_factor)
+    assert latents.shape == (1, 8, 8, 8)
+    assert sana.decode_latents(model, latents).shape == pixels.shape
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sana.encode_images(model, torch.zeros(1, 3, 30, 32))
+
+
+def test_negative_prompt_reaches_the_pipeline(sana, sana_path):
+    model = load(sana, sana_path)
+    pipe = sana.validation_pipeline(model)
+
+    def image(negative, guidance):
+        picture = sana.generate(pipe, "a cat", width=32, height=32, steps=2, guidance=guidance, seed=0, negative_prompt=negative)
+        return np.asarray(picture).astype(np.int16)
+
+    assert image(None, 4.5).shape == (32, 32, 3)  # the asked size: no resolution binning
+    assert np.abs(image("blurry", 4.5) - image(None, 4.5)).max() > 0
+    assert np.array_equal(image("blurry", 1.0), image(None, 1.0))
+
+
+def test_lora_changes_pipeline_output_in_both_layouts(sana, sana_path, tmp_path):
+    """A few LoRA steps, saved in diffusers layout and in the original-names layout (read back
+    through ``lora_state_dict``), reproduce the trained model in SanaPipeline."""
+    from safetensors.torch import save_file
+
+    suite = TestSanaConformance()
+    model = load(sana, sana_path)
+    losses = suite.train(sana, model, alpha=8)
+    assert losses[-1] < losses[0]
+    expected = suite.image(sana, sana.validation_pipeline(model))
+    plain = suite.image(sana, sana.validation_pipeline(load(sana, sana_path)))
+    assert np.abs(expected - plain).max() > 2, "the trained LoRA does not change the image"
+
+    state_dict = adapters.training_lora_state_dict(model)
+    comfy = sana.to_comfyui(state_dict, alpha=8)
+    for native, alpha in (("attn.qkv", 24.0), ("attn.proj", 8.0), ("cross_attn.q_linear", 8.0),
+                          ("cross_attn.kv_linear", 16.0), ("cross_attn.proj", 8.0)):
+        assert float(comfy[f"diffusion_model.blocks.1.{native}.alpha"]) == alpha, native
+    assert all(k.startswith("diffusion_model.blocks.") for k in comfy)
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    back = sana.lora_state_dict(tmp_path / "comfy.safetensors")
+    assert set(back) == set(state_dict)
+    pipe = sana.validation_pipeline(load(sana, sana_path))
+    pipe.load_lora_weights(dict(back))
+    assert np.abs(suite.image(sana, pipe) - expected).max() <= 1
+
+
+def test_text_encoder_override(sana, sana_path, tmp_path):
+    from tune_models.families import _gemma
+
+    tokenizer = _gemma.gemma_tokenizer()
+    torch.manual_seed(7)
+    other = _gemma.tiny_gemma2(tokenizer)
+    other.save_pretrained(tmp_path / "gemma")
+    tokenizer.save_pretrained(tmp_path / "gemma")
+    model = load(sana, sana_path, pretrained_text_encoder_model_name_or_path=str(tmp_path / "gemma"))
+    assert all(torch.equal(a, b) for a, b in zip(model.text_encoder.parameters(), other.parameters()))
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())

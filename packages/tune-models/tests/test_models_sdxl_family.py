@@ -1,0 +1,201 @@
+"""SDXL: the conformance suite, plus conventions checked against diffusers' StableDiffusionXLPipeline.
+
+One tiny SDXL is built per session (``sdxl_path``) and shared by every test here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tune_models import adapters
+from tune_models.family import ModelSource, SampleGeometry, get_family
+from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    return get_family("sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl_path(tmp_path_factory) -> Path:
+    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def load(sdxl, path, flavour="tiny"):
+    return sdxl.load(ModelSource(pretrained_model_name_or_path=str(path)), flavour)
+
+
+class TestSDXLConformance(ModelFamilyTests):
+    family_name = "sdxl"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def tiny_path(cls, sdxl_path):  # the session's tiny SDXL, built once
+        return sdxl_path
+
+
+def test_flavours_and_declared_scheme(sdxl, sdxl_path):
+    base, refiner = sdxl.flavour("base"), sdxl.flavour("refiner")
+    assert sdxl.flavour(None) is base
+    assert base.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert refiner.pretrained == "stabilityai/stable-diffusion-xl-refiner-1.0"
+    assert sdxl.prediction != "flow" and sdxl.lora_prefix == "unet"
+    from tune_models.registry import model_families
+
+    info = model_families.get("sdxl").info
+    assert set(info["flavours"]) == set(sdxl.flavours) and set(info["lora_targets"]) == set(sdxl.lora_target_presets)
+    model = load(sdxl, sdxl_path)
+    assert sdxl.prediction_type(model) == "epsilon"  # the checkpoint's scheduler config
+    model.extras["prediction_type"] = "v_prediction"  # the user's prediction_type
+    assert sdxl.prediction_type(model) == "v_prediction"
+    assert sdxl.validation_pipeline(model).scheduler.config.prediction_type == "v_prediction"
+
+
+def test_prompt_embeds_match_the_pipeline(sdxl, sdxl_path):
+    """Both CLIPs' penultimate hidden states concatenated, and CLIP-G's projected pooled output."""
+    model = load(sdxl, sdxl_path)
+    prompts = ["a cat", "a much longer prompt about a red square"]
+    encoded = sdxl.encode_prompts(model, prompts)
+    embeds, _, pooled, _ = sdxl.validation_pipeline(model).encode_prompt(
+        prompts, device="cpu", do_classifier_free_guidance=False
+    )
+    width = model.text_encoder.config.hidden_size + model.text_encoder_2.config.hidden_size
+    for i in range(len(prompts)):
+        assert encoded[i]["prompt_embeds"].shape == (77, width)
+        torch.testing.assert_close(encoded[i]["prompt_embeds"], embeds[i])
+        torch.testing.assert_close(encoded[i]["pooled_prompt_embeds"], pooled[i])
+    # penultimate, not last, layer
+    ids = model.tokenizer(prompts[:1], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    last = model.text_encoder(ids).last_hidden_state[0]
+    assert not torch.allclose(encoded[0]["prompt_embeds"][:, : last.shape[-1]], last)
+
+
+def test_time_ids_match_the_pipeline(sdxl, sdxl_path):
+    model = load(sdxl, sdxl_path)
+    pipeline = sdxl.validation_pipeline(model)
+    geometry = SampleGeometry(original_size=(300, 200), crop_top_left=(16, 8), target_size=(64, 128))
+    expected = pipeline._get_add_time_ids(
+        (300, 200), (16, 8), (64, 128), dtype=torch.float32,
+        text_encoder_projection_dim=model.text_encoder_2.config.projection_dim,
+    )
+    batch = sdxl.batch_conditions(model, [geometry, geometry], device="cpu", dtype=torch.float32)
+    assert torch.equal(batch["add_time_ids"], expected.repeat(2, 1))
+
+
+def test_one_pipeline_step_matches_predict(sdxl, sdxl_path):
+    """The UNet call inside the real pipeline (timestep, embeds, pooled, time ids) equals
+    ``predict`` on the same noisy latents; and the pipeline decodes our latent scaling."""
+    model = load(sdxl, sdxl_path)
+    pipeline = sdxl.validation_pipeline(model)
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((args, kwargs, output[0] if isinstance(output, tuple) else output.sample))
+
+    handle = model.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        latents = pipeline(
+            "a red square", height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0), output_type="latent",
+        ).images
+    finally:
+        handle.remove()
+    (args, kwargs, output), = calls
+    sample, timestep = args[0], args[1]
+    cond = sdxl.collate_prompts(sdxl.encode_prompts(model, ["a red square"]), "cpu", torch.float32)
+    cond.update(sdxl.batch_conditions(model, [SampleGeometry((64, 64), (0, 0), (64, 64))], device="cpu", dtype=torch.float32))
+    ours = sdxl.predict(model, sample, torch.as_tensor(timestep).reshape(1), cond)
+    torch.testing.assert_close(ours, output)
+    # Without geometry, predict uses the latents' own size and no crop: the same call.
+    cond.pop("add_time_ids")
+    torch.testing.assert_close(sdxl.predict(model, sample, torch.as_tensor(timestep).reshape(1), cond), output)
+    # Latent scaling: the pipeline decodes latents / scaling_factor, as decode_latents does.
+    pixels = pipeline.vae.decode(latents / model.vae.config.scaling_factor).sample.clamp(-1, 1)
+    torch.testing.assert_close(sdxl.decode_latents(model, latents), pixels)
+    images = sdxl.encode_images(model, pixels)
+    raw = model.vae.encode(pixels).latent_dist.mode()
+    torch.testing.assert_close(images, raw * model.vae.config.scaling_factor)
+
+
+def test_kohya_keys_round_trip_and_load_in_diffusers(sdxl, sdxl_path, tmp_path):
+    """Our ``lora_unet_`` file is read back exactly and diffusers' own kohya reader loads it into
+    the pipeline with the same effect as our diffusers-layout state dict."""
+    from safetensors.torch import save_file
+
+    model = load(sdxl, sdxl_path)
+    adapters.add_training_lora(model, rank=4, alpha=4, target="all+ffs")
+    with torch.no_grad():
+        for name, param in model.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    state_dict = adapters.training_lora_state_dict(model)
+    comfy = sdxl.to_comfyui(state_dict, alpha=4)
+    assert all(k.startswith("lora_unet_") for k in comfy)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in comfy
+    back = sdxl.from_comfyui(comfy)
+    assert set(back) == set(state_dict)
+    for key, tensor in state_dict.items():
+        torch.testing.assert_close(back[key], tensor)
+    save_file(comfy, tmp_path / "kohya.safetensors")
+    assert set(sdxl.lora_state_dict(tmp_path / "kohya.safetensors")) == set(state_dict)
+
+    def image(pipeline):
+        return pipeline("a cat", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    ours = sdxl.validation_pipeline(load(sdxl, sdxl_path))
+    ours.load_lora_weights(dict(state_dict))
+    theirs = sdxl.validation_pipeline(load(sdxl, sdxl_path))
+    theirs.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors")  # diffusers' kohya reader
+    assert abs(image(ours) - image(theirs)).max() < 1e-4
+
+
+def test_sgm_kohya_names_map_to_diffusers_modules():
+    from tune_models.families.sdxl import lora_keys
+
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    sgm = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up,
+        "lora_unet_middle_block_1_transformer_blocks_3_attn2_to_out_0.lora_down.weight": down,
+        "lora_unet_middle_block_1_transformer_blocks_3_attn2_to_out_0.lora_up.weight": up,
+        "lora_unet_output_blocks_5_1_proj_in.lora_down.weight": down,
+        "lora_unet_output_blocks_5_1_proj_in.lora_up.weight": up,
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+    }
+    out = lora_keys.from_comfyui(sgm)
+    assert set(out) == {
+        f"unet.{m}.lora_{s}.weight"
+        for m in (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "mid_block.attentions.0.transformer_blocks.3.attn2.to_out.0",
+            "up_blocks.1.attentions.2.proj_in",
+        )
+        for s in "AB"
+    }
+    with pytest.raises(ValueError, match="only the transformer"):
+        lora_keys.from_comfyui({"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": down,
+                                "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": up})
+
+
+def test_refiner_loads_with_clip_g_only_and_aesthetic_time_ids(sdxl, tmp_path):
+    from tune_models.families.sdxl.tiny import build_tiny_refiner
+
+    model = sdxl.load(ModelSource(pretrained_model_name_or_path=str(build_tiny_refiner(tmp_path / "refiner"))), "refiner")
+    assert model.text_encoder is None and model.text_encoders == [model.text_encoder_2]
+    encoded = sdxl.encode_prompts(model, ["a cat"])
+    assert encoded[0]["prompt_embeds"].shape == (77, model.text_encoder_2.config.hidden_size)
+    geometry = SampleGeometry(original_size=(96, 64), crop_top_left=(0, 8), target_size=(64, 64))
+    ids = sdxl.batch_conditions(model, [geometry], device="cpu", dtype=torch.float32)["add_time_ids"]
+    assert ids.tolist() == [[96, 64, 0, 8, 6.0]]  # the aesthetic score replaces the target size
+    cond = sdxl.collate_prompts(encoded, "cpu", torch.float32)
+    latents = sdxl.encode_images(model, torch.zeros(1, 3, 64, 64))
+    with torch.no_grad():
+        assert sdxl.predict(model, latents, torch.tensor([100]), {**cond, "add_time_ids": ids}).shape == latents.shape
+        assert sdxl.predict(model, latents, torch.tensor([100]), cond).shape == latents.shape
+    with pytest.raises(NotImplementedError, match="validation_disable"):
+        sdxl.validation_pipeline(model)

@@ -1,0 +1,143 @@
+"""The DDPM noise scheme (epsilon / v-prediction, min-SNR) against closed forms and diffusers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tune_train import ddpm
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_match_diffusers(schedule):
+    from diffusers import DDPMScheduler
+
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": schedule}
+    ours = ddpm.alphas_cumprod_from_config(config)
+    torch.testing.assert_close(ours.float(), DDPMScheduler(**config).alphas_cumprod, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_terminal_snr_schedules_are_refused():
+    with pytest.raises(NotImplementedError, match="rescale_betas_zero_snr"):
+        ddpm.alphas_cumprod_from_config({"rescale_betas_zero_snr": True})
+
+
+def scheme(**kwargs) -> ddpm.DDPMScheme:
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return ddpm.DDPMScheme.from_scheduler(scheduler, **kwargs)
+
+
+def test_noising_and_targets_match_diffusers():
+    from diffusers import DDPMScheduler
+
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    eps, v = scheme(prediction_type="epsilon"), scheme(prediction_type="v_prediction")
+    assert eps.prediction_type == "epsilon" and scheme().prediction_type == "epsilon"  # the scheduler config's
+    torch.testing.assert_close(eps.add_noise(x0, noise, t), reference.add_noise(x0, noise, t))
+    assert torch.equal(eps.target(x0, noise, t), noise)
+    torch.testing.assert_close(v.target(x0, noise, t), reference.get_velocity(x0, noise, t))
+
+
+def test_snr_and_min_snr_weights_closed_form():
+    s = scheme()
+    t = torch.tensor([10, 400, 900])
+    a = s.alphas_cumprod[t]
+    torch.testing.assert_close(s.snr(t), a / (1 - a))
+    snr, gamma = torch.tensor([0.5, 5.0, 50.0], dtype=torch.float64), 5.0
+    expected = {
+        ("epsilon", False): [1.0, 1.0, 0.1],
+        ("v_prediction", False): [0.5 / 1.5, 5 / 6, 5 / 51],
+        ("epsilon", True): [5 / 5.5, 0.5, 5 / 55],  # gamma / (snr + gamma)
+        ("v_prediction", True): [2.5 / 5.5 / 1.5, 2.5 / 6, 250 / 55 / 51],
+    }
+    for (prediction, soft), values in expected.items():
+        weights = ddpm.min_snr_weights(snr, gamma, prediction, soft=soft)
+        torch.testing.assert_close(weights, torch.tensor(values, dtype=torch.float64))
+    with pytest.raises(ValueError, match="snr_gamma"):
+        ddpm.min_snr_weights(snr, 0.0, "epsilon")
+
+
+def test_loss_weights_each_sample():
+    s = scheme(prediction_type="v_prediction", snr_gamma=5.0)
+    prediction, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])
+    t = torch.tensor([20, 800])
+    snr = s.snr(t)
+    weights = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+    expected = (torch.tensor([1.0, 4.0], dtype=torch.float64) * weights).mean()
+    assert math.isclose(s.loss(prediction, target, t).item(), expected.item(), rel_tol=1e-6)
+    # the almost clean timestep (SNR above gamma) is capped, the noisy one keeps SNR / (SNR + 1)
+    assert snr[0] > 5 > snr[1]
+    assert weights[0].item() == pytest.approx(5 / (snr[0].item() + 1))
+    assert weights[1].item() == pytest.approx(snr[1].item() / (snr[1].item() + 1))
+    plain = scheme(prediction_type="v_prediction")
+    assert plain.loss(prediction, target, t).item() == pytest.approx(2.5)
+
+
+def test_timesteps_are_reproducible_and_refiner_range():
+    s = scheme()
+    first = s.sample_timesteps(64, torch.Generator().manual_seed(3))
+    assert torch.equal(first, s.sample_timesteps(64, torch.Generator().manual_seed(3)))
+    assert first.min() >= 0 and first.max() < 1000 and first.dtype == torch.int64
+    s.max_timestep = 200
+    assert s.sample_timesteps(256, torch.Generator().manual_seed(3)).max() < 200
+    with pytest.raises(ValueError, match="prediction_type"):
+        scheme(prediction_type="sample")
+
+
+class _Flow:
+    name, prediction = "flowy", "flow"
+
+
+class _Config:
+    prediction_type = None
+    snr_gamma = None
+    use_soft_min_snr = False
+    refiner_training = False
+    refiner_training_strength = 0.2
+
+
+def test_scheme_for_picks_by_declaration_not_name():
+    assert ddpm.scheme_for(_Flow(), None, _Config()) is None
+    bad = _Config()
+    bad.prediction_type = "epsilon"
+    with pytest.raises(ValueError, match="prediction_type 'epsilon' does not apply"):
+        ddpm.scheme_for(_Flow(), None, bad)
+
+    from diffusers import EulerDiscreteScheduler
+
+    from tune_models.family import LoadedModel, ModelFamily
+
+    class UNetFamily(ModelFamily):
+        name, prediction = "some-unet", "epsilon"
+
+    family = UNetFamily()
+    model = LoadedModel(family=family, flavour=None, transformer=None, vae=None, text_encoder=None, tokenizer=None,
+                        scheduler=EulerDiscreteScheduler(prediction_type="epsilon"))
+    config = _Config()
+    config.prediction_type, config.snr_gamma, config.refiner_training = "v_prediction", 5.0, True
+    chosen = ddpm.scheme_for(family, model, config)
+    assert chosen.prediction_type == "v_prediction" and model.extras["prediction_type"] == "v_prediction"
+    assert chosen.snr_gamma == 5.0 and chosen.max_timestep == 200
+    config.use_soft_min_snr, config.snr_gamma = True, None
+    with pytest.raises(ValueError, match="use_soft_min_snr needs snr_gamma"):
+        ddpm.scheme_for(family, model, config)
+
+
+def test_zero_terminal_snr_scheduler_trains_with_its_own_alphas():
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    s = ddpm.DDPMScheme.from_scheduler(scheduler, snr_gamma=5.0)
+    assert s.prediction_type == "v_prediction"
+    t = torch.tensor([0, 999])
+    assert s.snr(t)[1] < 1e-6  # (almost) pure noise at the last step
+    x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    loss = s.loss(torch.zeros_like(x0), s.target(x0, noise, t), t)
+    assert torch.isfinite(loss)
