@@ -89,13 +89,13 @@ def main() -> None:
             ("latents bf16", torch.bfloat16, False),
             ("latents fp32, gzip", torch.float32, True),
         ]
-        fp32_cache = fp32_keys = None
+        fp32_cache = None
         for name, dtype, compress in variants:
             cache = TensorCache(root / name.replace(" ", "_").replace(",", ""), "latents", {"v": 1},
                                 compress_disk_cache=compress)
             keys = write_entries(cache, args.entries, shape, dtype)
             if name == "latents fp32":
-                fp32_cache, fp32_keys = cache, keys
+                fp32_cache = cache
 
             def load(chunk, cache=cache):
                 return torch.stack([cache.load(key)["latents"] for key in chunk])

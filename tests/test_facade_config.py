@@ -421,3 +421,9 @@ def test_plan_names_block_swap_and_activation_offload(workdir, fake_family):
     offload = build_plan(load_config(path))["precision"]["offload"]
     assert offload.startswith("block swap: the last 15 transformer blocks stream from cpu")
     assert "checkpointed activations wait in CPU memory" in offload
+
+
+def test_trainer_level_vae_cache_keys_reach_every_dataset(workdir, fake_family):
+    path = write_project(workdir, {"vae_cache_ondemand": True, "vae_cache_scan_behaviour": "sync"})
+    loaded = load_config(path)
+    assert all(d.vae_cache_ondemand and d.vae_cache_scan_behaviour == "sync" for d in loaded.datasets)

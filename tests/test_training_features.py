@@ -156,3 +156,25 @@ def test_wandb_offline_logs_loss(tmp_path, tiny_zimage, shapes_dir, write_run, m
     assert runs and list(runs[0].glob("*.wandb"))
     rows = list(csv.DictReader((tmp_path / "output" / "loss_log.csv").open()))
     assert len(rows) == 2
+
+
+def test_vae_cache_clear_each_epoch_encodes_every_image_again_each_epoch(tmp_path, tiny_zimage, shapes_dir, write_run, monkeypatch):
+    """8 images, batch 2: 4 steps an epoch. With the cache cleared at each epoch's end, the
+    second epoch encodes all 8 again (on demand); without it, nothing is encoded twice."""
+    from tune_models.family import get_family
+
+    family = type(get_family("z-image"))
+    encoded = []
+    original = family.encode_images
+
+    def counting(self, model, pixels):
+        encoded.append(pixels.shape[0])
+        return original(self, model, pixels)
+
+    monkeypatch.setattr(family, "encode_images", counting)
+    for clear in (False, True):
+        encoded.clear()
+        config = write_run(tmp_path / str(clear), model=tiny_zimage, data=shapes_dir, steps=8,
+                           dataset_extra={"vae_cache_clear_each_epoch": clear})
+        Trainer.from_config(config, progress=False).train()
+        assert sum(encoded) == (16 if clear else 8), (clear, encoded)

@@ -138,8 +138,8 @@ def test_load_file_drops_disabled_and_links_text_embeds(tmp_path):
         ({"id": "pets"}, "must hold a JSON list of dataset entries, got dict"),
         ([{"instance_data_dir": "x"}], 'entry 0 is missing "id"'),
         ([entry(), entry()], "dataset id 'pets' is used by entries 0 and 1"),
-        ([entry(disabled=True)], "no enabled dataset of dataset_type 'image'"),
-        ([{"id": "te", "dataset_type": "text_embeds"}], "no enabled dataset of dataset_type 'image'"),
+        ([entry(disabled=True)], "no enabled dataset of dataset_type 'image' or 'video'"),
+        ([{"id": "te", "dataset_type": "text_embeds"}], "no enabled dataset of dataset_type 'image' or 'video'"),
         (
             [entry(text_embeds="nope")],
             "dataset 'pets': text_embeds names 'nope', which is not an enabled text_embeds dataset",
@@ -168,8 +168,8 @@ def test_missing_file_and_bad_json_are_config_errors(tmp_path):
 def test_unimplemented_dataset_type_is_accepted_then_refused_on_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cfg = DatasetConfig.from_dict(entry(dataset_type="video"))
-    with pytest.raises(NotImplementedError, match="dataset 'pets': dataset_type 'video' is accepted"):
+        cfg = DatasetConfig.from_dict(entry(dataset_type="conditioning"))
+    with pytest.raises(NotImplementedError, match="dataset 'pets': dataset_type 'conditioning' is accepted"):
         cfg.require_implemented()
 
 

@@ -166,3 +166,42 @@ def test_config_values_win_over_the_environment(monkeypatch):
 def test_bucket_name_errors(bucket, message):
     with pytest.raises(DatasetConfigError, match=message):
         S3Storage(DatasetConfig(id="x", type="aws", aws_bucket_name=bucket))
+
+
+def test_s3_discovery_needs_no_head_requests_and_a_rerun_reads_no_object(tmp_path, s3_endpoint, s3_bucket):
+    fs, bucket = s3_bucket
+    local = make_shapes_dataset(tmp_path / "shapes", count=5, size=(64, 48))
+    upload(fs, local, f"{bucket}/cold")
+    dataset = aws_dataset(s3_endpoint, bucket, "cold")
+    storage = open_storage(dataset)
+
+    def no_head(*args, **kwargs):
+        raise AssertionError("a HEAD request: sizes and ETags come from the listing")
+
+    storage.fs.info = storage.fs._info = no_head
+    report = discover(dataset, storage, metadata_dir=tmp_path / "meta")
+    assert len(report.kept) == 5 and report.kept[0].caption == "a red circle on a white background"
+
+    again = open_storage(dataset)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a warm discovery reads no object: sizes and captions are cached")
+
+    again.fs.open = again.fs.cat_file = again.fs._cat_file = no_read
+    rerun = discover(dataset, again, metadata_dir=tmp_path / "meta")
+    assert [(r.path, r.caption, r.width) for r in rerun.kept] == [(r.path, r.caption, r.width) for r in report.kept]
+
+
+def test_an_object_deleted_after_listing_reads_as_missing(tmp_path, s3_endpoint, s3_bucket):
+    fs, bucket = s3_bucket
+    fs.pipe_file(f"{bucket}/gone/a.txt", b"caption")
+    fs.pipe_file(f"{bucket}/gone/a.png", b"png")
+    storage = open_storage(aws_dataset(s3_endpoint, bucket, "gone"))
+    assert storage.list_files(None) == ["a.png", "a.txt"]
+    fs.rm_file(f"{bucket}/gone/a.txt")
+    fs.rm_file(f"{bucket}/gone/a.png")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("a.txt")
+    with pytest.raises(FileNotFoundError):
+        with storage.open("a.png") as handle:
+            handle.read()

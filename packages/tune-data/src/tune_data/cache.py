@@ -36,7 +36,7 @@ import attrs
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorCache", "CacheStats", "cache_root_for"]
+__all__ = ["TensorCache", "CacheStats", "cache_root_for", "latent_entry_metadata"]
 
 _INSTALL_HINT = 'the tensor cache needs torch and safetensors: pip install "tune-data[cache]"'
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -192,8 +192,11 @@ class TensorCache:
         """The string metadata stored with an entry."""
         _torch_modules()
         location, _, data = self._read(key)
-        if data is None:
-            data = location.read_bytes()
+        if data is None:  # a local plain entry: read the header only, not the tensors
+            with open(location, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            return dict(header.get("__metadata__") or {})
         (length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + length])
         return dict(header.get("__metadata__") or {})
@@ -265,6 +268,57 @@ class TensorCache:
         self.stats.writes += 1
         return path
 
+    def delete(self, key: str) -> bool:
+        """Remove an entry (either form); whether there was one. Readers never see half a removal."""
+        removed = False
+        for compressed in (False, True):
+            location = self._location(key, compressed)
+            try:
+                if self.fs is None:
+                    location.unlink()
+                else:
+                    self.fs.rm_file(location)
+                removed = True
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def check(self, key: str) -> str | None:
+        """Why the entry cannot be used (``"missing"``, or the read error: a truncated or corrupt
+        file), or ``None`` when every tensor in it reads back. Reads the whole entry."""
+        if not self.has(key):
+            return "missing"
+        try:
+            tensors = self.load(key)
+            self.stats.hits -= 1  # a check is not a use
+            for tensor in tensors.values():
+                tensor.sum()  # touch every byte: a memory-mapped read is lazy
+        except Exception as exc:  # safetensors, gzip and OS errors all mean "damaged"
+            text = (str(exc) or type(exc).__name__).replace("\n", " ")
+            return text[:200]
+        return None
+
+    def entries(self) -> list[tuple[str, int]]:
+        """``(key, bytes)`` of every stored entry under this namespace, whatever its settings."""
+        found: list[tuple[str, int]] = []
+        if self.fs is None:
+            if not self.directory.is_dir():
+                return found
+            paths = [(p, p.stat().st_size) for p in self.directory.glob("*/*") if p.is_file()]
+            names = [(p.name, size) for p, size in paths]
+        else:
+            try:
+                listing = self.fs.find(self.directory, detail=True)
+            except FileNotFoundError:
+                return found
+            names = [(path.rsplit("/", 1)[-1], int(info.get("size") or 0)) for path, info in listing.items()]
+        for name, size in names:
+            for suffix in (_GZ_SUFFIX, _SUFFIX):
+                if name.endswith(suffix):
+                    found.append((name[: -len(suffix)], size))
+                    break
+        return sorted(found)
+
     def _sweep(self, folder: Path) -> None:
         """Remove leftovers of killed writes in a shard folder, once per folder per cache object.
 
@@ -284,6 +338,17 @@ class TensorCache:
     def __repr__(self) -> str:
         compressed = ", compress_disk_cache=True" if self.compress else ""
         return f"TensorCache({str(self.directory)!r}, settings={self._settings_json}{compressed})"
+
+
+def latent_entry_metadata(item_id: str, identity: str, settings: Mapping[str, Any], model: str) -> dict[str, str]:
+    """What a latent entry records about itself, so ``tune-data inspect`` can tell, without the
+    model loaded, which kept image an entry belongs to (its key is a one-way hash)."""
+    return {
+        "item": item_id,
+        "identity": identity,
+        "settings": json.dumps(dict(settings), sort_keys=True, separators=(",", ":")),
+        "model": model,
+    }
 
 
 def cache_root_for(dataset: Any, path: str) -> tuple[str, dict[str, Any] | None]:

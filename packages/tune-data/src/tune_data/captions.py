@@ -24,6 +24,7 @@ __all__ = [
     "textfile_caption",
     "instanceprompt_caption",
     "caption_for",
+    "with_instance_prompt",
     "get_strategy",
     "caption_file_for",
     "caption_dropped",
@@ -104,6 +105,15 @@ def caption_for(
     caption = strategy(storage, rel, dataset)
     if caption is None:
         return None
+    return with_instance_prompt(caption, dataset)
+
+
+def with_instance_prompt(caption: str, dataset: DatasetConfig) -> str:
+    """``caption`` with ``instance_prompt`` prepended when ``prepend_instance_prompt`` asks for it.
+
+    Split out so discovery can cache the strategy's raw caption and apply the (cheap, config-
+    dependent) prefix on every run: changing the prefix then needs no caption file read again.
+    """
     if (
         dataset.prepend_instance_prompt
         and dataset.instance_prompt

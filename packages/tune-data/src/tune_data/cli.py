@@ -30,7 +30,7 @@ def _inspect_dataset(dataset: DatasetConfig, args: argparse.Namespace) -> dict[s
     info: dict[str, Any] = {"id": dataset.id, "dataset_type": dataset.dataset_type, "type": dataset.type}
     if dataset.ignored_keys:
         info["ignored_keys"] = list(dataset.ignored_keys)
-    if not dataset.is_image:
+    if not dataset.is_training_data:
         info["cache_dir"] = dataset.cache_dir
         return info
     try:
@@ -57,7 +57,60 @@ def _inspect_dataset(dataset: DatasetConfig, args: argparse.Namespace) -> dict[s
         "max": max(words),
         "empty": sum(1 for n in words if n == 0),
     }
+    if dataset.is_video:
+        frames = [record.frames for record in report.kept]
+        info["video_frames"] = {"min": min(frames), "mean": round(statistics.fmean(frames), 1), "max": max(frames)}
+    info["latent_cache"] = _latent_cache(dataset, buckets, args)
     return info
+
+
+def _latent_cache(dataset: DatasetConfig, buckets: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """What the dataset's latent cache holds: entries for kept images under the current settings
+    (``present``), kept images without one (``missing``), and entries for anything else
+    (``other``: other settings, models, or files that changed or left), with bytes."""
+    from tune_data.cache import TensorCache, cache_root_for
+
+    if dataset.cache_dir_vae:
+        root, options = cache_root_for(dataset, dataset.cache_dir_vae)
+    elif args.cache_dir:
+        root, options = f"{str(args.cache_dir).rstrip('/')}/vae/{dataset.id}", None
+    else:
+        return {"location": None}
+    cache = TensorCache(root, "latents", {}, storage_options=options)
+    wanted = {
+        (planned.cache_item_id, planned.record.identity)
+        for images in buckets.values()
+        for planned in images
+    }
+    settings = json.dumps(dataset.cache_settings(), sort_keys=True, separators=(",", ":"))
+    present: set[tuple[str, str]] = set()
+    present_bytes = other = other_bytes = unreadable = 0
+    models: set[str] = set()
+    for key, size in cache.entries():
+        try:
+            meta = cache.metadata(key)
+        except Exception:  # torch missing, or a damaged entry: count it, inspect must not fail
+            meta = {}
+            unreadable += 1
+        item = (meta.get("item", ""), meta.get("identity", ""))
+        if meta.get("settings") == settings and item in wanted:
+            if meta.get("model"):
+                models.add(meta["model"])
+            present.add(item)
+            present_bytes += size
+        else:
+            other += 1
+            other_bytes += size
+    return {
+        "location": str(cache.directory),
+        "present": len(present),
+        "missing": len(wanted) - len(present),
+        "present_bytes": present_bytes,
+        "other_entries": other,
+        "other_bytes": other_bytes,
+        "unreadable": unreadable,
+        "models": sorted(models),
+    }
 
 
 def _describe_source(storage: Any) -> dict[str, Any]:
@@ -100,6 +153,19 @@ def _print_text(results: list[dict[str, Any]]) -> None:
             f"  caption words: min {words['min']}, mean {words['mean']}, max {words['max']}"
             f"; empty captions: {words['empty']}"
         )
+        if "video_frames" in info:
+            frames = info["video_frames"]
+            print(f"  video frames: min {frames['min']}, mean {frames['mean']}, max {frames['max']}")
+        cache = info.get("latent_cache") or {}
+        if not cache.get("location"):
+            print("  latent cache: not configured (set cache_dir_vae, or pass --cache-dir / --config)")
+        else:
+            print(
+                f"  latent cache {cache['location']}: {cache['present']} present "
+                f"({cache['present_bytes']:,} bytes), {cache['missing']} missing; "
+                f"{cache['other_entries']} other entries ({cache['other_bytes']:,} bytes: other settings, "
+                f"models or changed files)" + (f"; {cache['unreadable']} unreadable" if cache["unreadable"] else "")
+            )
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -107,6 +173,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.config:
         with open(args.config, encoding="utf-8") as handle:
             defaults = json.load(handle)
+    if args.cache_dir is None and defaults:
+        args.cache_dir = defaults.get("cache_dir") or defaults.get("--cache_dir")
     try:
         datasets = load_dataset_configs(args.multidatabackend, defaults=defaults)
     except ValueError as exc:
@@ -191,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", help="trainer config.json whose resolution, crop, ... are defaults")
     inspect.add_argument("--metadata-dir", help="reuse/write the discovery metadata cache here")
     inspect.add_argument("--seed", type=int, default=0, help="seed for random crops (default 0)")
+    inspect.add_argument("--cache-dir", help="the trainer's cache_dir, to report latent caches of datasets "
+                         "without cache_dir_vae (default: cache_dir of --config)")
     inspect.add_argument("--progress", action="store_true", help="show a progress bar per dataset")
     inspect.set_defaults(handler=_inspect)
 

@@ -35,8 +35,9 @@ RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 CROP_STYLES = ("center", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 METADATA_BACKENDS = ("discovery", "parquet", "huggingface")
-IMPLEMENTED_DATASET_TYPES = ("image", "text_embeds")
-DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "video", "conditioning", "image_embeds")
+IMPLEMENTED_DATASET_TYPES = ("image", "text_embeds", "video")
+DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "conditioning", "image_embeds")
+VAE_CACHE_SCAN_BEHAVIOURS = ("recreate", "sync")
 SKIP_DISCOVERY_WORDS = ("vae", "aspect", "text", "metadata")
 
 
@@ -50,9 +51,10 @@ class DatasetConfig:
     """Storage provider that holds the files, looked up in ``tune_data.registry.storage_providers``.
     Default ``local`` (a folder on this machine); plugins add others."""
     dataset_type: str = "image"
-    """What the dataset holds: ``image`` (training images) or ``text_embeds`` (where the text-embed
-    cache lives). ``video``, ``conditioning`` and ``image_embeds`` are accepted in configs but fail
-    with a clear error when used, as tune does not implement them yet."""
+    """What the dataset holds: ``image`` (training images), ``video`` (training videos: discovered,
+    bucketed by frame size and read as frame-sampled clips; see the ``video`` block) or
+    ``text_embeds`` (where the text-embed cache lives). ``conditioning`` and ``image_embeds`` are
+    accepted in configs but fail with a clear error when used, as tune does not implement them yet."""
     disabled: bool = False
     """``true`` drops the entry when loading, as if it were not in the file. Default ``false``."""
     default: bool = False
@@ -126,7 +128,37 @@ class DatasetConfig:
     scan_for_errors: bool = False
     """Decode every image completely during discovery and drop the ones that fail (reason
     ``undecodable``, with a warning naming the file); a success is remembered in the metadata
-    cache, so only new or changed files are decoded again. Default ``false`` (headers only)."""
+    cache, so only new or changed files are decoded again. The trainer also reads back every
+    latent cache entry of the dataset at discovery and repairs damaged ones (see
+    ``vae_cache_scan_behaviour``). Default ``false`` (headers only)."""
+    vae_cache_ondemand: bool = False
+    """Skip the pass that encodes every image before training: a latent is encoded the first time
+    its batch is drawn, then written to the cache and read from there on. Starts training at once;
+    the first epoch runs slower (the VAE works inside the loop). Default ``false``."""
+    vae_cache_clear_each_epoch: bool = False
+    """Delete this dataset's cached latents at the end of every epoch; the next epoch encodes them
+    again on demand. With ``crop_style: random`` each epoch then gets new crop windows (seeded by
+    the epoch, so runs stay reproducible). Default ``false``."""
+    vae_cache_scan_behaviour: str = "recreate"
+    """With ``scan_for_errors``, what to do with a latent cache entry that is damaged (truncated,
+    corrupt, or of another shape than its bucket's latents): ``recreate`` deletes it and encodes
+    the image again; ``sync`` deletes it and leaves the image out of this run, so the buckets match
+    what the cache holds without running the VAE. Default ``recreate``."""
+    video_num_frames: int = 125
+    """``dataset_type: video`` (SimpleTuner's ``"video": {"num_frames": ...}``): frames per training
+    clip. Default 125."""
+    video_min_frames: int | None = None
+    """Videos yielding fewer frames than this at ``video_fps`` are dropped (reason ``too short``).
+    Default: ``video_num_frames`` (every kept video gives a full clip)."""
+    video_max_frames: int | None = None
+    """Videos yielding more frames than this at ``video_fps`` are dropped (reason ``too long``).
+    Default none."""
+    video_fps: float | None = None
+    """Frame rate clips are sampled at (a 30 fps video at 15 takes every second frame). Default
+    none: each video's own rate."""
+    video_is_i2v: bool = False
+    """The clips train an image-to-video model (the first frame conditions the rest). Recorded
+    for the trainer. Default ``false``."""
     ignore_missing_files: bool = False
     """A file the source lists but cannot deliver (a CSV row whose path is gone, a failed download,
     an object deleted since listing) is dropped with reason ``missing file`` and a warning instead
@@ -234,6 +266,7 @@ class DatasetConfig:
         if self.metadata_backend == "json":
             self.metadata_backend = "discovery"  # SimpleTuner's older name for it
         self._choice("metadata_backend", METADATA_BACKENDS)
+        self._choice("vae_cache_scan_behaviour", VAE_CACHE_SCAN_BEHAVIOURS)
         if self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
             raise self._error(
                 "crop_aspect_buckets",
@@ -264,6 +297,17 @@ class DatasetConfig:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise self._error(key, f"must be between 0 and 1, got {value!r}")
+        if self.video_num_frames <= 0:
+            raise self._error("video.num_frames", f"must be > 0, got {self.video_num_frames!r}")
+        if self.video_min_frames is not None and self.video_min_frames <= 0:
+            raise self._error("video.min_frames", f"must be > 0, got {self.video_min_frames!r}")
+        if self.video_max_frames is not None and self.video_max_frames < self.min_frames:
+            raise self._error(
+                "video.max_frames",
+                f"must be >= min_frames ({self.min_frames}), got {self.video_max_frames!r}",
+            )
+        if self.video_fps is not None and self.video_fps <= 0:
+            raise self._error("video.fps", f"must be > 0, got {self.video_fps!r}")
         if self.write_batch_size <= 0:
             raise self._error("write_batch_size", f"must be > 0, got {self.write_batch_size!r}")
         for word in self.skip_steps:
@@ -291,6 +335,20 @@ class DatasetConfig:
     def is_image(self) -> bool:
         return self.dataset_type == "image"
 
+    @property
+    def is_video(self) -> bool:
+        return self.dataset_type == "video"
+
+    @property
+    def is_training_data(self) -> bool:
+        """Whether the dataset holds training samples (images or videos), not embeddings."""
+        return self.dataset_type in ("image", "video")
+
+    @property
+    def min_frames(self) -> int:
+        """``video_min_frames``, defaulting to ``video_num_frames``."""
+        return self.video_min_frames if self.video_min_frames is not None else self.video_num_frames
+
     def require_implemented(self) -> None:
         """Fail clearly when a dataset type tune accepts but cannot use yet is about to be used."""
         if self.dataset_type not in IMPLEMENTED_DATASET_TYPES:
@@ -315,6 +373,11 @@ class DatasetConfig:
             "target_downsample_size": self.target_downsample_size,
             # Only when set, so caches written before the key existed keep their keys.
             **({"crop_aspect_buckets": list(self.crop_aspect_buckets)} if self.crop_aspect_buckets else {}),
+            **(
+                {"num_frames": self.video_num_frames, "fps": self.video_fps}
+                if self.dataset_type == "video"
+                else {}
+            ),
         }
 
     @classmethod
@@ -383,21 +446,34 @@ _NESTED_PARQUET = {
 }
 
 
+#: SimpleTuner's nested ``"video": {...}`` block, key by key, as tune's flat keys.
+_NESTED_VIDEO = {
+    "num_frames": "video_num_frames",
+    "min_frames": "video_min_frames",
+    "max_frames": "video_max_frames",
+    "fps": "video_fps",
+    "is_i2v": "video_is_i2v",
+}
+
+
 def _expand_nested(entry: dict[str, Any]) -> dict[str, Any]:
-    """``"parquet": {"path": ..., "caption_column": ...}`` -> ``parquet_path``, ... (flat keys win)."""
-    block = entry.get("parquet")
-    if not isinstance(block, Mapping):
-        return entry
-    out = {key: value for key, value in entry.items() if key != "parquet"}
-    leftovers = {}
-    for sub, value in block.items():
-        flat = _NESTED_PARQUET.get(str(sub))
-        if flat is None:
-            leftovers[sub] = value  # identifier_includes_extension, width_column, ...: not needed
-        else:
-            out.setdefault(flat, value)
-    if leftovers:
-        out["parquet"] = leftovers  # still reported as accepted-but-ignored
+    """``"parquet": {"path": ..., "caption_column": ...}`` -> ``parquet_path``, ... and
+    ``"video": {"num_frames": ...}`` -> ``video_num_frames``, ... (flat keys win)."""
+    out = dict(entry)
+    for name, mapping in (("parquet", _NESTED_PARQUET), ("video", _NESTED_VIDEO)):
+        block = out.get(name)
+        if not isinstance(block, Mapping):
+            continue
+        del out[name]
+        leftovers = {}
+        for sub, value in block.items():
+            flat = mapping.get(str(sub))
+            if flat is None:
+                leftovers[sub] = value  # keys tune does not need (or implement yet)
+            else:
+                out.setdefault(flat, value)
+        if leftovers:
+            out[name] = leftovers  # still reported as accepted-but-ignored
     return out
 
 
@@ -488,6 +564,14 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "metadata_backend": _as_str(False),
     "scan_for_errors": _as_bool,
     "ignore_missing_files": _as_bool,
+    "video_num_frames": _as_number(int, False),
+    "video_min_frames": _as_number(int, True),
+    "video_max_frames": _as_number(int, True),
+    "video_fps": _as_number(float, True),
+    "video_is_i2v": _as_bool,
+    "vae_cache_ondemand": _as_bool,
+    "vae_cache_clear_each_epoch": _as_bool,
+    "vae_cache_scan_behaviour": _as_str(False),
     "parquet_width_column": _as_str(True),
     "parquet_height_column": _as_str(True),
     "aspect_bucket_alignment": _as_number(int, False),
@@ -548,6 +632,8 @@ INHERITABLE_KEYS = frozenset(
         "crop_aspect_buckets",
         "scan_for_errors",
         "metadata_backend",
+        "vae_cache_ondemand",  # trainer-level in SimpleTuner; per dataset here, inherited
+        "vae_cache_scan_behaviour",
         # ignore_missing_files is a trainer-level key in SimpleTuner too; the facade passes trainer
         # keys listed here to every dataset, and its generated config reference lists them, so
         # adding it belongs with a regeneration of docs/config-reference.md (tune facade).
@@ -562,7 +648,6 @@ IGNORED_KEYS = frozenset(
     {
         "parquet",
         "huggingface",
-        "vae_cache_clear_each_epoch",
         "preserve_data_backend_cache",
         "conditioning_data",
         "conditioning_type",
@@ -632,10 +717,10 @@ def load_dataset_configs(
         seen[config.id] = index
         configs.append(config)
     enabled = [config for config in configs if not config.disabled]
-    if not any(config.is_image for config in enabled):
+    if not any(config.is_training_data for config in enabled):
         found = ", ".join(f"{c.id!r} ({c.dataset_type}{', disabled' if c.disabled else ''})" for c in configs)
         raise DatasetConfigError(
-            f"{where}: no enabled dataset of dataset_type 'image' (found: {found or 'none'})"
+            f"{where}: no enabled dataset of dataset_type 'image' or 'video' (found: {found or 'none'})"
         )
     _check_text_embeds(enabled, where)
     return enabled
@@ -651,7 +736,7 @@ def _check_text_embeds(configs: list[DatasetConfig], where: str) -> None:
             '"default": true; mark only one'
         )
     for config in configs:
-        if config.text_embeds is None or not config.is_image:
+        if config.text_embeds is None or not config.is_training_data:
             continue
         target = by_id.get(config.text_embeds)
         if target is None or target.dataset_type != "text_embeds":

@@ -60,6 +60,26 @@ class MetadataCache:
             self._new[rel] = entry
         return entry
 
+    def remembered_caption(self, rel: str, caption_identity: str) -> str | None:
+        """The caption stored for ``rel`` this run if its caption file's identity is unchanged."""
+        entry = self._new.get(rel)
+        if entry is None or entry.get("caption_identity") != caption_identity:
+            return None
+        caption = entry.get("caption")
+        return caption if isinstance(caption, str) else None
+
+    def remember_caption(self, rel: str, caption_identity: str, caption: str) -> None:
+        """Store the caption read from ``rel``'s caption file (after the file's size is recorded).
+
+        A rerun then reads no caption file whose identity held (on S3 the identity comes from the
+        listing, so a warm discovery makes no request per file at all).
+        """
+        entry = self._new.get(rel)
+        if entry is None:
+            return
+        # A copy: the entry may be the very dict of the old cache, and save() compares the two.
+        self._new[rel] = {**entry, "caption_identity": caption_identity, "caption": caption}
+
     def put(
         self,
         rel: str,
@@ -68,8 +88,9 @@ class MetadataCache:
         size: tuple[int, int] | None = None,
         error: str | None = None,
         verified: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        entry: dict[str, Any] = {"identity": identity}
+        entry: dict[str, Any] = {"identity": identity, **(extra or {})}
         if size is not None:
             entry["width"], entry["height"] = size
         if error is not None:

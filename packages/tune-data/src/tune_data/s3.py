@@ -159,8 +159,46 @@ class S3Storage(FsspecStorage):
         """Forget the last listing (identity then asks the store again)."""
         self._listed = {}
 
-    open = _scrubbed(FsspecStorage.open)
-    read_bytes = _scrubbed(FsspecStorage.read_bytes)
+    #: s3fs serves calls from many threads through its event loop: discovery may examine
+    #: several objects at once (see ``tune_data.discovery.REMOTE_DISCOVERY_THREADS``).
+    concurrent_reads = True
+
+    #: First fetch of :meth:`open_header`: enough for any image header (JPEG EXIF is at most
+    #: 64 KiB); s3fs's default 50 MiB block would download the whole image to read its size.
+    header_block_size = 256 * 1024
+
+    @_scrubbed
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        if mode != "rb":
+            return FsspecStorage.open(self, rel, mode)
+        return self._open_listed(rel)
+
+    @_scrubbed
+    def open_header(self, rel: str) -> Any:
+        """``rel`` opened for reading its header: a small first fetch, no HEAD request when listed.
+
+        Discovery uses it (when a provider has it) to measure images without downloading them.
+        """
+        return self._open_listed(rel, block_size=self.header_block_size)
+
+    def _open_listed(self, rel: str, **options: Any) -> Any:
+        # The listing holds the object's size and ETag: handing them to s3fs saves the HEAD
+        # request it makes per file (at open for the size, at the first read for the ETag).
+        info = self._listed.get(rel.replace("\\", "/").lstrip("/"))
+        if info is None or not isinstance(info.get("size"), int):
+            return self.fs.open(self._full(rel), "rb", **options)
+        handle = self.fs.open(self._full(rel), "rb", size=info["size"], **options)
+        handle.details = info
+        return handle
+
+    @_scrubbed
+    def read_bytes(self, rel: str) -> bytes:
+        # s3fs's cat_file asks for the size first (a HEAD); a listed object needs one GET only.
+        if rel.replace("\\", "/").lstrip("/") not in self._listed:
+            return FsspecStorage.read_bytes(self, rel)
+        with self._open_listed(rel) as handle:
+            return handle.read()
+
     exists = _scrubbed(FsspecStorage.exists)
 
     def describe(self) -> dict[str, Any]:

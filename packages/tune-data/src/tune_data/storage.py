@@ -154,6 +154,37 @@ class LocalStorage(FsspecStorage):
             )
         super().__init__(fsspec.filesystem("file"), path)
 
+    def list_files(self, extensions: Iterable[str] | None = None) -> list[str]:
+        # os.walk, not fsspec's find: find stats every file through fsspec's info(), which made
+        # the listing most of a warm discovery (3,000 files: 0.26 s of 0.35 s; measured).
+        wanted = normalise_extensions(extensions)
+        found: list[str] = []
+        root = self.root
+        for folder, dirs, names in os.walk(root, followlinks=True):
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+            prefix = os.path.relpath(folder, root).replace(os.sep, "/")
+            prefix = "" if prefix == "." else prefix + "/"
+            for name in names:
+                if name.startswith("."):
+                    continue
+                if wanted is not None and posixpath.splitext(name)[1].lower() not in wanted:
+                    continue
+                if not os.path.isfile(os.path.join(folder, name)):
+                    continue  # a broken link or a socket: fsspec's find skipped them too
+                found.append(prefix + name)
+        return sorted(found)
+
+    def open(self, rel: str, mode: str = "rb") -> IO[Any]:
+        # The builtin buffered file: Pillow reads a header in dozens of small reads, and fsspec's
+        # wrapper cost more than the parsing (measured); text and write modes keep fsspec's.
+        if mode == "rb":
+            return open(self._full(rel), "rb")  # noqa: SIM115 - the caller closes it
+        return super().open(rel, mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with open(self._full(rel), "rb") as handle:
+            return handle.read()
+
     def identity(self, rel: str) -> str:
         # os.stat gives nanosecond mtimes; fsspec's float mtime can miss quick rewrites.
         stat = os.stat(self._full(rel))

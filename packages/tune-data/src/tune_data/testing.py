@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from tune_data.storage import StorageProvider
 
-__all__ = ["make_shapes_dataset", "StorageProviderTests", "SHAPES", "COLOURS"]
+__all__ = ["make_shapes_dataset", "make_video", "StorageProviderTests", "SHAPES", "COLOURS"]
 
 SHAPES = ("circle", "square", "triangle")
 #: Shape colour -> (RGB, background name, background RGB): each shape stands out from its ground.
@@ -55,6 +55,39 @@ def _draw_shape(size: tuple[int, int], shape: str, colour: str, rng: random.Rand
             [(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)], fill=fill
         )
     return image
+
+
+def make_video(
+    path: str | os.PathLike[str],
+    *,
+    frames: int = 8,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 8,
+) -> Path:
+    """Write a small video (``.mp4``: H.264, ``.webm``: VP9) with PyAV (``tune-data[video]``).
+
+    Frame ``i`` is a flat grey of level ``(16 * i) % 256`` (a lossy codec keeps such flat frames to
+    within a few levels), so a test can tell which frames a clip sampled: ``level // 16``.
+    """
+    import av
+    import numpy as np
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    codec = "libvpx-vp9" if target.suffix.lower() == ".webm" else "libx264"
+    width, height = size
+    with av.open(str(target), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "10", "preset": "ultrafast"}
+        for index in range(frames):
+            pixels = np.full((height, width, 3), (16 * index) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return target
 
 
 def make_shapes_dataset(

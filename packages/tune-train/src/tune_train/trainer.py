@@ -432,6 +432,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 self.hook.tune_step_end(trainer=self, step=self.global_step, logs=logs)
                 epoch = self._epoch_ended()
+                if epoch:
+                    # vae_cache_clear_each_epoch: one rank deletes, every rank re-plans.
+                    self.accelerator.wait_for_everyone()
+                    self.data.end_epoch(epoch, delete=self.accelerator.is_main_process)
+                    self.accelerator.wait_for_everyone()
                 if (config.checkpoint_step_interval and self.global_step % config.checkpoint_step_interval == 0) or (
                     epoch and config.checkpoint_epoch_interval and epoch % config.checkpoint_epoch_interval == 0
                 ):

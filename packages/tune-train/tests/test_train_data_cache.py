@@ -1,0 +1,157 @@
+"""Latent cache behaviours of a run: on-demand encoding, clearing each epoch, scanning for damage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tune_data.config import DatasetConfig
+from tune_data.testing import make_shapes_dataset
+from tune_train.data import TrainingData, latent_key
+
+
+class Encoder:
+    """A stand-in VAE: 8x average pooling, 4 channels; counts the images it encodes."""
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, pixels):
+        self.images += pixels.shape[0]
+        pooled = torch.nn.functional.avg_pool2d(pixels, 8)
+        return torch.cat([pooled, pooled[:, :1]], dim=1)
+
+
+def prepared(tmp_path, count=6, **options):
+    root = tmp_path / "data"
+    if not root.exists():  # a second "run" reuses the files (rewriting them would change identities)
+        make_shapes_dataset(root, count=count, size=(64, 64))
+    config = DatasetConfig(
+        id="shapes", instance_data_dir=str(root), caption_strategy="textfile", resolution=64,
+        aspect_bucket_alignment=16, **options,
+    )
+    data = TrainingData([config], cache_root=tmp_path / "cache", model_identity="tiny", seed=0, progress=False)
+    data.discover()
+    return data, data.prepared["shapes"]
+
+
+def entries(dataset):
+    return [p for images in dataset.buckets.values() for p in images]
+
+
+def load(data, items):
+    latents = torch.stack(
+        [data.prepared["shapes"].latent_cache.load(latent_key(data.prepared["shapes"], p))["latents"] for p in items]
+    )
+    return latents
+
+
+def test_ondemand_skips_the_caching_pass_and_encodes_each_image_once_when_drawn(tmp_path):
+    data, dataset = prepared(tmp_path, vae_cache_ondemand=True)
+    encoder = Encoder()
+    assert data.cache_latents(encoder, batch_size=4) == 0
+    assert encoder.images == 0 and dataset.latent_cache.entries() == []
+
+    batch = entries(dataset)[:2]
+    for planned in batch:  # load_batch reads text embeddings too; give it empty ones
+        dataset.text_cache.save(dataset.text_cache.key(planned.record.caption, ""), {"e": torch.zeros(1)})
+    latents, _ = data.load_batch("shapes", batch, [False, False])
+    assert latents.shape == (2, 4, 8, 8) and encoder.images == 2
+    assert len(dataset.latent_cache.entries()) == 2  # written to the cache
+    again, _ = data.load_batch("shapes", batch, [False, False])
+    assert encoder.images == 2 and torch.equal(again, latents)
+
+
+def test_ondemand_without_an_encoder_says_what_to_call(tmp_path):
+    data, dataset = prepared(tmp_path, count=2, vae_cache_ondemand=True)
+    with pytest.raises(RuntimeError, match="vae_cache_ondemand.*cache_latents"):
+        data.load_batch("shapes", entries(dataset)[:1], [False])
+
+
+def test_clear_each_epoch_deletes_latents_and_moves_random_crops(tmp_path):
+    root = make_shapes_dataset(tmp_path / "data", count=4, size=(96, 64))
+    config = DatasetConfig(
+        id="shapes", instance_data_dir=str(root), caption_strategy="textfile", resolution=64,
+        aspect_bucket_alignment=16, crop=True, crop_style="random", crop_aspect="square",
+        vae_cache_clear_each_epoch=True,
+    )
+    data = TrainingData([config], cache_root=tmp_path / "cache", model_identity="tiny", seed=0, progress=False)
+    data.discover()
+    dataset = data.prepared["shapes"]
+    encoder = Encoder()
+    assert data.cache_latents(encoder, batch_size=4) == 4
+    items = entries(dataset)
+    before = [p.crop_box for p in items]
+
+    assert data.end_epoch(0) == 4
+    assert dataset.latent_cache.entries() == []
+    after = [dataset.current(p).crop_box for p in items]
+    assert after != before  # a 96x64 image has 32 px of room: new windows for the new epoch
+    assert all(dataset.current(p).bucket == p.bucket for p in items)
+    for planned in items:
+        dataset.text_cache.save(dataset.text_cache.key(planned.record.caption, ""), {"e": torch.zeros(1)})
+    data.load_batch("shapes", items, [False] * 4)
+    assert encoder.images == 8  # encoded again, on demand, with the new crops
+    assert len(dataset.latent_cache.entries()) == 4
+
+
+def test_scan_recreate_re_encodes_only_the_corrupt_entry(tmp_path):
+    data, dataset = prepared(tmp_path, scan_for_errors=True)
+    encoder = Encoder()
+    assert data.cache_latents(encoder, batch_size=4) == 6
+    victim = entries(dataset)[3]
+    path = dataset.latent_cache.path(latent_key(dataset, victim))
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk or a killed copy
+    healthy = {p.record.path: load(data, [p]) for p in entries(dataset) if p is not victim}
+
+    # The next run: discovery's scan finds the damage, the caching pass re-encodes just that image.
+    data, dataset = prepared(tmp_path, scan_for_errors=True)
+    assert not dataset.latent_cache.has(latent_key(dataset, victim))
+    encoder.images = 0
+    assert data.cache_latents(encoder, batch_size=4) == 1
+    assert encoder.images == 1
+    scan = data.scan_latent_cache("shapes")
+    assert scan.checked == 6 and scan.damaged == ()
+    for planned in entries(dataset):
+        if planned.record.path != victim.record.path:
+            assert torch.equal(load(data, [planned]), healthy[planned.record.path])
+
+
+def test_scan_finds_a_wrong_shape_and_sync_leaves_the_image_out(tmp_path):
+    data, dataset = prepared(tmp_path, scan_for_errors=True, vae_cache_scan_behaviour="sync")
+    encoder = Encoder()
+    data.cache_latents(encoder, batch_size=4)
+    victim = entries(dataset)[0]
+    dataset.latent_cache.save(latent_key(dataset, victim), {"latents": torch.zeros(4, 4, 4)})
+
+    data, dataset = prepared(tmp_path, scan_for_errors=True, vae_cache_scan_behaviour="sync")
+    assert victim.record.path not in {p.record.path for p in entries(dataset)}
+    assert len(entries(dataset)) == 5
+    sampler = data.build_sampler(1)
+    draws = iter(sampler)
+    drawn = {planned.record.path for _ in range(10) for planned in next(draws)[1]}
+    assert victim.record.path not in drawn and len(drawn) == 5  # two epochs of the five left
+    scan = data.scan_latent_cache("shapes")
+    assert scan.behaviour == "sync" and scan.damaged == () and scan.checked == 5
+    encoder.images = 0
+    assert data.cache_latents(encoder, batch_size=4) == 0 and encoder.images == 0
+
+
+def test_scan_reports_the_shape_it_found(tmp_path):
+    data, dataset = prepared(tmp_path, vae_cache_scan_behaviour="sync")
+    data.cache_latents(Encoder(), batch_size=4)
+    victim = entries(dataset)[2]
+    dataset.latent_cache.save(latent_key(dataset, victim), {"latents": torch.zeros(4, 4, 4)})
+    scan = data.scan_latent_cache("shapes")
+    assert scan.damaged == ((victim.record.path, "latent shape [4, 4, 4], its bucket's are [4, 8, 8]"),)
+
+
+def test_scan_behaviour_is_validated_with_its_key():
+    with pytest.raises(Exception, match="vae_cache_scan_behaviour must be one of recreate, sync"):
+        DatasetConfig(id="x", vae_cache_scan_behaviour="fix")
+
+
+def test_a_video_dataset_is_refused_by_the_trainer_naming_why(tmp_path):
+    config = DatasetConfig(id="clips", dataset_type="video", instance_data_dir=str(tmp_path))
+    with pytest.raises(NotImplementedError, match="'clips'.*no model family trains on video yet.*disabled"):
+        TrainingData([config], cache_root=tmp_path / "cache", model_identity="m", seed=0, progress=False)
