@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,10 @@ import attrs
 import torch
 
 from tune_models import flow
+
+_log = logging.getLogger(__name__)
+_WARNED_OPTIONS: set[tuple[str, str]] = set()
+"""``(family, key)`` pairs already warned about by :meth:`ModelFamily.validation_call_options`."""
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from PIL import Image
@@ -98,9 +103,12 @@ class ModelSource:
 
     pretrained_model_name_or_path: str | None = None
     """Hub id or local diffusers folder holding every component; ``None`` uses the flavour's
-    default checkpoint."""
+    default checkpoint. A single checkpoint file here is the transformer, with every other
+    component from the flavour's checkpoint."""
     pretrained_transformer_model_name_or_path: str | None = None
-    """Load the transformer (denoiser) from here instead, e.g. a fine-tuned or de-distilled one."""
+    """Load the transformer (denoiser) from here instead, e.g. a fine-tuned or de-distilled one: a
+    diffusers folder or repository, or one ``.safetensors`` file (diffusers' ``from_single_file``,
+    config from the base checkpoint)."""
     pretrained_transformer_subfolder: str | None = None
     """Subfolder of the transformer location; default ``transformer``. ``"none"`` means the
     location itself is the transformer folder (it holds ``config.json`` directly)."""
@@ -179,7 +187,8 @@ class ModelFamily:
     flavours: dict[str, Flavour] = {}
     default_flavour: str = ""
     lora_target_presets: dict[str, list[str]] = {}
-    """``lora_target`` name -> module-name suffixes for peft's ``target_modules``."""
+    """``lora_target`` name -> module-name suffixes for peft's ``target_modules``; an entry
+    starting with ``re:`` is a regular expression over full module names (see :meth:`lora_targets`)."""
     default_lora_target: str = "all"
     prediction: str = "flow"
     """Noise scheme of :meth:`predict` (see the module doc): ``flow``, or for a DDPM family its
@@ -193,6 +202,11 @@ class ModelFamily:
     """Latents per transformer token along one side."""
     label: str = ""
     """Name for messages (``Z-Image``); the registered name when empty."""
+    accepts_reference_latents: bool = False
+    """Whether :meth:`predict` takes ``reference_latents=[...]`` (clean latents of reference /
+    edit images, one ``B x C x h x w`` tensor per reference, as :meth:`encode_images` returns
+    them). The trainer passes the latents of conditioning datasets (``conditioning_data``) only to
+    a family that declares it, and refuses such datasets for the others before loading weights."""
 
     # What the generic :meth:`load` reads (a diffusers folder); a family that sets no
     # ``transformer_class`` implements :meth:`load` itself.
@@ -207,6 +221,9 @@ class ModelFamily:
     for the Gemma families); ``None``: no such key, and the trainer refuses one."""
     default_extras: dict[str, Any] = {}
     """Initial ``LoadedModel.extras`` (deep-copied per model), besides ``root``."""
+    validation_option_keys: frozenset[str] = frozenset()
+    """Validation config keys only some families use (``validation_guidance_skip_layers``, ...)
+    that this one acts on in :meth:`_validation_option_kwargs`; :meth:`generate` warns about others."""
 
     # Modules named by import path and imported on first use (so listing families stays light).
     lora_keys_module: str = ""
@@ -232,22 +249,54 @@ class ModelFamily:
                 f"unknown model_flavour {name!r} for model_family {self.name!r}; choose one of: {known}"
             ) from None
 
-    def lora_targets(self, target: str | Sequence[str] | None) -> list[str]:
-        """Module-name suffixes for a ``lora_target`` preset name, or an explicit list unchanged."""
+    def lora_targets(self, target: str | Sequence[str] | None) -> list[str] | str:
+        """peft's ``target_modules`` for a ``lora_target`` preset name or an explicit list.
+
+        Plain entries are module-name suffixes (peft adapts ``name == s`` or ``name.endswith("." + s)``)
+        and come back as a list. An entry starting with ``re:`` is a regular expression that must
+        match a module's *full* name (``re:single_transformer_blocks\\.\\d+\\.attn\\.to_out``):
+        it reaches what a suffix cannot, e.g. FLUX.2's single-block ``attn.to_out``, whose suffix
+        the double blocks' ``to_out`` ModuleList shares. With any regex entry the whole target
+        becomes one regex string (peft's other form of ``target_modules``, full-matched), each
+        plain suffix ``s`` written as ``(.*\\.)?s``, so both kinds mix in one list."""
         if target is None:
             target = self.default_lora_target
         if isinstance(target, str):
             if target in self.lora_target_presets:
-                return list(self.lora_target_presets[target])
+                return self._target_modules(self.lora_target_presets[target], target)
+            if target.startswith("re:"):
+                return self._target_modules([target], target)
             known = ", ".join(sorted(self.lora_target_presets))
             raise ValueError(
                 f"unknown lora_target {target!r} for model_family {self.name!r}; choose one of: "
-                f"{known}, or give a list of module names"
+                f"{known}, or give a list of module names (a 're:' entry is a regular expression)"
             )
         targets = [str(t) for t in target]
         if not targets:
             raise ValueError("lora_target must name at least one module")
-        return targets
+        return self._target_modules(targets, target)
+
+    @staticmethod
+    def _target_modules(entries: Sequence[str], target: Any) -> list[str] | str:
+        """``entries`` as peft's ``target_modules``: the list itself, or one regex (see :meth:`lora_targets`)."""
+        import re
+
+        if not any(e.startswith("re:") for e in entries):
+            return list(entries)
+        parts = []
+        for entry in entries:
+            if entry.startswith("re:"):
+                pattern = entry[3:]
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"lora_target / peft_lora_target_modules entry {entry!r} is not a valid regular expression: {exc}") from None
+                if not pattern:
+                    raise ValueError(f"lora_target / peft_lora_target_modules entry {entry!r} has an empty regular expression")
+            else:
+                pattern = r"(.*\.)?" + re.escape(entry)
+            parts.append(f"(?:{pattern})")
+        return "|".join(parts)
 
     # ----------------------------------------------------------------- noise schedule
     def flow_shift(
@@ -327,7 +376,8 @@ class ModelFamily:
         """Load every component (frozen, eval mode) from ``source`` or the flavour's default.
 
         Generic version: a diffusers folder with :attr:`transformer_class`, an ``AutoencoderKL``,
-        :attr:`text_encoder_classes` and a flow-matching scheduler; the ``tiny`` flavour's
+        :attr:`text_encoder_classes` and a flow-matching scheduler; the transformer may be one
+        ``.safetensors`` file (see :func:`tune_models.families._shared.load_transformer`); the ``tiny`` flavour's
         sentinel checkpoint is built on first use; the flavour's (or the source's) assistant
         adapter is loaded unless disabled."""
         if not self.transformer_class:
@@ -336,10 +386,7 @@ class ModelFamily:
         from tune_models.families import _shared
 
         chosen = self.flavour(flavour)
-        root = source.pretrained_model_name_or_path or chosen.pretrained
-        tiny = self.flavours.get("tiny")
-        if tiny is not None and root == tiny.pretrained:
-            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        source, root = _shared.resolve_source(self, source, chosen)
         components = _shared.load_components(
             source,
             root,
@@ -347,6 +394,7 @@ class ModelFamily:
             text_encoder_classes=self.text_encoder_classes,
             dtype=dtype,
             device=device,
+            label=self.name,
         )
         model = LoadedModel(
             family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components
@@ -466,13 +514,17 @@ class ModelFamily:
         guidance: float,
         seed: int,
         negative_prompt: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Image.Image:
         """One image, deterministic for a seed (the generator lives on the CPU). ``guidance`` is
         the pipeline's ``guidance_scale``; the family adds its own arguments (negative prompt,
-        sequence length, ...) in :meth:`_pipeline_call_kwargs`. The transformer runs in eval mode
-        (no LoRA dropout) and is put back as it was."""
+        sequence length, ...) in :meth:`_pipeline_call_kwargs`, and those from the run's
+        validation ``options`` it acts on in :meth:`_validation_option_kwargs` (see
+        :meth:`validation_call_options`). The transformer runs in eval mode (no LoRA dropout) and
+        is put back as it was."""
         generator = torch.Generator("cpu").manual_seed(int(seed))
         extra = self._pipeline_call_kwargs(pipeline, guidance=guidance, negative_prompt=negative_prompt)
+        extra.update(self.validation_call_options(pipeline, options, guidance=guidance))
         transformer = getattr(pipeline, self.lora_prefix)
         was_training = transformer.training
         transformer.eval()
@@ -493,6 +545,27 @@ class ModelFamily:
 
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """The family's own keyword arguments for the pipeline call in :meth:`generate`; none here."""
+        return {}
+
+    def validation_call_options(
+        self, pipeline: Any, options: Mapping[str, Any] | None, *, guidance: float
+    ) -> dict[str, Any]:
+        """Pipeline keyword arguments from the run's validation ``options``
+        (``TrainConfig.validation_options()``: keys only some families use, such as SD3's
+        ``validation_guidance_skip_layers``). Keys outside :attr:`validation_option_keys` are
+        logged once per family and key (a setting that silently does nothing is a trap), then
+        ignored; the rest go to :meth:`_validation_option_kwargs`."""
+        options = dict(options or {})
+        for key in sorted(set(options) - set(self.validation_option_keys)):
+            if (self.name, key) not in _WARNED_OPTIONS:
+                _WARNED_OPTIONS.add((self.name, key))
+                _log.warning("%s does not apply to model_family %r; ignored", key, self.name)
+            del options[key]
+        return self._validation_option_kwargs(pipeline, options, guidance=guidance) if options else {}
+
+    def _validation_option_kwargs(self, pipeline: Any, options: dict[str, Any], *, guidance: float) -> dict[str, Any]:
+        """The pipeline arguments for ``options`` (only keys of :attr:`validation_option_keys`);
+        a family that declares such keys overrides this."""
         return {}
 
     def lora_state_dict(self, path: str | os.PathLike, *, weight_name: str | None = None) -> dict:

@@ -21,6 +21,7 @@ pytest and numpy are imported by the suite only, so this module is importable wi
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,9 @@ class ModelFamilyTests:
         names = [name for name, _ in model.transformer.named_modules()]
         for preset, suffixes in family.lora_target_presets.items():
             for suffix in suffixes:
+                if suffix.startswith("re:"):  # a regular expression over full module names
+                    assert any(re.fullmatch(suffix[3:], n) for n in names), (preset, suffix)
+                    continue
                 assert any(n == suffix or n.endswith("." + suffix) for n in names), (preset, suffix)
 
     def test_encode_prompts(self, family: ModelFamily, tiny_path: Path) -> None:

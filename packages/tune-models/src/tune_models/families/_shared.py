@@ -70,6 +70,96 @@ def load_text_encoder(encoder_class: Any, location: str, *, dtype: torch.dtype) 
         return encoder_class.from_pretrained(location, dtype=dtype), AutoTokenizer.from_pretrained(location)
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt")
+"""File names diffusers' ``from_single_file`` reads (a local file or a hub file URL)."""
+
+
+def is_single_file(location: str | None) -> bool:
+    """Whether ``location`` names one checkpoint file rather than a folder or repository: a local
+    file, or a path or URL ending in a checkpoint suffix."""
+    if not location:
+        return False
+    return Path(location).is_file() or str(location).lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def resolve_source(family: Any, source: ModelSource, flavour: Any) -> tuple[ModelSource, str]:
+    """``(source, root)``: the diffusers folder or repository every component is read from.
+
+    ``pretrained_model_name_or_path`` naming one file (a single-file transformer such as a
+    ComfyUI/BFL ``.safetensors``) means "this denoiser, the rest of the flavour's checkpoint":
+    the file becomes the transformer location and the flavour's default repository the root, so
+    the VAE, the encoders and the transformer's config come from there. The ``tiny`` flavour's
+    sentinel is built on first use."""
+    import attrs
+
+    root = source.pretrained_model_name_or_path or flavour.pretrained
+    if is_single_file(root):
+        if source.pretrained_transformer_model_name_or_path:
+            raise ValueError(
+                f"pretrained_model_name_or_path {root!r} is a single file (a transformer checkpoint) and "
+                "pretrained_transformer_model_name_or_path is set too; give the file in one of them"
+            )
+        source = attrs.evolve(source, pretrained_transformer_model_name_or_path=root)
+        root = flavour.pretrained
+    tiny = family.flavours.get("tiny")
+    if tiny is not None and root == tiny.pretrained:
+        root = tiny_checkpoint(f"{family.name}-v1", lambda path: family.build_tiny(path))
+    return source, root
+
+
+def load_transformer(
+    model_class: Any,
+    source: ModelSource,
+    root: str,
+    *,
+    dtype: torch.dtype,
+    label: str,
+    default_subfolder: str = "transformer",
+    **kwargs: Any,
+) -> Any:
+    """The denoiser: ``from_pretrained`` of the transformer location (``source``'s, else ``root``)
+    and subfolder, or, when that location is one file, diffusers' ``from_single_file`` with the
+    architecture's config read from ``root``'s ``default_subfolder`` (a single file carries no
+    config). diffusers converts original layouts (BFL, ComfyUI, Stability, ...) for the classes it
+    has a converter for, and reads its own layout saved as one file for those classes too."""
+    location = source.pretrained_transformer_model_name_or_path or root
+    if not is_single_file(location):
+        return model_class.from_pretrained(
+            location,
+            subfolder=subfolder(default_subfolder, source.pretrained_transformer_subfolder),
+            torch_dtype=dtype,
+            **kwargs,
+        )
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    where = (
+        f"the single-file transformer {location!r} (pretrained_transformer_model_name_or_path, or "
+        f"pretrained_model_name_or_path naming a file) for model_family {label!r}"
+    )
+    if model_class.__name__ not in SINGLE_FILE_LOADABLE_CLASSES or not hasattr(model_class, "from_single_file"):
+        raise ValueError(
+            f"cannot load {where}: diffusers has no single-file reader for {model_class.__name__}; "
+            "give a diffusers folder (with config.json) instead"
+        )
+    extra = {"config_revision": kwargs["revision"]} if kwargs.get("revision") else {}
+    try:
+        model = model_class.from_single_file(
+            location, config=root, subfolder=default_subfolder, torch_dtype=dtype, **extra
+        )
+    except (KeyError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot load {where}: diffusers could not read it as a {model_class.__name__} "
+            f"({type(exc).__name__}: {exc}); is it a checkpoint of this family?"
+        ) from exc
+    missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if missing:
+        raise ValueError(
+            f"cannot load {where}: it lacks {len(missing)} of {model_class.__name__}'s weights "
+            f"(e.g. {missing[0]}); is it a checkpoint of this family?"
+        )
+    return model
+
+
 def freeze(*modules: Any, device: str | torch.device) -> None:
     for module in modules:
         if module is None:
@@ -92,9 +182,11 @@ def load_components(
     text_encoder_classes: Sequence[str],
     dtype: torch.dtype,
     device: str | torch.device,
+    label: str = "",
 ) -> dict[str, Any]:
     """``LoadedModel`` fields (frozen, eval mode, on ``device``) from a diffusers folder ``root``:
-    the diffusers ``transformer_class`` (from ``source``'s transformer location when given), an
+    the diffusers ``transformer_class`` (from ``source``'s transformer location when given, see
+    :func:`load_transformer`; ``label`` names the family in its errors), an
     ``AutoencoderKL`` (likewise), the transformers ``text_encoder_classes`` in ``text_encoder``,
     ``text_encoder_2``, ... with ``AutoTokenizer`` in ``tokenizer``, ``tokenizer_2``, ..., and
     a ``FlowMatchEulerDiscreteScheduler``."""
@@ -104,11 +196,8 @@ def load_components(
     kwargs = load_kwargs(source)
     hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
     components: dict[str, Any] = {
-        "transformer": getattr(diffusers, transformer_class).from_pretrained(
-            source.pretrained_transformer_model_name_or_path or root,
-            subfolder=subfolder("transformer", source.pretrained_transformer_subfolder),
-            torch_dtype=dtype,
-            **kwargs,
+        "transformer": load_transformer(
+            getattr(diffusers, transformer_class), source, root, dtype=dtype, label=label, **kwargs
         )
     }
     vae_location = source.pretrained_vae_model_name_or_path or root

@@ -25,11 +25,11 @@ text encoder and a 32-channel VAE, read off diffusers' ``Flux2Pipeline``,
   ``flux2_guidance_min``/``_max``), as for FLUX.1.
 - shift: resolution-dependent, from the scheduler config like every family (the pipeline's own
   sampler uses BFL's step-count-dependent ``compute_empirical_mu`` at inference).
-- reference/edit conditioning: the denoiser side is here (``predict(..., reference_latents=)``
-  appends clean reference latents as extra tokens at ``t = 10, 20, ...``, as the pipeline does
-  with its ``image`` argument; checked against it in the tests). The data side is not:
-  conditioning datasets (``conditioning_data``, ``reference_strict`` / ``reference_loose``
-  pairing) are refused by tune-data, so training is text-to-image.
+- reference/edit conditioning: ``predict(..., reference_latents=)`` appends clean reference
+  latents as extra tokens at ``t = 10, 20, ...``, as the pipeline does with its ``image``
+  argument (checked against it in the tests). The trainer feeds it the cached latents of the
+  image dataset's conditioning datasets (``conditioning_data``, paired ``reference_strict`` or
+  ``reference_loose``); without them training is text-to-image.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
 _DOUBLE_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _SINGLE = ["to_qkv_mlp_proj"]
 _FFS = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+_SINGLE_OUT = [r"re:(.*\.)?single_transformer_blocks\.\d+\.attn\.to_out"]
+"""The single blocks' fused attention/MLP output projection (BFL's ``linear2``): a regex, since
+its suffix ``attn.to_out`` is also the double blocks' ``to_out`` ModuleList, which peft cannot adapt."""
 
 GUIDANCE_MODES = ("constant", "random-range")
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
@@ -61,18 +64,22 @@ class Flux2Family(ModelFamily):
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX2_FLAVOURS.items()}
     default_flavour = "dev"
     # diffusers names the single blocks' output projection ``attn.to_out``, the same suffix as the
-    # double blocks' ``to_out`` ModuleList, which peft cannot adapt; so a suffix preset cannot
-    # name it. Add it explicitly (``single_transformer_blocks.0.attn.to_out``, ...) when wanted.
+    # double blocks' ``to_out`` ModuleList, which peft cannot adapt; so only a regex target
+    # (``_SINGLE_OUT``, in ``full``) names it.
     lora_target_presets = {
         "all": _DOUBLE_ATTENTION + _SINGLE,
         "all+ffs": _DOUBLE_ATTENTION + _SINGLE + _FFS,
         "attention": list(_DOUBLE_ATTENTION),
+        "full": _DOUBLE_ATTENTION + _SINGLE + _FFS + _SINGLE_OUT,
     }
     """``all`` (default): every attention projection of the double-stream blocks and the fused
     q/k/v/MLP input projection of the single-stream blocks; ``all+ffs``: also the double blocks'
-    feed-forward layers (both streams); ``attention``: the double blocks' attention only."""
+    feed-forward layers (both streams); ``attention``: the double blocks' attention only;
+    ``full``: every linear layer of every block (``all+ffs`` plus the single blocks' output
+    projection)."""
     default_lora_target = "all"
     prediction = "flow"
+    accepts_reference_latents = True
     vae_scale_factor = 8
     patch_size = 2
     """The VAE's 2x2 patchify: one transformer token per 16 x 16 pixels."""
@@ -110,9 +117,7 @@ class Flux2Family(ModelFamily):
         from tune_models import adapters
 
         chosen = self.flavour(flavour)
-        root = source.pretrained_model_name_or_path or chosen.pretrained
-        if root == self.flavours["tiny"].pretrained:
-            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        source, root = _shared.resolve_source(self, source, chosen)
         components = self._load_components(source, root, dtype=dtype, device=device)
         model = LoadedModel(
             family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components
@@ -128,11 +133,8 @@ class Flux2Family(ModelFamily):
 
         kwargs = _shared.load_kwargs(source)
         hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
-        transformer = diffusers.Flux2Transformer2DModel.from_pretrained(
-            source.pretrained_transformer_model_name_or_path or root,
-            subfolder=_shared.subfolder("transformer", source.pretrained_transformer_subfolder),
-            torch_dtype=dtype,
-            **kwargs,
+        transformer = _shared.load_transformer(
+            diffusers.Flux2Transformer2DModel, source, root, dtype=dtype, label="flux2", **kwargs
         )
         vae_location = source.pretrained_vae_model_name_or_path or root
         vae = _shared.load_vae(diffusers.AutoencoderKLFlux2, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs)
@@ -355,7 +357,7 @@ class Flux2Family(ModelFamily):
         """``noise - x0`` for ``x_t = (1 - sigma) x0 + sigma noise``: FLUX.2 takes
         ``timestep = sigma`` and predicts that velocity (see the module docstring).
 
-        ``reference_latents`` (for edit/reference conditioning; the trainer passes none yet): clean
+        ``reference_latents`` (edit/reference conditioning, from conditioning datasets): clean
         latents from :meth:`encode_images`, each ``B x 128 x h_i x w_i`` (one reference per
         sample and entry), appended after the noisy tokens as ``Flux2Pipeline`` does with its
         ``image`` argument; their outputs are dropped."""

@@ -16,4 +16,4 @@ FLUX2_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny FLUX.2 with the real classes, built locally, for tests",
     ),
 }
-FLUX2_LORA_TARGETS = ["all", "all+ffs", "attention"]
+FLUX2_LORA_TARGETS = ["all", "all+ffs", "attention", "full"]

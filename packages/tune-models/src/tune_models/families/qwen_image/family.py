@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -98,9 +99,7 @@ class QwenImageFamily(ModelFamily):
                 "instruction) is not implemented yet: training it as text-to-image would ignore the "
                 "reference images it is made for. Use model_flavour 'base'."
             )
-        root = source.pretrained_model_name_or_path or chosen.pretrained
-        if root == self.flavours["tiny"].pretrained:
-            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        source, root = _shared.resolve_source(self, source, chosen)
         components = self._load_components(source, root, dtype=dtype, device=device)
         model = LoadedModel(family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components)
         if source.assistant_lora_path and not source.disable_assistant_lora:
@@ -114,11 +113,8 @@ class QwenImageFamily(ModelFamily):
 
         kwargs = _shared.load_kwargs(source)
         hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
-        transformer = diffusers.QwenImageTransformer2DModel.from_pretrained(
-            source.pretrained_transformer_model_name_or_path or root,
-            subfolder=_shared.subfolder("transformer", source.pretrained_transformer_subfolder),
-            torch_dtype=dtype,
-            **kwargs,
+        transformer = _shared.load_transformer(
+            diffusers.QwenImageTransformer2DModel, source, root, dtype=dtype, label="qwen_image", **kwargs
         )
         vae_location = source.pretrained_vae_model_name_or_path or root
         vae = _shared.load_vae(
@@ -290,14 +286,16 @@ class QwenImageFamily(ModelFamily):
         guidance: float,
         seed: int,
         negative_prompt: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Any:
         """One image with true CFG: ``guidance`` is the pipeline's ``true_cfg_scale``; above 1 a
         negative prompt is used (``" "`` when none is given). ``guidance_scale`` (for
-        guidance-distilled checkpoints only) is not passed."""
+        guidance-distilled checkpoints only) is not passed. ``options``: as the base class's."""
         generator = torch.Generator("cpu").manual_seed(int(seed))
         extra: dict[str, Any] = {"true_cfg_scale": float(guidance), "max_sequence_length": self.max_sequence_length}
         if guidance > 1:
             extra["negative_prompt"] = negative_prompt if negative_prompt else " "
+        extra.update(self.validation_call_options(pipeline, options, guidance=guidance))
         transformer = pipeline.transformer
         was_training = transformer.training
         transformer.eval()

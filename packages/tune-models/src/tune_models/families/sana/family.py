@@ -38,6 +38,7 @@ from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
 
 _SELF = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
 _CROSS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+_FFS = ["ff.conv_inverted", "ff.conv_point"]
 
 MAX_SEQUENCE_LENGTH = 300
 """Prompt tokens the pipeline keeps (``SanaPipeline(max_sequence_length=300)``)."""
@@ -60,10 +61,16 @@ class SanaFamily(ModelFamily):
     name = "sana"
     flavours = {name: Flavour(name=name, **facts) for name, facts in SANA_FLAVOURS.items()}
     default_flavour = "sana1.5-1.6b"
-    lora_target_presets = {"all": _SELF + _CROSS, "self-attention": list(_SELF)}
+    lora_target_presets = {
+        "all": _SELF + _CROSS,
+        "all+ffs": _SELF + _CROSS + _FFS,
+        "self-attention": list(_SELF),
+    }
     """``all``: the linear self-attention and the cross-attention projections of every block (the
-    convolutional GLUMBConv feed-forward, modulation and embedders stay frozen);
-    ``self-attention``: the image tokens' own attention only."""
+    convolutional GLUMBConv feed-forward, modulation and embedders stay frozen); ``all+ffs``:
+    also GLUMBConv's two 1x1 convolutions (peft's Conv2d LoRA; the depthwise 3x3 ``conv_depth``
+    is left out: peft adapts a grouped convolution only when the rank is a multiple of its
+    groups, here one per channel); ``self-attention``: the image tokens' own attention only."""
     default_lora_target = "all"
     prediction = "flow"
     vae_scale_factor = 32
@@ -96,9 +103,7 @@ class SanaFamily(ModelFamily):
         from tune_models import adapters
 
         chosen = self.flavour(flavour)
-        root = source.pretrained_model_name_or_path or chosen.pretrained
-        if root == self.flavours["tiny"].pretrained:
-            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        source, root = _shared.resolve_source(self, source, chosen)
         components = self._load_components(source, root, dtype=dtype, device=device)
         if components["transformer"].config.get("guidance_embeds"):
             raise NotImplementedError(
@@ -118,11 +123,8 @@ class SanaFamily(ModelFamily):
 
         kwargs = _shared.load_kwargs(source)
         hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
-        transformer = diffusers.SanaTransformer2DModel.from_pretrained(
-            source.pretrained_transformer_model_name_or_path or root,
-            subfolder=_shared.subfolder("transformer", source.pretrained_transformer_subfolder),
-            torch_dtype=dtype,
-            **kwargs,
+        transformer = _shared.load_transformer(
+            diffusers.SanaTransformer2DModel, source, root, dtype=dtype, label="sana", **kwargs
         )
         vae_location = source.pretrained_vae_model_name_or_path or root
         vae = _shared.load_vae(diffusers.AutoencoderDC, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs)

@@ -32,4 +32,4 @@ SANA_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny Sana with the real classes, built locally, for tests",
     ),
 }
-SANA_LORA_TARGETS = ["all", "self-attention"]
+SANA_LORA_TARGETS = ["all", "all+ffs", "self-attention"]

@@ -15,7 +15,8 @@ What is particular to SD3, read off diffusers' ``StableDiffusion3Pipeline`` and
   so :meth:`SD3Family.predict` only scales the time.
 - sampling uses a fixed shift of 3 (the checkpoints' scheduler config); validation uses real
   classifier-free guidance with a negative prompt, and for 3.5 Medium skip-layer guidance on
-  layers 7-9 (Stability's recommendation).
+  layers 7-9 (Stability's recommendation); ``validation_guidance_skip_layers`` (and ``_start``,
+  ``_stop``, ``validation_guidance_skip_scale``) override it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,22 @@ class SD3Family(ModelFamily):
     patch_size = 2
     max_sequence_lengths = {"medium": 256, "large": 256, "tiny": 32}
     skip_guidance_layers = {"medium": [7, 8, 9]}
-    """Skip-layer guidance layers used for validation images, per flavour (none: plain CFG)."""
+    """Skip-layer guidance layers used for validation images, per flavour (none: plain CFG);
+    ``validation_guidance_skip_layers`` replaces them."""
+    validation_option_keys = frozenset(
+        {
+            "validation_guidance_skip_layers",
+            "validation_guidance_skip_layers_start",
+            "validation_guidance_skip_layers_stop",
+            "validation_guidance_skip_scale",
+        }
+    )
+    _SKIP_LAYER_ARGUMENTS = {
+        "validation_guidance_skip_layers_start": "skip_layer_guidance_start",
+        "validation_guidance_skip_layers_stop": "skip_layer_guidance_stop",
+        "validation_guidance_skip_scale": "skip_layer_guidance_scale",
+    }
+    """Config key -> ``StableDiffusion3Pipeline.__call__`` argument (diffusers 0.42)."""
     clip_max_length = 77
     label = "SD3"
     transformer_class = "SD3Transformer2DModel"
@@ -158,6 +174,28 @@ class SD3Family(ModelFamily):
         layers = getattr(pipeline, "_tune_skip_guidance_layers", None)
         if layers and guidance > 1:
             extra["skip_guidance_layers"] = list(layers)
+        return extra
+
+    def _validation_option_kwargs(self, pipeline: Any, options: dict[str, Any], *, guidance: float) -> dict[str, Any]:
+        """``validation_guidance_skip_*`` as the pipeline's skip-layer guidance arguments. The
+        layers replace the flavour's (``[]``: none); the pipeline applies them only with
+        classifier-free guidance (``guidance`` > 1), in the steps between ``start`` and ``stop``
+        (fractions of the step count, both exclusive), adding ``scale`` times the difference
+        between the conditional prediction and one made without those blocks."""
+        extra: dict[str, Any] = {}
+        if "validation_guidance_skip_layers" in options:
+            layers = [int(i) for i in options["validation_guidance_skip_layers"]]
+            count = int(pipeline.transformer.config.num_layers)
+            beyond = [i for i in layers if not 0 <= i < count]
+            if beyond:
+                raise ValueError(
+                    f"validation_guidance_skip_layers {layers} names blocks {beyond} that the {self.label} "
+                    f"transformer does not have (it has {count}: 0-{count - 1})"
+                )
+            extra["skip_guidance_layers"] = layers or None
+        for key, argument in self._SKIP_LAYER_ARGUMENTS.items():
+            if key in options:
+                extra[argument] = float(options[key])
         return extra
 
 

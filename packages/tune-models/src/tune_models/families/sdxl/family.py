@@ -82,19 +82,13 @@ class SDXLFamily(ModelFamily):
         import transformers
 
         chosen = self.flavour(flavour)
-        root = source.pretrained_model_name_or_path or chosen.pretrained
-        tiny = self.flavours.get("tiny")
-        if tiny is not None and root == tiny.pretrained:
-            root = _shared.tiny_checkpoint(f"{self.name}-v1", lambda path: self.build_tiny(path))
+        source, root = _shared.resolve_source(self, source, chosen)
         kwargs = _shared.load_kwargs(source)
         hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
         index = diffusers.DiffusionPipeline.load_config(root, **hub_kwargs)
         components: dict[str, Any] = {
-            "transformer": diffusers.UNet2DConditionModel.from_pretrained(
-                source.pretrained_transformer_model_name_or_path or root,
-                subfolder=_shared.subfolder("unet", source.pretrained_transformer_subfolder),
-                torch_dtype=dtype,
-                **kwargs,
+            "transformer": _shared.load_transformer(
+                diffusers.UNet2DConditionModel, source, root, dtype=dtype, label=self.name, default_subfolder="unet", **kwargs
             )
         }
         vae_location = source.pretrained_vae_model_name_or_path or root

@@ -1,0 +1,41 @@
+"""The trainer's wiring of gradient_checkpointing_interval and quantize_via: accelerator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _run(root, write_run, tiny_zimage, shapes_dir, steps=3, **extra):
+    from tune import Trainer
+
+    config = write_run(root, model=tiny_zimage, data=shapes_dir, steps=steps,
+                       extra={"--mixed_precision": "no", "--gradient_checkpointing": True, **extra})
+    trainer = Trainer.from_config(config, progress=False)
+    return trainer, trainer.train()
+
+
+def test_checkpointing_every_second_block_trains_the_same_lora(tmp_path, tiny_zimage, shapes_dir, write_run):
+    from tune_offload.checkpointing import EveryNthCheckpoint
+
+    _, every = _run(tmp_path / "every", write_run, tiny_zimage, shapes_dir)
+    trainer, second = _run(tmp_path / "second", write_run, tiny_zimage, shapes_dir,
+                           **{"--gradient_checkpointing_interval": 2})
+    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    func = next(m._gradient_checkpointing_func for m in transformer.modules()
+                if getattr(m, "_gradient_checkpointing_func", None) is not None)
+    assert isinstance(func, EveryNthCheckpoint) and func.interval == 2
+    assert second.losses == pytest.approx(every.losses, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_via_accelerator_with_block_swap_matches_cpu_quantisation(tmp_path, tiny_zimage, shapes_dir, write_run):
+    from tune_offload.strategies import is_offloaded
+
+    common = {"--mixed_precision": "bf16", "--base_model_precision": "int8-torchao", "--musubi_blocks_to_swap": 1}
+    _, on_cpu = _run(tmp_path / "cpu", write_run, tiny_zimage, shapes_dir, steps=4, **common)
+    trainer, on_gpu = _run(tmp_path / "gpu", write_run, tiny_zimage, shapes_dir, steps=4,
+                           **common, **{"--quantize_via": "accelerator"})
+    assert is_offloaded(trainer._run.accelerator.unwrap_model(trainer._run.model.transformer))
+    assert on_gpu.losses == pytest.approx(on_cpu.losses, rel=1e-3)
