@@ -186,20 +186,20 @@ def test_other_family_lora_target_is_ignored_with_a_warning(workdir):
 def test_ignored_simpletuner_options_are_reported_once(workdir, caplog):
     with caplog.at_level(logging.WARNING, logger="tune.config"):
         loaded = load_config(
-            {"model_family": "z-image", "--use_ema": "true", "ema_warmup_steps": 10, "--disable_benchmark": True}
+            {"model_family": "z-image", "--use_ema": "true", "eval_dataset_pooling": True, "--disable_benchmark": True}
         )
-    assert loaded.ignored == ("disable_benchmark", "ema_warmup_steps")
+    assert loaded.ignored == ("disable_benchmark", "eval_dataset_pooling")
     assert loaded.train.use_ema is True
     messages = [r.getMessage() for r in caplog.records if "accepted but ignored" in r.getMessage()]
-    assert messages == ["accepted but ignored (not implemented in tune yet): disable_benchmark, ema_warmup_steps"]
+    assert messages == ["accepted but ignored (not implemented in tune yet): disable_benchmark, eval_dataset_pooling"]
     assert loaded.warnings[0] == messages[0]
 
 
-def test_unimplemented_tracker_falls_back_with_a_warning(workdir):
-    loaded = load_config({"model_family": "z", "report_to": "comet_ml"})
-    assert loaded.train.report_to == "none"
-    assert any("report_to 'comet_ml' is not implemented" in w for w in loaded.warnings)
-    assert load_config({"model_family": "z", "report_to": "wandb"}).train.report_to == "wandb"
+def test_every_simpletuner_tracker_is_kept(workdir):
+    for tracker in ("comet_ml", "wandb", "tensorboard", "all"):
+        loaded = load_config({"model_family": "z", "report_to": tracker})
+        assert loaded.train.report_to == tracker
+        assert not any("report_to" in w for w in loaded.warnings)
 
 
 def test_packaged_option_list_keeps_comments_and_names():

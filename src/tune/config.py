@@ -73,8 +73,9 @@ _NOT_FAMILIES = {"slider"}
 _NONE_IS_A_VALUE = {"pretrained_transformer_subfolder"}
 
 #: SimpleTuner trackers tune does not implement yet: they degrade (with a warning) instead of failing,
-#: since losing a dashboard does not change what is trained.
-_TRACKER_FALLBACK = {"comet_ml": "none"}
+#: since losing a dashboard does not change what is trained. Empty now: every tracker SimpleTuner
+#: accepts (tensorboard, wandb, comet_ml, all) is implemented.
+_TRACKER_FALLBACK: dict[str, str] = {}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -185,6 +186,13 @@ def _field_types() -> dict[str, tuple[type, bool]]:
     return out
 
 
+def _is_int_list(field: str) -> bool:
+    """Whether TrainConfig's ``field`` is a ``tuple[int, ...]`` (block indices, ...)."""
+    hint = typing.get_type_hints(TrainConfig)[field]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return any(typing.get_origin(a) is tuple and typing.get_args(a)[:1] == (int,) for a in args)
+
+
 def _coerce(key: str, field: str, value: Any) -> Any:
     """``value`` as written for ``key`` in config.json, converted to ``field``'s type."""
     base, optional = _field_types()[field]
@@ -234,10 +242,17 @@ def _coerce(key: str, field: str, value: Any) -> Any:
                     value = json.loads(text)
                 except json.JSONDecodeError:
                     raise bad() from None
+            elif text.startswith("re:"):  # one regular expression (peft_lora_target_modules); commas are its own
+                value = [text]
             else:
                 value = [part.strip() for part in text.split(",") if part.strip()]
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
+        if _is_int_list(field):  # e.g. validation_guidance_skip_layers: [7, 8, 9]
+            if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                return tuple(value)
+            kind = "a list of whole numbers"
+            raise bad()
         kind = "a list of names"
         raise bad()
     if isinstance(value, str):

@@ -291,6 +291,8 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
             "timesteps": f"lowest {train.refiner_training_strength:g} (refiner_training)" if train.refiner_training else "all",
             "caption_dropout_probability": train.caption_dropout_probability,
         }
+        if train.diff2flow_enabled and train.diff2flow_loss:
+            plan["noise"]["loss"] = "flow velocity noise - x0 (diff2flow_loss; snr_gamma ignored)"
     plan["validation"] = _validation(loaded, facts)
     plan["output_dir"] = train.output_dir
     plan["checkpoints"] = {

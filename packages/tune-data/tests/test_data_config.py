@@ -168,8 +168,8 @@ def test_missing_file_and_bad_json_are_config_errors(tmp_path):
 def test_unimplemented_dataset_type_is_accepted_then_refused_on_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cfg = DatasetConfig.from_dict(entry(dataset_type="conditioning"))
-    with pytest.raises(NotImplementedError, match="dataset 'pets': dataset_type 'conditioning' is accepted"):
+        cfg = DatasetConfig.from_dict(entry(dataset_type="image_embeds"))
+    with pytest.raises(NotImplementedError, match="dataset 'pets': dataset_type 'image_embeds' is accepted"):
         cfg.require_implemented()
 
 

@@ -80,9 +80,34 @@ def test_names_and_flavours(flux):
     assert set(info["lora_targets"]) == set(flux.lora_target_presets)
 
 
-def test_kontext_is_refused_clearly(flux, flux_path):
-    with pytest.raises(NotImplementedError, match="reference-image"):
-        load(flux, flux_path, flavour="kontext")
+def test_kontext_reference_latents_match_the_kontext_pipeline(flux, flux_path):
+    """Kontext: one Euler step of FluxKontextPipeline with ``image=`` gives ``noise - v``;
+    ``predict`` with that image's latents as ``reference_latents`` (packed after the noisy tokens,
+    ids ``(1, row, col)``, outputs dropped) gives the same ``v``, unlike without it. Only the
+    kontext flavour trains with references."""
+    from PIL import Image
+
+    assert flux.accepts_references("kontext") and not flux.accepts_references("dev")
+    model = load(flux, flux_path, flavour="kontext")
+    flux.configure_training(model, {"flux_guidance_value": 2.5})
+    pipe = flux.validation_pipeline(model)
+    assert type(pipe).__name__ == "FluxKontextPipeline"
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    noise = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = pipe(
+        image=picture, prompt="a cat", height=64, width=64, max_area=64 * 64, _auto_resize=False,
+        num_inference_steps=1, sigmas=[1.0], guidance_scale=2.5, max_sequence_length=512,
+        latents=flux.pack(noise), output_type="latent",
+    ).images
+    reference = flux.encode_images(model, pipe.image_processor.preprocess(picture, 64, 64))
+    cond = flux.collate_prompts(flux.encode_prompts(model, ["a cat"]), "cpu", torch.float32)
+    with torch.no_grad():
+        velocity = flux.predict(model, noise, torch.tensor([1.0]), cond, reference_latents=[reference])
+        plain = flux.predict(model, noise, torch.tensor([1.0]), cond)
+    torch.testing.assert_close(flux.unpack(out, 32, 32), noise - velocity, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(velocity, plain, atol=1e-4)
+    with pytest.raises(ValueError, match="one reference image per sample"):
+        flux.predict(model, noise, torch.tensor([1.0]), cond, reference_latents=[reference, reference])
 
 
 def test_load_freezes_both_text_encoders(flux, flux_path):

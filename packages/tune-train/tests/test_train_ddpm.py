@@ -141,3 +141,114 @@ def test_zero_terminal_snr_scheduler_trains_with_its_own_alphas():
     x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     loss = s.loss(torch.zeros_like(x0), s.target(x0, noise, t), t)
     assert torch.isfinite(loss)
+
+
+# -- Diff2Flow: an epsilon / v prediction trained against the flow velocity ----------------------
+
+
+def _pair_and_timesteps():
+    generator = torch.Generator().manual_seed(7)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    return x0, noise, torch.tensor([0, 250, 600, 999])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diff2flow_perfect_native_prediction_is_the_exact_flow_velocity(prediction_type):
+    """The network's exact target, converted, is exactly ``noise - x0`` of the same pair, at every
+    timestep (including the noisiest, where epsilon's x0 estimate divides by a small sqrt(a))."""
+    native = scheme(prediction_type=prediction_type)
+    bridged = scheme(prediction_type=prediction_type, diff2flow=True)
+    x0, noise, t = _pair_and_timesteps()
+    noisy = native.add_noise(x0, noise, t)
+    perfect = native.target(x0, noise, t)  # noise (epsilon) or sqrt(a) noise - sqrt(1-a) x0 (v)
+    velocity = bridged.flow_velocity(perfect, noisy, t)
+    torch.testing.assert_close(velocity, noise - x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bridged.target(x0, noise, t), noise - x0)
+    assert bridged.loss(perfect, bridged.target(x0, noise, t), t, noisy=noisy).item() < 1e-7
+    # the noising itself is unchanged: diff2flow changes the objective, not the model's input
+    torch.testing.assert_close(bridged.add_noise(x0, noise, t), noisy)
+
+
+def test_diff2flow_epsilon_error_closed_form():
+    """An epsilon error ``d`` becomes a velocity error ``d * (1 + sqrt(1-a) / sqrt(a))``: the loss
+    is the native MSE reweighted toward the noisy timesteps, by that factor squared."""
+    bridged = scheme(prediction_type="epsilon", diff2flow=True)
+    x0, noise, t = _pair_and_timesteps()
+    noisy = bridged.add_noise(x0, noise, t)
+    error = torch.full_like(noise, 0.1)
+    velocity = bridged.flow_velocity(noise + error, noisy, t)
+    a = bridged.alphas_cumprod[t].float()
+    factor = (1 + (1 - a).sqrt() / a.sqrt()).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(velocity - (noise - x0), error * factor, rtol=1e-4, atol=1e-4)
+    expected = ((0.1 * factor) ** 2).mean().item()  # every element of a sample has the same error
+    loss = bridged.loss(noise + error, bridged.target(x0, noise, t), t, noisy=noisy)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert factor[-1].item() > 10 * factor[0].item()  # t=999 weighs far more than t=0
+
+
+def test_diff2flow_v_prediction_error_closed_form():
+    """A v error ``d`` becomes a velocity error ``d * (sqrt(a) + sqrt(1-a))``."""
+    bridged = scheme(prediction_type="v_prediction", diff2flow=True)
+    x0, noise, t = _pair_and_timesteps()
+    noisy = bridged.add_noise(x0, noise, t)
+    v = scheme(prediction_type="v_prediction").target(x0, noise, t)
+    velocity = bridged.flow_velocity(v + 0.1, noisy, t)
+    a = bridged.alphas_cumprod[t].float()
+    factor = (a.sqrt() + (1 - a).sqrt()).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(velocity - (noise - x0), 0.1 * factor.expand_as(v), rtol=1e-4, atol=1e-4)
+
+
+def test_diff2flow_loss_needs_the_noisy_input():
+    bridged = scheme(diff2flow=True)
+    x0, noise, t = _pair_and_timesteps()
+    with pytest.raises(ValueError, match="noisy"):
+        bridged.loss(noise, bridged.target(x0, noise, t), t)
+
+
+def _unet_setup(scheduler_kwargs=None):
+    from diffusers import EulerDiscreteScheduler
+
+    from tune_models.family import LoadedModel, ModelFamily
+
+    class UNetFamily(ModelFamily):
+        name, prediction = "some-unet", "epsilon"
+
+    family = UNetFamily()
+    scheduler = EulerDiscreteScheduler(**(scheduler_kwargs or {"prediction_type": "epsilon"}))
+    model = LoadedModel(family=family, flavour=None, transformer=None, vae=None, text_encoder=None, tokenizer=None,
+                        scheduler=scheduler)
+    return family, model
+
+
+def test_scheme_for_diff2flow_keys(caplog):
+    family, model = _unet_setup()
+    config = _Config()
+    config.diff2flow_enabled, config.diff2flow_loss = True, True
+    assert ddpm.scheme_for(family, model, config).diff2flow
+    # the flag alone prepares the bridge and changes nothing (SimpleTuner's semantics), with a warning
+    config.diff2flow_loss = False
+    with caplog.at_level("WARNING"):
+        assert not ddpm.scheme_for(family, model, config).diff2flow
+    assert "diff2flow_enabled alone changes nothing" in caplog.text
+    config.diff2flow_enabled, config.diff2flow_loss = False, True
+    with pytest.raises(ValueError, match="diff2flow_loss needs diff2flow_enabled"):
+        ddpm.scheme_for(family, model, config)
+    # a flow family needs no bridge: the error names the keys
+    config.diff2flow_enabled = True
+    with pytest.raises(ValueError, match="diff2flow_enabled / diff2flow_loss do not apply to model_family 'flowy'"):
+        ddpm.scheme_for(_Flow(), None, config)
+    # epsilon at zero terminal SNR has no x0 estimate at the last timestep
+    family, model = _unet_setup({"prediction_type": "epsilon", "rescale_betas_zero_snr": True})
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        ddpm.scheme_for(family, model, config)
+    config.prediction_type = "v_prediction"
+    assert ddpm.scheme_for(family, model, config).diff2flow
+
+
+def test_train_config_refuses_diff2flow_loss_without_the_bridge():
+    from tune_train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="diff2flow_loss needs diff2flow_enabled"):
+        TrainConfig(model_family="sdxl", output_dir="out", max_train_steps=1, diff2flow_loss=True)
+    assert TrainConfig(model_family="sdxl", output_dir="out", max_train_steps=1, diff2flow_enabled=True,
+                       diff2flow_loss=True).diff2flow_loss

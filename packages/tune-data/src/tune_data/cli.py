@@ -19,25 +19,38 @@ from collections.abc import Sequence
 from typing import Any
 
 from tune_data.buckets import plan_buckets
-from tune_data.config import DatasetConfig, load_dataset_configs
+from tune_data.conditioning import ConditioningIndex, discover_conditioning, pair_conditioning
+from tune_data.config import DatasetConfig, conditioning_for, load_dataset_configs
 from tune_data.discovery import discover
 from tune_data.storage import open_storage
 
 _SHOWN_PER_REASON = 5
 
 
-def _inspect_dataset(dataset: DatasetConfig, args: argparse.Namespace) -> dict[str, Any]:
+def _inspect_dataset(
+    dataset: DatasetConfig, args: argparse.Namespace, configs: list[DatasetConfig] | None = None
+) -> dict[str, Any]:
     info: dict[str, Any] = {"id": dataset.id, "dataset_type": dataset.dataset_type, "type": dataset.type}
     if dataset.ignored_keys:
         info["ignored_keys"] = list(dataset.ignored_keys)
+    if dataset.dataset_type == "conditioning":
+        return _inspect_conditioning(dataset, args, info)
     if not dataset.is_training_data:
         info["cache_dir"] = dataset.cache_dir
         return info
     try:
         storage = open_storage(dataset)
         report = discover(dataset, storage, metadata_dir=args.metadata_dir, progress=args.progress)
+        if dataset.conditioning_data:
+            # Images without a pair in every conditioning dataset are dropped ("missing conditioning").
+            indexes = [_conditioning_index(c, args) for c in conditioning_for(dataset, configs or [])]
+            report, _ = pair_conditioning(report, indexes)
+            info["conditioning_data"] = list(dataset.conditioning_data)
     except (ValueError, NotImplementedError) as exc:
         info["error"] = str(exc)
+        return info
+    if not report.kept:
+        info["error"] = f"dataset {dataset.id!r}: no image has a pair in its conditioning datasets"
         return info
     info["root"] = storage.root
     info["source"] = _describe_source(storage)
@@ -61,6 +74,33 @@ def _inspect_dataset(dataset: DatasetConfig, args: argparse.Namespace) -> dict[s
         frames = [record.frames for record in report.kept]
         info["video_frames"] = {"min": min(frames), "mean": round(statistics.fmean(frames), 1), "max": max(frames)}
     info["latent_cache"] = _latent_cache(dataset, buckets, args)
+    return info
+
+
+def _conditioning_index(dataset: DatasetConfig, args: argparse.Namespace) -> ConditioningIndex:
+    """Discover a conditioning dataset once per command (its image datasets and its own row share it)."""
+    known = vars(args).setdefault("_conditioning_indexes", {})
+    if dataset.id not in known:
+        known[dataset.id] = discover_conditioning(
+            dataset, open_storage(dataset), metadata_dir=args.metadata_dir, progress=args.progress
+        )
+    return known[dataset.id]
+
+
+def _inspect_conditioning(dataset: DatasetConfig, args: argparse.Namespace, info: dict[str, Any]) -> dict[str, Any]:
+    info["conditioning_type"] = dataset.conditioning_type
+    try:
+        index = _conditioning_index(dataset, args)
+    except (ValueError, NotImplementedError) as exc:
+        info["error"] = str(exc)
+        return info
+    report = index.report
+    info["root"] = dataset.instance_data_dir
+    info["seen"], info["kept"] = report.seen, len(report.kept)
+    dropped: dict[str, list[str]] = {}
+    for drop in report.dropped:
+        dropped.setdefault(drop.reason, []).append(drop.path)
+    info["dropped"] = dropped
     return info
 
 
@@ -132,6 +172,15 @@ def _print_text(results: list[dict[str, Any]]) -> None:
         if "error" in info:
             print(f"  ERROR: {info['error']}")
             continue
+        if info["dataset_type"] == "conditioning":
+            dropped = sum(len(paths) for paths in info["dropped"].values())
+            print(
+                f"  conditioning ({info['conditioning_type']}) {info['root']}: {info['seen']} files seen, "
+                f"{info['kept']} kept, {dropped} dropped"
+            )
+            for reason, paths in sorted(info["dropped"].items()):
+                print(f"    {reason}: {len(paths)} ({', '.join(paths[:_SHOWN_PER_REASON])})")
+            continue
         if "seen" not in info:
             print(f"  text-embed cache: {info.get('cache_dir') or '(trainer default)'}")
             continue
@@ -141,6 +190,8 @@ def _print_text(results: list[dict[str, Any]]) -> None:
             print("  source: " + ", ".join(f"{key} {value}" for key, value in source.items()))
         if info.get("is_regularisation_data"):
             print("  regularisation data")
+        if info.get("conditioning_data"):
+            print(f"  conditioning data: {', '.join(info['conditioning_data'])}")
         print(f"  {info['root']}: {info['seen']} files seen, {info['kept']} kept, {dropped} dropped")
         for reason, paths in sorted(info["dropped"].items()):
             shown = ", ".join(paths[:_SHOWN_PER_REASON])
@@ -180,7 +231,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tune-data: {exc}", file=sys.stderr)
         return 1
-    results = [_inspect_dataset(dataset, args) for dataset in datasets]
+    results = [_inspect_dataset(dataset, args, datasets) for dataset in datasets]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

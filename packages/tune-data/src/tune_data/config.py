@@ -27,6 +27,8 @@ __all__ = [
     "load_dataset_configs",
     "default_text_embeds",
     "text_embeds_for",
+    "conditioning_for",
+    "CONDITIONING_TYPES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -35,8 +37,12 @@ RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 CROP_STYLES = ("center", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 METADATA_BACKENDS = ("discovery", "parquet", "huggingface")
-IMPLEMENTED_DATASET_TYPES = ("image", "text_embeds", "video")
-DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "conditioning", "image_embeds")
+IMPLEMENTED_DATASET_TYPES = ("image", "text_embeds", "video", "conditioning")
+DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "image_embeds")
+CONDITIONING_TYPES = ("reference_strict", "reference_loose", "controlnet")
+"""How a conditioning image is paired with its target: ``reference_strict`` and ``controlnet``
+take the target's bucket, resize and crop (pixel-aligned pairs); ``reference_loose`` plans the
+reference in its own aspect bucket, at the conditioning dataset's resolution."""
 VAE_CACHE_SCAN_BEHAVIOURS = ("recreate", "sync")
 SKIP_DISCOVERY_WORDS = ("vae", "aspect", "text", "metadata")
 
@@ -53,8 +59,10 @@ class DatasetConfig:
     dataset_type: str = "image"
     """What the dataset holds: ``image`` (training images), ``video`` (training videos: discovered,
     bucketed by frame size and read as frame-sampled clips; see the ``video`` block) or
-    ``text_embeds`` (where the text-embed cache lives). ``conditioning`` and ``image_embeds`` are
-    accepted in configs but fail with a clear error when used, as tune does not implement them yet."""
+    ``text_embeds`` (where the text-embed cache lives) or ``conditioning`` (reference / control
+    images paired by relative path with the images of the datasets whose ``conditioning_data``
+    names it). ``image_embeds`` is accepted in configs but fails with a clear error when used, as
+    tune does not implement it yet."""
     disabled: bool = False
     """``true`` drops the entry when loading, as if it were not in the file. Default ``false``."""
     default: bool = False
@@ -163,6 +171,18 @@ class DatasetConfig:
     """A file the source lists but cannot deliver (a CSV row whose path is gone, a failed download,
     an object deleted since listing) is dropped with reason ``missing file`` and a warning instead
     of failing discovery. Default ``false`` (fail, naming the files)."""
+    conditioning_data: tuple[str, ...] | None = None
+    """Image datasets: id (or list of ids) of the ``dataset_type: conditioning`` datasets whose
+    images condition this one's (reference / edit training). A conditioning image pairs with the
+    training image at the same relative path (any image extension: ``a/cat.png`` pairs with
+    ``a/cat.jpg``); a training image without a pair in every named dataset is dropped at
+    discovery with reason ``missing conditioning``. Default none."""
+    conditioning_type: str | None = None
+    """``dataset_type: conditioning``: how its images pair with their targets. ``reference_strict``
+    (the default) and ``controlnet``: the reference is resized and cropped exactly like its target
+    (same bucket, same window), for pixel-aligned pairs; ``reference_loose``: the reference keeps
+    its own aspect ratio and gets its own bucket from this dataset's ``resolution`` settings
+    (a reference of another shape than its target)."""
     is_regularisation_data: bool = False
     """Marks regularisation (prior-preservation) images, so the trainer can treat them apart.
     Default ``false``."""
@@ -188,6 +208,11 @@ class DatasetConfig:
     credential chain. Never printed or logged."""
     aws_max_pool_connections: int | None = None
     """``type: aws``: the most HTTP connections kept open to the store. Default none (botocore's 10)."""
+    aws_max_attempts: int | None = None
+    """``type: aws``: attempts per S3 request before a read or write fails (botocore's
+    ``standard`` retry mode: exponential backoff with jitter, at most 20 s between attempts), so a
+    store that restarts or drops connections briefly does not end the run. Default none:
+    ``AWS_MAX_ATTEMPTS``, else 10 (about a minute of retrying)."""
     csv_file: str | None = None
     """``type: csv``: the CSV file listing the images (a local path or an fsspec URL)."""
     csv_caption_column: str | None = None
@@ -310,12 +335,26 @@ class DatasetConfig:
             raise self._error("video.fps", f"must be > 0, got {self.video_fps!r}")
         if self.write_batch_size <= 0:
             raise self._error("write_batch_size", f"must be > 0, got {self.write_batch_size!r}")
+        if self.aws_max_attempts is not None and self.aws_max_attempts < 1:
+            raise self._error("aws_max_attempts", f"must be >= 1, got {self.aws_max_attempts!r}")
         for word in self.skip_steps:
             if word not in SKIP_DISCOVERY_WORDS:
                 raise self._error(
                     "skip_file_discovery",
                     f"may only name {', '.join(SKIP_DISCOVERY_WORDS)}, got {word!r}",
                 )
+        if self.conditioning_type is not None:
+            if self.dataset_type != "conditioning":
+                raise self._error(
+                    "conditioning_type", f"only applies to dataset_type 'conditioning', not {self.dataset_type!r}"
+                )
+            self._choice("conditioning_type", CONDITIONING_TYPES)
+        if self.dataset_type == "conditioning" and self.conditioning_type is None:
+            self.conditioning_type = "reference_strict"
+        if self.conditioning_data is not None and not self.is_training_data:
+            raise self._error(
+                "conditioning_data", f"only applies to image datasets, not dataset_type {self.dataset_type!r}"
+            )
         needs_prompt = self.caption_strategy == "instanceprompt" or self.prepend_instance_prompt
         if self.dataset_type == "image" and needs_prompt and not self.instance_prompt:
             key = (
@@ -378,6 +417,7 @@ class DatasetConfig:
                 if self.dataset_type == "video"
                 else {}
             ),
+            **({"conditioning_type": self.conditioning_type} if self.dataset_type == "conditioning" else {}),
         }
 
     @classmethod
@@ -543,6 +583,17 @@ def _as_aspects(cfg: DatasetConfig, key: str, value: Any) -> tuple[float, ...] |
     return tuple(aspects)
 
 
+def _as_ids(cfg: DatasetConfig, key: str, value: Any) -> tuple[str, ...] | None:
+    """A dataset id or a list of them (SimpleTuner accepts both) as a tuple; empty means none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise cfg._error(key, f"must be a dataset id or a list of dataset ids, got {value!r}")
+    return tuple(value) or None
+
+
 _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "type": _as_str(False),
     "dataset_type": _as_str(False),
@@ -583,6 +634,8 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "text_embeds": _as_str(True),
     "skip_file_discovery": _as_str(False),
     "is_regularisation_data": _as_bool,
+    "conditioning_data": _as_ids,
+    "conditioning_type": _as_str(True),
     "caption_dropout_probability": _as_number(float, False),
     "write_batch_size": _as_number(int, False),
     "aws_bucket_name": _as_str(True),
@@ -592,6 +645,7 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "aws_access_key_id": _as_str(True),
     "aws_secret_access_key": _as_str(True),
     "aws_max_pool_connections": _as_number(int, True),
+    "aws_max_attempts": _as_number(int, True),
     "csv_file": _as_str(True),
     "csv_caption_column": _as_str(True),
     "csv_url_column": _as_str(True),
@@ -649,8 +703,6 @@ IGNORED_KEYS = frozenset(
         "parquet",
         "huggingface",
         "preserve_data_backend_cache",
-        "conditioning_data",
-        "conditioning_type",
         "conditioning",
         "hash_filenames",
         "only_instance_prompt",
@@ -723,7 +775,41 @@ def load_dataset_configs(
             f"{where}: no enabled dataset of dataset_type 'image' or 'video' (found: {found or 'none'})"
         )
     _check_text_embeds(enabled, where)
+    _check_conditioning(configs, where)
     return enabled
+
+
+def _check_conditioning(configs: list[DatasetConfig], where: str) -> None:
+    """Every ``conditioning_data`` id names an enabled conditioning dataset (a disabled one is an
+    error too: training without the references would silently become text-to-image)."""
+    by_id = {config.id: config for config in configs}
+    conditioning_ids = [c.id for c in configs if c.dataset_type == "conditioning" and not c.disabled]
+    for config in configs:
+        if config.disabled or not config.conditioning_data:
+            continue
+        if config.dataset_type == "video":
+            raise DatasetConfigError(
+                f"dataset {config.id!r}: conditioning_data on a video dataset is not supported yet"
+            )
+        for name in config.conditioning_data:
+            target = by_id.get(name)
+            if target is None or target.dataset_type != "conditioning":
+                known = ", ".join(map(repr, conditioning_ids)) or "none"
+                raise DatasetConfigError(
+                    f"dataset {config.id!r}: conditioning_data names {name!r}, which is not a dataset of "
+                    f"dataset_type 'conditioning' (conditioning datasets: {known})"
+                )
+            if target.disabled:
+                raise DatasetConfigError(
+                    f"dataset {config.id!r}: conditioning_data names {name!r}, which is disabled; enable it "
+                    "or remove it from conditioning_data"
+                )
+
+
+def conditioning_for(dataset: DatasetConfig, configs: Iterable[DatasetConfig]) -> list[DatasetConfig]:
+    """The conditioning datasets ``dataset`` names in ``conditioning_data``, in that order."""
+    by_id = {config.id: config for config in configs}
+    return [by_id[name] for name in dataset.conditioning_data or () if name in by_id]
 
 
 def _check_text_embeds(configs: list[DatasetConfig], where: str) -> None:

@@ -5,13 +5,28 @@ credentials; whatever it leaves out comes from the standard ``AWS_*`` environmen
 then botocore's usual chain: profile, instance role). Credentials are never part of a repr, a log
 line written by tune or an error message: errors raised through this provider are scrubbed of them.
 
+Failures a run should survive or explain:
+
+- A store that drops connections or restarts: every request is retried by botocore's
+  ``standard`` retry mode (exponential backoff with jitter, at most 20 s apart) up to
+  ``aws_max_attempts`` times (default ``AWS_MAX_ATTEMPTS``, else 10). The first failed attempt
+  logs one warning, the first success after it another ("reachable again"), and the run goes on
+  where it was; when the attempts run out, :class:`S3UnreachableError` names the dataset and the
+  endpoint.
+- Credentials the store refuses: :class:`S3AccessError`, one line naming the dataset, the
+  bucket, the store's error code and the keys to check, without the secret and without the
+  botocore traceback chain.
+
 s3fs is imported only when an ``aws`` dataset is opened (``pip install "tune-data[s3]"``).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
+import time
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -20,7 +35,47 @@ from tune_data.config import DatasetConfig
 from tune_data.errors import DatasetConfigError
 from tune_data.storage import FsspecStorage, normalise_extensions
 
-__all__ = ["S3Storage", "s3_storage_options", "s3_filesystem", "scrub_secrets"]
+__all__ = [
+    "S3Storage",
+    "S3AccessError",
+    "S3UnreachableError",
+    "DEFAULT_MAX_ATTEMPTS",
+    "s3_storage_options",
+    "s3_filesystem",
+    "scrub_secrets",
+]
+
+log = logging.getLogger(__name__)
+
+#: Attempts per request when neither ``aws_max_attempts`` nor ``AWS_MAX_ATTEMPTS`` says: with the
+#: standard mode's backoff (random up to 2**attempt s, capped at 20 s) about a minute in all.
+DEFAULT_MAX_ATTEMPTS = 10
+
+#: Error codes meaning "these credentials may not do this" (wrong key id, wrong secret, expired
+#: session token, a key without rights on the bucket).
+_ACCESS_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AuthorizationHeaderMalformed",
+        "InvalidClientTokenId",
+        "403",  # a refused HEAD request has no body, so botocore knows only the status
+    }
+)
+
+
+class S3AccessError(DatasetConfigError, PermissionError):
+    """The store refused the dataset's credentials (a ``ValueError``: the user's config is wrong,
+    and a ``PermissionError``, as s3fs raises for the same failure)."""
+
+
+class S3UnreachableError(ConnectionError):
+    """The store stayed unreachable through every retry of a request."""
+
 
 _INSTALL_HINT = 'the aws storage provider needs s3fs: pip install "tune-data[s3]"'
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -53,18 +108,84 @@ def s3_storage_options(dataset: DatasetConfig | None = None) -> dict[str, Any]:
         options["endpoint_url"] = endpoint
     if region:
         options["client_kwargs"] = {"region_name": region}
+    config: dict[str, Any] = {"retries": {"max_attempts": _max_attempts(dataset), "mode": "standard"}}
     if dataset is not None and dataset.aws_max_pool_connections:
-        options["config_kwargs"] = {"max_pool_connections": dataset.aws_max_pool_connections}
+        config["max_pool_connections"] = dataset.aws_max_pool_connections
+    options["config_kwargs"] = config
     return options
 
 
-def s3_filesystem(options: Mapping[str, Any]) -> Any:
-    """A fresh ``s3fs.S3FileSystem`` (no shared instance, no stale listing cache between runs)."""
+def _max_attempts(dataset: DatasetConfig | None) -> int:
+    if dataset is not None and dataset.aws_max_attempts:
+        return int(dataset.aws_max_attempts)
     try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "")))
+    except ValueError:
+        return DEFAULT_MAX_ATTEMPTS
+
+
+class _RetryMonitor:
+    """A botocore ``needs-retry`` handler that makes an outage visible without flooding the log.
+
+    botocore does the retrying (this handler returns ``None``, so it never changes a decision);
+    it only logs the first failed attempt of an outage and the first success after it.
+    """
+
+    def __init__(self, label: str, endpoint: str, max_attempts: int, secrets: Iterable[str]) -> None:
+        self.label = label
+        self.endpoint = endpoint
+        self.max_attempts = max_attempts
+        self.secrets = tuple(secrets)
+        self.failing_since: float | None = None
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, attempts: int = 1, response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+        status = getattr(response[0], "status_code", 0) if response else 0
+        failed = caught_exception is not None or status >= 500 or status == 429
+        with self._lock:
+            if failed:
+                self.failures += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                    reason = caught_exception if caught_exception is not None else f"HTTP {status}"
+                    log.warning(
+                        "%s: S3 request to %s failed (%s); retrying with backoff, up to %d attempts per "
+                        "request (aws_max_attempts)",
+                        self.label, self.endpoint, scrub_secrets(str(reason), self.secrets), self.max_attempts,
+                    )
+            elif self.failing_since is not None:
+                waited = time.monotonic() - self.failing_since
+                self.failing_since = None
+                log.warning("%s: S3 store %s reachable again after %.1f s; resuming", self.label, self.endpoint, waited)
+
+
+def s3_filesystem(options: Mapping[str, Any], label: str = "S3") -> Any:
+    """A fresh ``s3fs.S3FileSystem`` (no shared instance, no stale listing cache between runs).
+
+    Its requests retry as ``options["config_kwargs"]["retries"]`` says (see
+    :func:`s3_storage_options`), and an outage is logged once under ``label`` (the dataset, say).
+    The filesystem's ``tune_retry_monitor`` attribute holds the counters.
+    """
+    try:
+        import aiobotocore.session
         import s3fs
     except ImportError as exc:
         raise ImportError(f"{_INSTALL_HINT} ({exc})") from exc
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    options = dict(options)
+    retries = dict((options.get("config_kwargs") or {}).get("retries") or {})
+    monitor = _RetryMonitor(
+        label,
+        str(options.get("endpoint_url") or "(AWS default endpoint)"),
+        int(retries.get("max_attempts") or _max_attempts(None)),
+        _secrets(options),
+    )
+    # Handlers registered on the session reach every client s3fs creates from it.
+    session = options.pop("session", None) or aiobotocore.session.AioSession()
+    session.register("needs-retry.s3", monitor)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, session=session, **options)
+    fs.tune_retry_monitor = monitor
+    return fs
 
 
 def _secrets(options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -79,14 +200,70 @@ def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind ``exc`` (s3fs keeps botocore's ClientError as the cause)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code:
+                return str(code)
+        name = type(current).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return name
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # pragma: no cover - s3fs always brings botocore
+        return False
+    return isinstance(exc, BotoConnectionError)
+
+
+def _translated(storage: S3Storage, exc: Exception) -> Exception | None:
+    """A clear error for a refused credential or an endpoint down past every retry, else None."""
+    dataset = storage.dataset.id
+    where = f"bucket {storage.bucket!r} at {storage.endpoint_url or 'the AWS default endpoint'}"
+    code = _error_code(exc)
+    if code in _ACCESS_CODES or code in ("NoCredentialsError", "PartialCredentialsError"):
+        server = scrub_secrets(str(exc).replace("\n", " "), storage._secrets)
+        if code in ("NoCredentialsError", "PartialCredentialsError"):
+            cause = "no complete credentials were found"
+        elif code == "AccessDenied":
+            cause = "the credentials are valid but may not read this bucket, or they are wrong"
+        else:
+            cause = "the access key id or the secret access key is wrong (or the session token expired)"
+        return S3AccessError(
+            f"dataset {dataset!r}: the S3 store refused access to {where}: {code} ({server}). "
+            f"Likely cause: {cause}; check aws_access_key_id and aws_secret_access_key in the dataset "
+            "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment)."
+        )
+    if _is_unreachable(exc):
+        attempts = getattr(getattr(storage.fs, "tune_retry_monitor", None), "max_attempts", "?")
+        return S3UnreachableError(
+            f"dataset {dataset!r}: cannot reach the S3 store for {where} after {attempts} attempts "
+            f"({scrub_secrets(str(exc), storage._secrets)}); raise aws_max_attempts to wait longer"
+        )
+    return None
+
+
 def _scrubbed(method: _F) -> _F:
-    """Re-raise errors from ``method`` without any credential in their message."""
+    """Re-raise errors from ``method`` as :func:`_translated` says, never with a credential in them."""
 
     @functools.wraps(method)
     def wrapper(self: S3Storage, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
+            clear = _translated(self, exc)
+            if clear is not None:
+                raise clear from None
             text = str(exc)
             clean = scrub_secrets(text, self._secrets)
             if clean == text:
@@ -127,7 +304,7 @@ class S3Storage(FsspecStorage):
         self.bucket = bucket
         self.prefix = prefix
         self.endpoint_url = options.get("endpoint_url")
-        super().__init__(s3_filesystem(options), f"{bucket}/{prefix}" if prefix else bucket)
+        super().__init__(s3_filesystem(options, f"dataset {dataset.id!r}"), f"{bucket}/{prefix}" if prefix else bucket)
 
     @property
     def url(self) -> str:

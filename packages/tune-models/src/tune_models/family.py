@@ -206,7 +206,7 @@ class ModelFamily:
     """Whether :meth:`predict` takes ``reference_latents=[...]`` (clean latents of reference /
     edit images, one ``B x C x h x w`` tensor per reference, as :meth:`encode_images` returns
     them). The trainer passes the latents of conditioning datasets (``conditioning_data``) only to
-    a family that declares it, and refuses such datasets for the others before loading weights."""
+    a family that declares it (for the run's flavour: :meth:`accepts_references`), and refuses such datasets for the others before loading weights."""
 
     # What the generic :meth:`load` reads (a diffusers folder); a family that sets no
     # ``transformer_class`` implements :meth:`load` itself.
@@ -345,6 +345,12 @@ class ModelFamily:
         config = getattr(model.scheduler, "config", None)
         configured = config.get("prediction_type") if config is not None else None
         return str(configured or self.prediction)
+
+    def accepts_references(self, flavour: str | None) -> bool:
+        """Whether the ``flavour`` trains with reference latents (conditioning datasets). The
+        family's :attr:`accepts_reference_latents` by default; a family where only some flavours
+        were made for references (Flux: kontext) narrows it."""
+        return self.accepts_reference_latents
 
     def batch_conditions(
         self,

@@ -24,11 +24,26 @@ def tune_register_publishers(register: Callable[..., None]) -> None:
     )
 
 
+@hookimpl
+def tune_train_start(trainer) -> None:
+    """With ``push_to_hub``: warn at once when no Hub token is available (see tune_publish.push)."""
+    if not getattr(getattr(trainer, "accelerator", None), "is_main_process", True):
+        return
+    from tune_publish.push import warn_if_no_token
+
+    warn_if_no_token(trainer.config)
+
+
 @hookimpl(tryfirst=True)
 def tune_train_end(trainer, outputs: dict[str, str]) -> None:
-    """Export the finished adapter (LoRA file and model card) before any publisher runs."""
+    """Export the finished adapter (LoRA file and model card) before any publisher runs, then,
+    with ``push_to_hub``, upload it to ``hub_model_id`` (a failure warns; outputs stay local)."""
     if not getattr(getattr(trainer, "accelerator", None), "is_main_process", True):
         return
     from tune_publish.export import export_adapter
+    from tune_publish.push import hub_settings, push_run
 
-    outputs.update(export_adapter(trainer.trained_adapter()))
+    settings = hub_settings(getattr(trainer, "config", None))
+    adapter_id = settings["hub_model_id"] if settings else None
+    outputs.update(export_adapter(trainer.trained_adapter(), adapter_id=adapter_id))
+    outputs.update(push_run(str(trainer.output_dir), trainer.config))

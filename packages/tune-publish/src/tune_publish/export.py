@@ -21,8 +21,11 @@ from tune_publish.modelspec import modelspec_metadata
 _KINDS = {"lora": ("/lora", "LoRA"), "lycoris": ("/lycoris", "LyCORIS"), "full": ("", "fine-tune")}
 
 
-def export_adapter(adapter: Any) -> dict[str, str]:
+def export_adapter(adapter: Any, *, adapter_id: str | None = None) -> dict[str, str]:
     """Write the run's weights and ``README.md``.
+
+    ``adapter_id`` (the Hub repo a ``push_to_hub`` run uploads to) is what the card's usage
+    snippet loads; without it the snippet shows a placeholder path.
 
     An adapter goes to ``pytorch_lora_weights.safetensors`` (diffusers or ComfyUI layout for a
     LoRA, the lycoris-lora library's own keys for LyCORIS); returns ``{"lora": path,
@@ -62,6 +65,7 @@ def export_adapter(adapter: Any) -> dict[str, str]:
         settings=adapter.settings,
         validation_images=adapter.validation_images,
         kind=kind,
+        adapter_id=adapter_id,
     )
     return {**written, "model_card": str(card)}
 

@@ -36,13 +36,15 @@ CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "lora_type": (("standard", "lycoris"),) * 2,
     "lora_init_type": (("default", "gaussian", "pissa", "olora", "loftq"),) * 2,
     "lora_format": (("diffusers", "comfyui"),) * 2,
-    "report_to": (("none", "tensorboard", "wandb", "comet_ml", "all"), ("none", "tensorboard", "wandb", "all")),
+    "report_to": (("none", "tensorboard", "wandb", "comet_ml", "all"),) * 2,
     "ema_device": (("cpu", "accelerator"),) * 2,
     "ema_validation": (("none", "ema_only", "comparison"),) * 2,
     "disk_low_action": (("stop", "wait", "script"),) * 2,
-    "quantize_via": (("cpu", "accelerator"),) * 2,
+    "quantize_via": (("cpu", "accelerator", "pipeline"), ("cpu", "accelerator")),
     "base_model_default_dtype": (("bf16", "fp32"),) * 2,
     "group_offload_type": (("block_level", "leaf_level"),) * 2,
+    "evaluation_type": (("none", "clip"),) * 2,
+    "conditioning_multidataset_sampling": (("combined", "random"),) * 2,
 }
 
 
@@ -80,6 +82,24 @@ def _zero_is_none(value: Any) -> Any:
     return None if value == 0 and not isinstance(value, bool) else value
 
 
+def _int_tuple(value: Any) -> Any:
+    """A list of whole numbers (a list, or a string ``"7,8,9"`` / ``"[7, 8, 9]"``) as a tuple of
+    ints; ``None`` stays ``None``; anything else is left for the validator to reject."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]")
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in value)
+    return value
+
+
+def _layer_indices(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ConfigError(f"{attribute.name} must be a list of block indices (whole numbers >= 0), got {value!r}")
+
+
 _positive = _check(lambda v: v > 0, "> 0")
 _non_negative = _check(lambda v: v >= 0, ">= 0")
 _at_least_one = _check(lambda v: v >= 1, ">= 1")
@@ -104,9 +124,9 @@ class TrainConfig:
     model_type: str = _field("lora", _choices)
     """What is trained. Default ``lora``. Choices: lora (an adapter, see ``lora_type``), full (every weight of the transformer, exported as a diffusers ``transformer/`` folder; no EMA, quantisation or assistant LoRA)."""
     pretrained_model_name_or_path: str | None = None
-    """Local folder or hub id of the base model. Default: the flavour's checkpoint."""
+    """Local folder or hub id of the base model; a single ``.safetensors`` file means that file's transformer with everything else from the flavour's checkpoint. Default: the flavour's checkpoint."""
     pretrained_transformer_model_name_or_path: str | None = None
-    """Load the transformer from another folder or hub id (fine-tunes, single files). Default: the base model."""
+    """Load the transformer from another folder or hub id (fine-tunes), or from one ``.safetensors`` file in the original (BFL, ComfyUI, ...) or diffusers layout, read by diffusers' ``from_single_file`` with the base model's config. Default: the base model."""
     pretrained_transformer_subfolder: str | None = None
     """Subfolder of the transformer in that location. Default: ``transformer``; ``none`` means the root."""
     pretrained_vae_model_name_or_path: str | None = None
@@ -181,6 +201,8 @@ class TrainConfig:
     """Autocast precision of the forward pass. Default ``bf16``. Choices: bf16, fp16, no."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, about 40 % slower. Default false."""
+    gradient_checkpointing_interval: int | None = _field(None, _at_least_one, converter=_zero_is_none)
+    """With gradient_checkpointing, checkpoint only every Nth transformer block (in execution order, the first included); the others keep their activations: faster, more memory. 1 is the same as unset. Default: every block."""
     seed: int = 42
     """Random seed for noise, timesteps, dropout and data order. Default 42."""
     ignore_final_epochs: bool = False
@@ -197,6 +219,8 @@ class TrainConfig:
     """Update the EMA on the CPU too, never moving it (slowest, least GPU memory). Default false."""
     ema_update_interval: int | None = _field(None, _positive)
     """Update the EMA every N optimizer steps. Default: every step."""
+    ema_warmup_steps: int = _field(0, _check(lambda v: v >= 0, ">= 0"))
+    """For the first N optimizer steps the EMA copies the weights instead of averaging them (decay 0), so the average starts from trained weights rather than from the untrained start. Default 0 (average from the first update)."""
     ema_foreach_disable: bool = False
     """Update EMA tensors one by one instead of with torch's batched ``_foreach`` ops (less peak memory). Default false."""
     ema_validation: str = _field("comparison", _choices)
@@ -220,7 +244,7 @@ class TrainConfig:
     lora_target: str | None = None
     """Named preset of layers to adapt (SimpleTuner's ``<family>_lora_target``). Default: the family's default preset."""
     peft_lora_target_modules: tuple[str, ...] | None = None
-    """Explicit module names to adapt (JSON list or comma-separated); overrides ``lora_target``. Default none."""
+    """Explicit module names to adapt (JSON list or comma-separated); overrides ``lora_target``. A name is a suffix of module paths (``to_q``, ``attn.to_out.0``); an entry starting with ``re:`` is a regular expression the whole module path must match (``re:single_transformer_blocks\\.\\d+\\.attn\\.to_out``), and a value starting with ``re:`` is one such expression, commas included. Default none."""
     family_options: dict[str, Any] = attrs.field(factory=dict)
     """Options of the chosen model family, collected from keys prefixed with its name (``flux_guidance_value``, ``sd3_clip_uncond_behaviour``); the family validates them. Default none."""
     lora_format: str = _field("diffusers", _choices)
@@ -235,6 +259,10 @@ class TrainConfig:
     """Shift by image size (more pixels, more shift), as the pipelines do at inference. Default false."""
     caption_dropout_probability: float = _field(0.0, _probability)
     """Chance a caption is replaced by the empty prompt (trains unconditional guidance). Default 0."""
+    conditioning_multidataset_sampling: str = _field("combined", _choices)
+    """With several conditioning datasets on one image dataset (``conditioning_data`` as a list):
+    ``combined`` feeds the model every dataset's reference for each sample; ``random`` one
+    dataset's, chosen per batch from the seed and step. Default ``combined``."""
     flow_use_uniform_schedule: bool = False
     """Sample flow-matching sigmas uniformly in (0, 1) instead of logit-normal. Default false."""
     flow_sigmoid_scale: float = _field(1.0, _positive, _finite)
@@ -261,6 +289,10 @@ class TrainConfig:
     """Train only the low-noise timesteps (the lowest ``refiner_training_strength`` share), the range a refiner model denoises. Epsilon / v-prediction families only. Default false."""
     refiner_training_strength: float = _field(0.2, _check(lambda v: 0 < v <= 1, "in (0, 1]"))
     """Share of the timesteps ``refiner_training`` trains, from the clean end. Default 0.2 (timesteps below 200 of 1000)."""
+    diff2flow_enabled: bool = False
+    """Diff2Flow bridge for epsilon / v-prediction families: lets ``diff2flow_loss`` read the network's prediction as a flow velocity. Alone it changes nothing (as in SimpleTuner). Refused for flow families. Default false."""
+    diff2flow_loss: bool = False
+    """With ``diff2flow_enabled``: convert each epsilon / v prediction to the flow velocity ``noise - x0`` it implies at its timestep and train with the MSE to the true ``noise - x0`` (the flow-matching objective; ``snr_gamma`` is then ignored). The model keeps predicting epsilon / v, so validation and export are unchanged. Experimental. Default false."""
 
     # --- checkpoints ---------------------------------------------------------------------------
     checkpoint_step_interval: int | None = _field(None, _positive)
@@ -287,6 +319,14 @@ class TrainConfig:
     """Sampling steps for validation images. Default: the flavour's."""
     validation_guidance: float | None = _field(None, _non_negative)
     """Guidance scale for validation images. Default: the flavour's."""
+    validation_guidance_skip_layers: tuple[int, ...] | None = _field(None, _layer_indices, converter=_int_tuple)
+    """SD3 only: transformer blocks skipped in the extra pass of skip-layer guidance for validation images (JSON list or comma-separated, e.g. ``[7, 8, 9]``; ``[]`` turns it off). Needs ``validation_guidance`` > 1. Default: the flavour's (3.5 Medium: 7, 8, 9; Large: none). Other families warn that it does not apply."""
+    validation_guidance_skip_layers_start: float | None = _field(None, _probability)
+    """SD3 only: fraction of the validation steps after which skip-layer guidance starts. Default: the pipeline's, 0.01."""
+    validation_guidance_skip_layers_stop: float | None = _field(None, _probability)
+    """SD3 only: fraction of the validation steps at which skip-layer guidance stops. Default: the pipeline's, 0.2."""
+    validation_guidance_skip_scale: float | None = _field(None, _non_negative, _finite)
+    """SD3 only: strength of skip-layer guidance. Default: the pipeline's, 2.8."""
     validation_seed: int = 42
     """Seed of validation noise, the same every time so images compare across steps. Default 42."""
     validation_epoch_interval: int | None = _field(None, _positive)
@@ -296,9 +336,29 @@ class TrainConfig:
     validation_on_startup: bool = True
     """Generate validation images before the first step (the baseline to compare with). Default true."""
 
+    # --- evaluation and regularisation ---------------------------------------------------------
+    eval_dataset_id: str | None = None
+    """Id of an image dataset held out from training: its loss is measured at fixed timesteps with fixed noise (``eval_loss``), so the number compares across steps and runs. Default none."""
+    eval_steps_interval: int | None = _field(None, _positive)
+    """Measure ``eval_loss`` every N optimizer steps (and always before the first step and at the end). Needs ``eval_dataset_id``. Default: only before the first step and at the end."""
+    eval_epoch_interval: float | None = _field(None, _positive, _finite)
+    """Also measure ``eval_loss`` every N epochs; fractions work (0.5: twice per epoch). Needs ``eval_dataset_id``. Default: off."""
+    eval_timesteps: int = _field(28, _positive)
+    """Noise levels per eval image: an even grid over the training range (the same for every evaluation). Default 28."""
+    num_eval_images: int | None = _field(None, _positive)
+    """Score only the first N held-out images (in the fixed order: by bucket, then path), to bound the cost. Default: all."""
+    eval_loss_disable: bool = False
+    """Skip ``eval_loss`` while keeping ``eval_dataset_id`` out of training (e.g. for CLIP scores only). Default false."""
+    evaluation_type: str = _field("none", _choices)
+    """Score validation images. Default ``none``. Choices: none, clip (``clip_score``: 100 x the cosine similarity of each image and its prompt in the CLIP model of ``pretrained_evaluation_model_name_or_path``, averaged)."""
+    pretrained_evaluation_model_name_or_path: str | None = None
+    """The CLIP model (a folder or hub id readable by transformers' ``CLIPModel`` and ``CLIPProcessor``) for ``evaluation_type: clip``. Default none."""
+    prior_loss_weight: float = _field(1.0, _non_negative, _finite)
+    """Loss weight of samples from datasets marked ``is_regularisation_data`` (prior preservation); other samples weigh 1. Default 1.0."""
+
     # --- logging -------------------------------------------------------------------------------
     report_to: str = _field("none", _choices)
-    """Tracker for losses. Default ``none``. Choices: none, tensorboard, wandb (``WANDB_MODE=offline`` works), all (tensorboard and wandb); comet_ml is not implemented yet."""
+    """Tracker for losses. Default ``none``. Choices: none, tensorboard, wandb (``WANDB_MODE=offline`` works), comet_ml (``pip install "tune-train[comet]"``; ``COMET_START_ONLINE=false`` keeps the run offline, under ``logging_dir``), all (tensorboard and wandb)."""
     logging_dir: str = "logs"
     """Tracker folder, relative to ``output_dir`` unless absolute. Default ``logs``."""
     tracker_project_name: str = "tune"
@@ -310,7 +370,7 @@ class TrainConfig:
     base_model_precision: str = "no_change"
     """Quantise the frozen base weights with a tune-quant preset (``int8-torchao``, ``nf4-bnb``, ...). Default ``no_change``."""
     quantize_via: str = _field("cpu", _choices)
-    """Where quantisation runs: cpu (slower, less GPU memory) or accelerator. Default ``cpu``."""
+    """Where quantisation runs. Default ``cpu``: the whole transformer is quantised in CPU memory (slow; needs RAM for the bf16 model). ``accelerator``: block by block on the GPU (fast; the GPU holds the resident part plus one bf16 block, and the last ``musubi_blocks_to_swap`` blocks go back to the CPU once quantised); on a CPU-only run it is the same as cpu. ``pipeline`` (quantise while diffusers loads) is not implemented yet: use accelerator."""
     base_model_default_dtype: str = _field("bf16", _choices)
     """Dtype of the frozen weights that are not quantised. Default ``bf16``. Choices: bf16, fp32."""
     enable_group_offload: bool = False
@@ -331,6 +391,10 @@ class TrainConfig:
     """Where swapped blocks wait between uses. Default ``cpu``."""
     offload_checkpointed_activations: bool = False
     """With gradient_checkpointing, keep each block's saved input in pinned CPU memory until backward (CUDA). Default false."""
+    offload_during_startup: bool = False
+    """Keep the text encoders and the VAE off the accelerator at the same time while caches are filled. tune always does this (each moves to the device only for its own cache, then back to the CPU), so the value changes nothing; accepted for SimpleTuner configs. Default false."""
+    offload_during_save: bool = False
+    """SimpleTuner moves the pipeline to the CPU while saving to avoid a memory spike when quantised base weights are serialised. tune's checkpoints hold only the trained weights and the optimizer state, never the base model's, so there is nothing to move; accepted for SimpleTuner configs, changes nothing. Default false."""
 
     disk_low_threshold: str | None = None
     """Before each checkpoint, check the free space in ``output_dir`` against this (``100G``, ``500M``, bytes). Default: no check."""
@@ -341,9 +405,11 @@ class TrainConfig:
 
     # --- publishing ----------------------------------------------------------------------------
     push_to_hub: bool = False
-    """Upload the final LoRA and model card to the Hugging Face Hub. Default false."""
+    """At the end of training, upload the LoRA, the model card and the validation images it shows to the Hugging Face Hub repo ``hub_model_id`` (done by tune-publish; token from ``hf auth login`` or ``HF_TOKEN``). A failed upload is a warning: the outputs stay in ``output_dir``. Default false."""
     hub_model_id: str | None = None
-    """Hub repository to upload to (``user/name``); required with ``push_to_hub``. Default none."""
+    """Hub repository to upload to (``user/name``); required with ``push_to_hub``. The model card's usage snippet loads from it. Default none."""
+    model_card_private: bool = False
+    """With ``push_to_hub``: create the Hub repo as private (an existing repo keeps its visibility). Default false."""
     model_card_note: str | None = None
     """Text added near the top of the generated model card. Default none."""
 
@@ -365,12 +431,19 @@ class TrainConfig:
             self.offload_settings()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if self.gradient_checkpointing_interval and not self.gradient_checkpointing:
+            raise ConfigError(
+                "gradient_checkpointing_interval needs gradient_checkpointing: true (it picks which "
+                "blocks are checkpointed)"
+            )
         if self.max_train_steps is None and self.num_train_epochs < 1:
             raise ConfigError(
                 "max_train_steps or num_train_epochs must be set (> 0); both are 0"
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (the repository to upload to)")
+        if self.diff2flow_loss and not self.diff2flow_enabled:
+            raise ConfigError("diff2flow_loss needs diff2flow_enabled: true (the diffusion-to-flow bridge)")
         if self.peft_lora_target_modules is not None and not self.peft_lora_target_modules:
             raise ConfigError("peft_lora_target_modules must name at least one module, got []")
         self._check_adapter_choices()
@@ -387,6 +460,19 @@ class TrainConfig:
 
             parse_optimizer_config(self.optimizer_config)  # raises on a malformed list
         self.validation_sizes()  # raises on a malformed validation_resolution
+        for key in ("eval_steps_interval", "eval_epoch_interval"):
+            if getattr(self, key) and not self.eval_dataset_id:
+                raise ConfigError(f"{key} needs eval_dataset_id (the held-out dataset to measure eval_loss on)")
+        if self.evaluation_type == "clip" and not self.pretrained_evaluation_model_name_or_path:
+            raise ConfigError(
+                "evaluation_type 'clip' needs pretrained_evaluation_model_name_or_path (a CLIP model folder or hub id)"
+            )
+        start, stop = self.validation_guidance_skip_layers_start, self.validation_guidance_skip_layers_stop
+        if (0.01 if start is None else start) >= (0.2 if stop is None else stop):  # the pipeline's defaults
+            raise ConfigError(
+                f"validation_guidance_skip_layers_start ({start if start is not None else 'default 0.01'}) must be "
+                f"below validation_guidance_skip_layers_stop ({stop if stop is not None else 'default 0.2'})"
+            )
 
     def _check_adapter_choices(self) -> None:
         """Combinations of model_type / lora_type / init options that cannot work together."""
@@ -424,6 +510,18 @@ class TrainConfig:
                 raise ConfigError(f"init_lora cannot be combined with lora_init_type {self.lora_init_type!r} (it changes the base weights)")
 
     # --- derived values ----------------------------------------------------------------------------
+
+    def validation_options(self) -> dict[str, Any]:
+        """The validation keys the user set that only some families act on (SD3's skip-layer
+        guidance), for ``family.generate(options=...)``; a family warns once about those it does
+        not use, so the trainer needs no family names."""
+        names = (
+            "validation_guidance_skip_layers",
+            "validation_guidance_skip_layers_start",
+            "validation_guidance_skip_layers_stop",
+            "validation_guidance_skip_scale",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def validation_sizes(self) -> list[tuple[int, int]]:
         """``validation_resolution`` as ``[(width, height), ...]``; ``"1024"`` is square."""

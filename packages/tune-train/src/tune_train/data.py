@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import attrs
@@ -20,7 +21,9 @@ from tqdm.auto import tqdm
 from tune_data.buckets import PlannedImage, load_training_image, plan_buckets, plan_image
 from tune_data.cache import TensorCache, cache_root_for, latent_entry_metadata
 from tune_data.captions import caption_dropped
-from tune_data.config import DatasetConfig, text_embeds_for
+from tune_data.conditioning import ConditioningIndex, discover_conditioning, pair_conditioning, plan_reference
+from tune_data.config import DatasetConfig, conditioning_for, text_embeds_for
+from tune_data.discovery import ImageRecord
 from tune_data.discovery import DiscoveryReport, discover
 from tune_data.sampler import BucketBatchSampler, MultiDatasetSampler, dataset_weights
 from tune_data.storage import StorageProvider, open_storage
@@ -43,9 +46,27 @@ class PreparedDataset:
     of ``vae_cache_clear_each_epoch``), by path; :meth:`TrainingData.load_batch` reads through it."""
     encode_on_demand: bool = False
     """Latents are encoded when first drawn (``vae_cache_ondemand``, or after an epoch-end clear)."""
+    conditioning: tuple[PreparedConditioning, ...] = ()
+    """The conditioning datasets its ``conditioning_data`` names, in that order."""
+    pairs: dict[str, tuple[ImageRecord, ...]] = attrs.field(factory=dict)
+    """Training image path -> its conditioning image in each of :attr:`conditioning`."""
 
     def current(self, planned: PlannedImage) -> PlannedImage:
         return self.replanned.get(planned.record.path, planned)
+
+
+@attrs.define
+class PreparedConditioning:
+    """One ``dataset_type: conditioning`` dataset: its discovered images and its latent cache.
+
+    Reference latents are planned from their target's current plan when a batch is loaded
+    (:func:`tune_data.conditioning.plan_reference`), so a strict reference follows its target's
+    crop; each plan is its own cache entry (the crop is part of the key)."""
+
+    config: DatasetConfig
+    storage: StorageProvider
+    index: ConditioningIndex
+    latent_cache: TensorCache
 
 
 @attrs.frozen
@@ -63,7 +84,7 @@ class CacheScan:
     """``recreate`` (the images are encoded again) or ``sync`` (they were left out of this run)."""
 
 
-def latent_key(dataset: PreparedDataset, planned: PlannedImage) -> str:
+def latent_key(dataset: PreparedDataset | PreparedConditioning, planned: PlannedImage) -> str:
     """Cache key of one image's latent: file identity, bucket and crop are all part of it."""
     return dataset.latent_cache.key(planned.cache_item_id, planned.record.identity)
 
@@ -89,8 +110,13 @@ class TrainingData:
         model_identity: str,
         seed: int,
         progress: bool = True,
+        conditioning_sampling: str = "combined",
     ) -> None:
         self.cache_root = Path(cache_root)
+        self.conditioning_sampling = conditioning_sampling
+        """``conditioning_multidataset_sampling``: ``combined`` (every conditioning dataset's
+        reference per sample) or ``random`` (one dataset per batch, from the seed and step)."""
+        self.conditioning: dict[str, PreparedConditioning] = {}
         self.model_identity = model_identity
         self.seed = seed
         self.progress = progress
@@ -103,7 +129,7 @@ class TrainingData:
                 "video yet. tune-data discovers and reads video datasets (tune-data inspect, "
                 'tune_data.video.load_training_clip); set "disabled": true on them to train on the rest.'
             )
-        unsupported = [d for d in datasets if d.dataset_type not in ("image", "text_embeds")]
+        unsupported = [d for d in datasets if d.dataset_type not in ("image", "text_embeds", "conditioning")]
         if unsupported:
             kinds = ", ".join(f"{d.id!r} ({d.dataset_type})" for d in unsupported)
             raise NotImplementedError(f"dataset_type not supported yet by the trainer: {kinds}")
@@ -129,6 +155,17 @@ class TrainingData:
             storage = open_storage(config)
             metadata_dir = self.cache_root / "metadata" / config.id
             report = discover(config, storage, metadata_dir=metadata_dir, progress=self.progress)
+            conditioning = tuple(self._prepare_conditioning(c) for c in conditioning_for(config, self.configs))
+            pairs: dict[str, tuple[ImageRecord, ...]] = {}
+            if conditioning:
+                # Images without a pair in every conditioning dataset are dropped ("missing conditioning").
+                report, pairs = pair_conditioning(report, [c.index for c in conditioning])
+                if not report.kept:
+                    names = ", ".join(repr(c.config.id) for c in conditioning)
+                    raise ValueError(
+                        f"dataset {config.id!r}: no image has a pair (same relative path) in its "
+                        f"conditioning_data {names}; {report.summary()}"
+                    )
             for dropped in report.dropped:
                 log.info("dataset %r: dropped %s (%s)", config.id, dropped.path, dropped.reason)
             buckets = plan_buckets(list(report.kept), config, seed=self.seed)
@@ -152,6 +189,8 @@ class TrainingData:
                 latent_cache,
                 self._text_cache(config),
                 encode_on_demand=config.vae_cache_ondemand,
+                conditioning=conditioning,
+                pairs=pairs,
             )
             if config.scan_for_errors:
                 # Here, before the sampler is built: a 'sync' scan changes the buckets it draws from.
@@ -165,6 +204,46 @@ class TrainingData:
                         "re-encoding" if scan.behaviour == "recreate" else "left out of this run",
                         ", ".join(f"{path} ({why})" for path, why in scan.damaged[:8]),
                     )
+
+    def _prepare_conditioning(self, config: DatasetConfig) -> PreparedConditioning:
+        """Discover a conditioning dataset once, however many image datasets name it."""
+        if config.id not in self.conditioning:
+            storage = open_storage(config)
+            index = discover_conditioning(
+                config, storage, metadata_dir=self.cache_root / "metadata" / config.id, progress=self.progress
+            )
+            vae_root, storage_options = (
+                cache_root_for(config, config.cache_dir_vae)
+                if config.cache_dir_vae
+                else (str(self.cache_root / "vae" / config.id), None)
+            )
+            cache = TensorCache(
+                vae_root,
+                "latents",
+                {"model": self.model_identity, **config.cache_settings()},
+                storage_options=storage_options,
+            )
+            self.conditioning[config.id] = PreparedConditioning(config, storage, index, cache)
+        return self.conditioning[config.id]
+
+    @property
+    def conditioned_datasets(self) -> dict[str, tuple[str, ...]]:
+        """Image dataset id -> the conditioning dataset ids it trains with (only those that have some)."""
+        return {
+            dataset_id: tuple(c.config.id for c in dataset.conditioning)
+            for dataset_id, dataset in self.prepared.items()
+            if dataset.conditioning
+        }
+
+    def reference_plans(
+        self, dataset: PreparedDataset, planned: PlannedImage
+    ) -> list[tuple[PreparedConditioning, PlannedImage]]:
+        """Each conditioning dataset's planned reference for one (current) training image plan."""
+        records = dataset.pairs[planned.record.path]
+        return [
+            (conditioning, plan_reference(planned, record, conditioning.config, seed=self.seed))
+            for conditioning, record in zip(dataset.conditioning, records)
+        ]
 
     def captions(self) -> set[str]:
         """Every caption the run can feed the model (including the empty one for caption dropout)."""
@@ -187,6 +266,9 @@ class TrainingData:
         for dataset in self.prepared.values():
             if dataset.encode_on_demand:
                 continue
+            encoded += self._encode_references(
+                dataset, [p for images in dataset.buckets.values() for p in images], encode_images, batch_size
+            )
             todo = [
                 planned
                 for images in dataset.buckets.values()
@@ -200,17 +282,73 @@ class TrainingData:
             for planned in todo:
                 by_bucket.setdefault(planned.bucket, []).append(planned)
             bar = tqdm(total=len(todo), desc=f"caching latents ({dataset.config.id})", disable=not self.progress)
-            for group in by_bucket.values():
-                for start in range(0, len(group), batch_size):
-                    chunk = group[start : start + batch_size]
-                    self._encode(dataset, chunk, encode_images)
-                    encoded += len(chunk)
-                    bar.update(len(chunk))
+            # A worker thread writes (or uploads) the entries while the VAE encodes the next batch.
+            with dataset.latent_cache.writer() as writer:
+                for group in by_bucket.values():
+                    for start in range(0, len(group), batch_size):
+                        chunk = group[start : start + batch_size]
+                        self._encode(dataset, chunk, encode_images, save=writer.put)
+                        encoded += len(chunk)
+                        bar.update(len(chunk))
             bar.close()
         return encoded
 
-    def _encode(self, dataset: PreparedDataset, chunk: Sequence[PlannedImage], encode_images) -> None:
-        """Encode images of one bucket and write their latent entries (with what inspect reads)."""
+    def _encode_references(
+        self, dataset: PreparedDataset, targets: Sequence[PlannedImage], encode_images, batch_size: int
+    ) -> int:
+        """Encode the references of ``targets`` missing from their conditioning caches."""
+        if not dataset.conditioning:
+            return 0
+        todo: dict[tuple[str, tuple[int, int]], list[PlannedImage]] = {}
+        seen: set[tuple[str, str]] = set()
+        for target in targets:
+            for conditioning, plan in self.reference_plans(dataset, target):
+                key = latent_key(conditioning, plan)
+                if (conditioning.config.id, key) in seen or conditioning.latent_cache.has(key):
+                    continue
+                seen.add((conditioning.config.id, key))
+                todo.setdefault((conditioning.config.id, plan.bucket), []).append(plan)
+        total = sum(len(plans) for plans in todo.values())
+        bar = tqdm(total=total, desc=f"caching reference latents ({dataset.config.id})", disable=not self.progress or not total)
+        for (conditioning_id, _), plans in todo.items():
+            for start in range(0, len(plans), max(1, batch_size)):
+                chunk = plans[start : start + max(1, batch_size)]
+                self._encode(self.conditioning[conditioning_id], chunk, encode_images)
+                bar.update(len(chunk))
+        bar.close()
+        return total
+
+    def load_references(
+        self, dataset_id: str, batch: Sequence[PlannedImage], *, step: int = 0
+    ) -> list[list[torch.Tensor]]:
+        """Each sample's cached reference latents (one per conditioning dataset, in
+        ``conditioning_data`` order; with ``conditioning_multidataset_sampling: random`` one dataset,
+        the same for the whole batch, chosen from the seed and step). Empty lists for a dataset
+        without ``conditioning_data``."""
+        dataset = self.prepared[dataset_id]
+        if not dataset.conditioning:
+            return [[] for _ in batch]
+        current = [dataset.current(planned) for planned in batch]
+        if self.encode_images is not None:
+            # Only what is missing: references of on-demand datasets, or strict references of a
+            # target whose crop moved at an epoch end.
+            self._encode_references(dataset, current, self.encode_images, self.encode_batch_size)
+        chosen = range(len(dataset.conditioning))
+        if self.conditioning_sampling == "random" and len(dataset.conditioning) > 1:
+            salt = zlib.crc32(dataset_id.encode())
+            pick = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + salt) % 2**63)
+            chosen = [int(torch.randint(len(dataset.conditioning), (1,), generator=pick))]
+        out = []
+        for planned in current:
+            plans = self.reference_plans(dataset, planned)
+            out.append(
+                [plans[i][0].latent_cache.load(latent_key(plans[i][0], plans[i][1]))["latents"] for i in chosen]
+            )
+        return out
+
+    def _encode(self, dataset: PreparedDataset, chunk: Sequence[PlannedImage], encode_images, save=None) -> None:
+        """Encode images of one bucket and write their latent entries (with what inspect reads);
+        ``save`` (default: the cache's own) may be a background :class:`CacheWriter`'s ``put``."""
         pixels = torch.stack([pixels_from_array(load_training_image(dataset.storage, p)) for p in chunk])
         with torch.no_grad():
             latents = encode_images(pixels).float().cpu()
@@ -220,7 +358,7 @@ class TrainingData:
                 planned.cache_item_id, planned.record.identity, dataset.config.cache_settings(),
                 str(settings.get("model", "")),
             )
-            dataset.latent_cache.save(latent_key(dataset, planned), {"latents": latent}, meta)
+            (save or dataset.latent_cache.save)(latent_key(dataset, planned), {"latents": latent}, meta)
 
     def scan_latent_cache(self, dataset_id: str) -> CacheScan:
         """Read back every latent entry of a dataset; delete the damaged ones and repair the plan.
@@ -323,8 +461,14 @@ class TrainingData:
             bar.close()
         return encoded
 
-    def build_sampler(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> MultiDatasetSampler:
-        """Bucket-homogeneous batches per dataset, mixed by weight (SimpleTuner's auto-weighting)."""
+    def build_sampler(
+        self, batch_size: int, *, rank: int = 0, world_size: int = 1, exclude: Collection[str] = ()
+    ) -> MultiDatasetSampler:
+        """Bucket-homogeneous batches per dataset, mixed by weight (SimpleTuner's auto-weighting).
+
+        Datasets named in ``exclude`` (the held-out ``eval_dataset_id``) are cached like the others
+        but never drawn for training."""
+        training = {dataset_id: d for dataset_id, d in self.prepared.items() if dataset_id not in exclude}
         samplers = {
             dataset_id: BucketBatchSampler(
                 dataset.buckets,
@@ -335,14 +479,14 @@ class TrainingData:
                 world_size=world_size,
                 dataset_id=dataset_id,
             )
-            for dataset_id, dataset in self.prepared.items()
+            for dataset_id, dataset in training.items()
         }
         # SimpleTuner's default auto-weighting: probability x (images x (1 + repeats)).
         weights = dataset_weights(
-            {dataset_id: d.config.probability for dataset_id, d in self.prepared.items()},
+            {dataset_id: d.config.probability for dataset_id, d in training.items()},
             {
                 dataset_id: sum(len(images) for images in d.buckets.values()) * (1 + d.config.repeats)
-                for dataset_id, d in self.prepared.items()
+                for dataset_id, d in training.items()
             },
             mode="auto",
         )
@@ -390,3 +534,51 @@ class TrainingData:
             )
         for start in range(0, len(missing), max(1, self.encode_batch_size)):
             self._encode(dataset, missing[start : start + self.encode_batch_size], self.encode_images)
+
+
+def check_reference_support(data: TrainingData, family, flavour: str | None = None) -> None:
+    """Refuse conditioning datasets for a family (flavour) whose ``predict`` cannot take reference
+    latents (``accepts_references``): training such a model on edit pairs would silently drop the
+    references and teach it text-to-image on the edited images. Runs before any weights load."""
+    conditioned = data.conditioned_datasets
+    if not conditioned:
+        return
+    accepts = getattr(family, "accepts_references", None)
+    if accepts(flavour) if accepts is not None else getattr(family, "accepts_reference_latents", False):
+        return
+    from tune_train.config import ConfigError
+
+    pairs = "; ".join(f"{image!r} uses {', '.join(map(repr, refs))}" for image, refs in conditioned.items())
+    label = getattr(family, "label", "") or getattr(family, "name", "?")
+    raise ConfigError(
+        f"conditioning_data: model_family {getattr(family, 'name', '?')!r} ({label})"
+        + (f" flavour {flavour!r}" if flavour else "")
+        + f" cannot train with reference images ({pairs}). Use one that takes them (flux2, or flux "
+        "with model_flavour kontext), or remove conditioning_data from the dataset to train text-to-image."
+    )
+
+
+def reference_kwargs(references: Sequence[Sequence[torch.Tensor]], dataset_id: str, device) -> dict:
+    """``predict``'s ``reference_latents`` for one batch: per reference slot, the samples' latents
+    stacked (``B x C x h x w``); nothing when the dataset has no conditioning data, so families
+    without the keyword are called as before.
+
+    Every sample of a batch must have references of one size per slot: true for
+    ``reference_strict`` (the target's bucket); for ``reference_loose`` the references keep their
+    own buckets, so a batch larger than one needs references of one aspect."""
+    if not references or not any(references):
+        return {}
+    slots = len(references[0])
+    stacked = []
+    for slot in range(slots):
+        tensors = [sample[slot] for sample in references]
+        shapes = sorted({tuple(t.shape) for t in tensors})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"dataset {dataset_id!r}: the reference latents of one batch differ in size "
+                f"({', '.join('x'.join(map(str, s)) for s in shapes)}). A reference_loose conditioning "
+                "dataset keeps each reference's own aspect bucket: use train_batch_size 1, or give "
+                "the references one aspect (crop: true with crop_aspect: square on the conditioning dataset)."
+            )
+        stacked.append(torch.stack(tensors).to(device))
+    return {"reference_latents": stacked}

@@ -16,6 +16,19 @@ The second noise scheme of the generic loop, beside :mod:`tune_train.flow`. A fa
   (``1 / (1/SNR + 1/gamma)``); it equals k-diffusion's soft-min-SNR weighting with
   ``sigma_data**2 = 1 / gamma``, and avoids the kink at ``SNR = gamma``.
 
+Diff2Flow (SimpleTuner's ``diff2flow_enabled`` + ``diff2flow_loss``; Schusterbauer et al. 2025)
+trains such a model with the flow-matching objective instead, without touching the network:
+the sample is noised exactly as above, and the network's native output is read as what it
+implies about the pair ``(x0, noise)`` -- for epsilon ``noise_hat = pred`` and
+``x0_hat = (x_t - sqrt(1 - a) noise_hat) / sqrt(a)``; for v-prediction
+``x0_hat = sqrt(a) x_t - sqrt(1 - a) v`` and ``noise_hat = sqrt(1 - a) x_t + sqrt(a) v``. The
+implied velocity ``noise_hat - x0_hat`` is regressed onto the flow target ``noise - x0`` (the
+same convention as :func:`tune_train.flow.velocity_target`). Both paths share one ``(x0, noise)``
+pair, so a perfect prediction in the native space is a perfect velocity: the objective changes
+how errors are weighted across timesteps (high-noise epsilon errors count more, since
+``x0_hat`` amplifies them by ``sqrt(1 - a) / sqrt(a)``), never what the optimum is. The model
+still predicts epsilon / v afterwards, so validation and export are unchanged.
+
 Every random draw comes from the step's generator, so resumed runs stay exact.
 """
 
@@ -96,6 +109,9 @@ class DDPMScheme:
     """Min-SNR-gamma weighting when set (SimpleTuner's ``snr_gamma``)."""
     soft_min_snr: bool = False
     """Use the smooth minimum (SimpleTuner's ``use_soft_min_snr``)."""
+    diff2flow: bool = False
+    """Train against the flow velocity (Diff2Flow, see the module doc): ``target`` becomes
+    ``noise - x0`` and ``loss`` converts the prediction before comparing."""
 
     def __attrs_post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -139,19 +155,54 @@ class DDPMScheme:
         return _view(alpha.sqrt(), latents) * latents + _view((1 - alpha).sqrt(), latents) * noise
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the network learns: ``noise`` or the velocity ``sqrt(a) noise - sqrt(1-a) x0``."""
+        """What the network learns: ``noise`` or the velocity ``sqrt(a) noise - sqrt(1-a) x0``
+        (with ``diff2flow``: the flow velocity ``noise - x0``)."""
+        if self.diff2flow:
+            return noise - latents
         if self.prediction_type == "epsilon":
             return noise
         alpha = self._alpha(timesteps).to(latents.device)
         return _view(alpha.sqrt(), latents) * noise - _view((1 - alpha).sqrt(), latents) * latents
+
+    def flow_velocity(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The flow velocity ``noise_hat - x0_hat`` a native (epsilon / v) prediction implies at
+        ``noisy = x_t`` (the module doc has the algebra). Computed in float32 at least; the
+        schedule's coefficients come from the float64 ``alphas_cumprod``."""
+        dtype = torch.promote_types(prediction.dtype, torch.float32)
+        prediction = prediction.to(dtype)
+        noisy = noisy.to(prediction.device, dtype)
+        alpha = self._alpha(timesteps).to(prediction.device)
+        a, s = _view(alpha.sqrt(), prediction), _view((1 - alpha).sqrt(), prediction)
+        if self.prediction_type == "epsilon":
+            noise_hat = prediction
+            x0_hat = (noisy - s * noise_hat) / a
+        else:
+            x0_hat = a * noisy - s * prediction
+            noise_hat = s * noisy + a * prediction
+        return noise_hat - x0_hat
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``a_t / (1 - a_t)`` per sample (float64)."""
         alpha = self._alpha(timesteps)
         return alpha / (1 - alpha)
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """MSE, per sample weighted by min-SNR when ``snr_gamma`` is set (plain MSE otherwise)."""
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+        noisy: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MSE, per sample weighted by min-SNR when ``snr_gamma`` is set (plain MSE otherwise).
+
+        With ``diff2flow`` the prediction is first converted to the flow velocity, which needs the
+        model input ``noisy``; the loss is then the plain MSE to the flow target (min-SNR weights
+        are derived for the native targets and do not apply)."""
+        if self.diff2flow:
+            if noisy is None:
+                raise ValueError("diff2flow needs the noisy latents the model saw: pass noisy= to DDPMScheme.loss")
+            velocity = self.flow_velocity(prediction, noisy, timesteps)
+            return torch.nn.functional.mse_loss(velocity.float(), target.to(velocity.device).float())
         prediction, target = prediction.float(), target.to(prediction.device).float()
         if not self.snr_gamma:
             return torch.nn.functional.mse_loss(prediction, target)
@@ -166,8 +217,15 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     its name. ``config`` supplies SimpleTuner's ``prediction_type`` (overrides the checkpoint's
     scheduler config; it is recorded in ``model.extras`` so validation samples the same way),
     ``snr_gamma``, ``use_soft_min_snr`` and ``refiner_training`` / ``refiner_training_strength``
-    (train only the lowest ``strength`` share of the timesteps, the range a refiner denoises)."""
+    (train only the lowest ``strength`` share of the timesteps, the range a refiner denoises),
+    and ``diff2flow_enabled`` / ``diff2flow_loss`` (train on the flow velocity; refused for flow
+    families, which need no bridge)."""
     override = getattr(config, "prediction_type", None)
+    if family.prediction == "flow" and (getattr(config, "diff2flow_enabled", False) or getattr(config, "diff2flow_loss", False)):
+        raise ValueError(
+            f"diff2flow_enabled / diff2flow_loss do not apply to model_family {family.name!r}, which is already "
+            "trained with flow matching (diff2flow bridges epsilon / v-prediction models to it); remove the keys"
+        )
     if family.prediction == "flow":
         if override not in (None, "flow_matching"):
             raise ValueError(
@@ -190,4 +248,24 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     scheme.soft_min_snr = bool(getattr(config, "use_soft_min_snr", False))
     if scheme.soft_min_snr and not scheme.snr_gamma:
         raise ValueError("use_soft_min_snr needs snr_gamma (the gamma of the soft minimum), e.g. 5")
+    scheme.diff2flow = _diff2flow(config)
+    if scheme.diff2flow and scheme.prediction_type == "epsilon" and float(scheme.alphas_cumprod.min()) < 1e-8:
+        # x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) is undefined at a = 0 (zero terminal SNR).
+        raise ValueError(
+            "diff2flow_loss with an epsilon model needs a schedule without zero terminal SNR "
+            "(x0 cannot be recovered from an epsilon prediction at pure noise); use prediction_type: v_prediction"
+        )
+    if scheme.diff2flow and scheme.snr_gamma:
+        log.warning("snr_gamma is ignored with diff2flow_loss: the loss is the plain MSE to the flow velocity")
     return scheme
+
+
+def _diff2flow(config: Any) -> bool:
+    """Whether ``diff2flow_loss`` is on (it needs ``diff2flow_enabled``, as in SimpleTuner, where
+    the flag alone only prepares the bridge and changes nothing)."""
+    enabled, loss = bool(getattr(config, "diff2flow_enabled", False)), bool(getattr(config, "diff2flow_loss", False))
+    if loss and not enabled:
+        raise ValueError("diff2flow_loss needs diff2flow_enabled: true (the diffusion-to-flow bridge)")
+    if enabled and not loss:
+        log.warning("diff2flow_enabled alone changes nothing; set diff2flow_loss: true to train on the flow target")
+    return enabled and loss

@@ -1,7 +1,11 @@
 """An exponential moving average of the trained parameters (the LoRA weights, not the model).
 
 ``ema = decay * ema + (1 - decay) * weights`` after every ``update_interval``-th optimizer step,
-with a constant ``decay``. The shadow tensors are fp32 and live on ``storage_device``; with
+with a constant ``decay``, except during a warm-up: an update at optimizer step
+``s <= warmup_steps`` copies the weights (decay 0). A LoRA starts at zero change, so an average
+that includes the untrained start drags the exported weights back towards "no LoRA" for a long
+time (with decay 0.999, about a thousand steps); copying during the warm-up starts the average
+from weights that have already learnt something. The shadow tensors are fp32 and live on ``storage_device``; with
 ``update_on_storage`` false they visit the parameters' device for each update (fast on a GPU),
 otherwise the parameters visit them (``ema_cpu_only``). Their state is part of every checkpoint so
 a resumed run continues the same average.
@@ -27,6 +31,7 @@ class EMA:
         update_on_storage: bool = False,
         update_interval: int = 1,
         foreach: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
         if not 0 <= decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
@@ -36,6 +41,9 @@ class EMA:
         self.update_on_storage = update_on_storage
         self.update_interval = max(1, int(update_interval))
         self.foreach = foreach
+        if warmup_steps < 0:
+            raise ValueError(f"ema_warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = int(warmup_steps)
         self.num_updates = 0
         self.shadow = [p.detach().to(self.storage_device, torch.float32, copy=True) for p in self.params]
 
@@ -44,7 +52,7 @@ class EMA:
         """Update after optimizer step ``global_step`` (1-based) when the interval says so."""
         if global_step % self.update_interval:
             return False
-        weight = 1.0 - self.decay
+        weight = 1.0 - self.decay_at(global_step)
         if self.update_on_storage or not self.params:
             device = self.storage_device
         else:
@@ -62,6 +70,10 @@ class EMA:
             self.shadow = shadow
         self.num_updates += 1
         return True
+
+    def decay_at(self, global_step: int) -> float:
+        """The decay of an update after optimizer step ``global_step``: 0 during the warm-up."""
+        return 0.0 if global_step <= self.warmup_steps else self.decay
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from tune_data.config import DatasetConfig
 from tune_train import checkpoint as ckpt
-from tune_train import ddpm, flow
+from tune_train import ddpm, evaluation, flow
 from tune_train.artifacts import TrainedAdapter
 from tune_train.config import ConfigError, TrainConfig
-from tune_train.data import TrainingData
+from tune_train.data import TrainingData, check_reference_support, reference_kwargs
 from tune_train.loss_log import LossLog
 from tune_train.ema import EMA
 from tune_train.registry import lr_schedulers, optimizers
@@ -75,9 +75,9 @@ def nonfinite_groups(named_tensors: Sequence[tuple[str, torch.Tensor | None]]) -
 
 
 def _trackers(report_to: str) -> list[str]:
-    return {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}.get(
-        report_to, []
-    )
+    from tune_train.trackers import tracker_names
+
+    return tracker_names(report_to)
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -106,6 +106,11 @@ class Trainer:
         self.global_step = 0
         self.losses: list[float] = []
         self.validation_images: dict[int, list[tuple[str, str]]] = {}
+        self.eval_losses: dict[int, float] = {}
+        """``eval_loss`` by step (``eval_dataset_id``); also in ``eval_log.csv``."""
+        self.clip_scores: dict[int, float] = {}
+        """Mean ``clip_score`` of the validation images by step (``evaluation_type: clip``)."""
+        self._clip: evaluation.ClipScorer | None = None
         self._is_setup = False
 
     # ------------------------------------------------------------------ setup
@@ -127,6 +132,9 @@ class Trainer:
             self.resume_path = ckpt.resolve_resume_path(self.output_dir, config.resume_from_checkpoint)
 
         trackers = _trackers(config.report_to)
+        from tune_train.trackers import check_installed, init_kwargs
+
+        check_installed(config.report_to)  # a missing tracker library fails before the model loads
         mixed = config.mixed_precision if config.mixed_precision in ("bf16", "fp16") else "no"
         # accelerate keeps one process-wide state; a second run in the same process (a notebook,
         # a test suite) with another precision must start from a clean one. The distributed
@@ -174,19 +182,23 @@ class Trainer:
         build_scheduler = lr_schedulers.load(config.lr_scheduler)
 
         # Data first: a wrong folder, an empty dataset or one smaller than a batch fails in
-        # seconds, before any weights load.
+        # seconds, before any weights load. The eval dataset is cached but never trained on.
+        self.eval_dataset_id = evaluation.check_eval_dataset(config, self.datasets)
         self.data = TrainingData(
             self.datasets,
             cache_root=config.cache_dir,
             model_identity=self.model_identity,
             seed=config.seed,
             progress=self.progress,
+            conditioning_sampling=config.conditioning_multidataset_sampling,
         )
         self.data.discover()
+        check_reference_support(self.data, self.family, self.flavour.name)
         self.sampler = self.data.build_sampler(
             config.train_batch_size,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
+            exclude=[self.eval_dataset_id] if self.eval_dataset_id else (),
         )
         self.total_steps = config.total_steps(self.data.batches_per_epoch)
 
@@ -199,15 +211,30 @@ class Trainer:
 
         transformer = self.model.transformer
         if config.base_model_precision not in (None, "no_change"):
-            from tune_quant.presets import quantise
+            if config.quantize_via == "accelerator" and self.accelerator.device.type != "cpu":
+                # Block by block on the GPU: fast, and the blocks block swap will stream go
+                # straight back to the CPU, so the whole bf16 model is never on the device.
+                from tune_quant.blockwise import quantise_blockwise
 
-            quantise(transformer, config.base_model_precision, device=self.accelerator.device.type)
+                quantise_blockwise(
+                    transformer, config.base_model_precision, device=self.accelerator.device,
+                    offload_last=config.musubi_blocks_to_swap, offload_device=config.musubi_block_swap_device,
+                )
+            else:
+                from tune_quant.presets import quantise
+
+                quantise(transformer, config.base_model_precision, device=self.accelerator.device.type)
         offload = config.offload_settings()
         offload.check_device(self.accelerator.device)
         if config.gradient_checkpointing:
             # None keeps diffusers' own checkpointing; offload_checkpointed_activations swaps in
             # one that parks each block's saved input in pinned CPU memory until backward.
-            transformer.enable_gradient_checkpointing(offload.gradient_checkpointing_func())
+            checkpoint_func = offload.gradient_checkpointing_func()
+            if config.gradient_checkpointing_interval:  # only every Nth block; the rest keep activations
+                from tune_offload.checkpointing import every_nth_checkpoint
+
+                checkpoint_func = every_nth_checkpoint(transformer, config.gradient_checkpointing_interval, checkpoint_func)
+            transformer.enable_gradient_checkpointing(checkpoint_func)
         # The PEFT LoRA / LyCORIS network / whole transformer to train (adapter_setup.py), started
         # from init_lora when set. Adapters train in fp32 unless the optimizer is built for
         # low-precision weights (adamw_bf16 keeps bf16 and makes up for rounding with Kahan sums).
@@ -241,6 +268,7 @@ class Trainer:
                 update_on_storage=config.ema_cpu_only,
                 update_interval=config.ema_update_interval or 1,
                 foreach=not config.ema_foreach_disable,
+                warmup_steps=config.ema_warmup_steps,
             )
 
         if self.resume_path is not None:
@@ -251,29 +279,54 @@ class Trainer:
         if trackers:
             logging_dir = self.output_dir / config.logging_dir
             logging_dir.mkdir(parents=True, exist_ok=True)
-            init_kwargs = {"wandb": {"dir": str(logging_dir), "name": config.tracker_run_name}} if "wandb" in trackers else {}
+            tracker_kwargs = init_kwargs(config.report_to, logging_dir=logging_dir, run_name=config.tracker_run_name)
             self.accelerator.init_trackers(
                 config.tracker_project_name,
                 config={k: v for k, v in attrs.asdict(config).items() if isinstance(v, (int, float, str, bool))},
-                init_kwargs=init_kwargs,
+                init_kwargs=tracker_kwargs,
             )
         self._is_setup = True
 
     def _cache_embeddings(self) -> None:
-        """Fill the latent and text caches, moving each encoder to the device only while it runs."""
+        """Fill the latent and text caches, moving each encoder to the device only while it runs.
+
+        The VAE and the text encoders are never on the device together (SimpleTuner's
+        ``offload_during_startup``, always on here: a 24 B text encoder beside the VAE is what
+        runs a card out of memory), and a component moves only once something needs encoding,
+        so a run whose caches are full moves nothing.
+        """
         device = self.accelerator.device
         model, family = self.model, self.family
-        model.vae.to(device)
-        self.latents_encoded = self.data.cache_latents(
-            lambda pixels: family.encode_images(model, pixels.to(device, model.vae.dtype)),
-            batch_size=self.config.vae_batch_size,
-        )
-        model.vae.to("cpu")
-        for encoder in model.text_encoders:
-            encoder.to(device)
-        self.prompts_encoded = self.data.cache_text(lambda prompts: family.encode_prompts(model, prompts))
-        for encoder in model.text_encoders:
-            encoder.to("cpu")
+        moved: list[Any] = []
+        caching = True
+
+        def onload(*components: Any) -> None:
+            if caching:  # on-demand VAE encoding during training keeps the VAE where it is
+                for component in components:
+                    if not any(component is m for m in moved):
+                        component.to(device)
+                        moved.append(component)
+
+        def offload() -> None:
+            for component in moved:
+                component.to("cpu")
+            moved.clear()
+
+        def encode_images(pixels: Any) -> Any:
+            onload(model.vae)
+            return family.encode_images(model, pixels.to(device, model.vae.dtype))
+
+        def encode_prompts(prompts: Any) -> Any:
+            onload(*model.text_encoders)
+            return family.encode_prompts(model, prompts)
+
+        try:
+            self.latents_encoded = self.data.cache_latents(encode_images, batch_size=self.config.vae_batch_size)
+            offload()
+            self.prompts_encoded = self.data.cache_text(encode_prompts)
+        finally:
+            offload()
+            caching = False
 
     def _resume(self, path: Path) -> None:
         adapter, state, info = ckpt.load_checkpoint(path)
@@ -313,6 +366,7 @@ class Trainer:
         config = self.config
         drop = (torch.rand(len(batch), generator=generator) < config.caption_dropout_probability).tolist()
         latents, prompts = self.data.load_batch(dataset_id, batch, drop, step=self.global_step)
+        references = self.data.load_references(dataset_id, batch, step=self.global_step)
         device = self.accelerator.device
         scheme = self.ddpm
         if scheme is not None:
@@ -360,10 +414,11 @@ class Trainer:
         prompt_batch.update(self.family.batch_conditions(self.model, geometry, device=device, dtype=dtype))
         with self.accelerator.autocast():
             prediction = self.family.predict(
-                self.model, noisy.to(device), sigmas.to(device), prompt_batch
+                self.model, noisy.to(device), sigmas.to(device), prompt_batch,
+                **reference_kwargs(references, dataset_id, device),
             )
         if scheme is not None:
-            return scheme.loss(prediction, target, sigmas)
+            return scheme.loss(prediction, target, sigmas, noisy=noisy)
         return torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
 
     def train_step(self) -> dict[str, float]:
@@ -380,6 +435,7 @@ class Trainer:
             context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.transformer)
             with context:
                 loss = self.compute_loss(dataset_id, batch, step_generator(config.seed, step, micro))
+                loss = self._prior_weighted(dataset_id, batch, loss)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"loss is {loss.item()} at step {step + 1} (dataset {dataset_id!r}); stopping "
@@ -417,6 +473,8 @@ class Trainer:
         self.hook.tune_train_start(trainer=self)
         if config.validation_on_startup and self.global_step == 0:
             self.validate()
+        if self.global_step == 0:
+            self.evaluate()  # the baseline eval_loss
         bar = tqdm(
             total=self.total_steps,
             initial=self.global_step,
@@ -446,6 +504,10 @@ class Trainer:
                     or (epoch and config.validation_epoch_interval and epoch % config.validation_epoch_interval == 0)
                 ):
                     self.validate()
+                if self.global_step < self.total_steps and evaluation.eval_due(
+                    config, self.global_step, self.data.batches_per_epoch
+                ):
+                    self.evaluate()
         except KeyboardInterrupt:
             bar.close()
             path = self.save_checkpoint()
@@ -459,6 +521,9 @@ class Trainer:
         else:
             outputs["checkpoint"] = str(last[-1][1])
         self.validate()
+        self.evaluate()
+        if (self.output_dir / evaluation.EVAL_LOG).exists():  # eval_loss and/or clip_score rows
+            outputs["eval_log"] = str(self.output_dir / evaluation.EVAL_LOG)
         outputs["loss_log"] = str(self.output_dir / LOSS_LOG)
         outputs["validation"] = str(self.output_dir / "validation")
         for tracker in _trackers(config.report_to):
@@ -488,6 +553,7 @@ class Trainer:
         """On resume, drop loss rows past the checkpoint so the log continues cleanly."""
         if self.accelerator.is_main_process:
             LossLog(self.output_dir / LOSS_LOG).trim_after(self.global_step)
+            evaluation.EvalLog(self.output_dir / evaluation.EVAL_LOG).trim_after(self.global_step)
 
     def _log_step(self, logs: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
@@ -697,6 +763,8 @@ class Trainer:
                 encoder.to("cpu")
             transformer.train()
             set_assistant_enabled(model, True)
+        if config.evaluation_type == "clip":
+            self._score_validation(evaluation.validation_prompt_pairs(prompts, config.validation_sizes(), paths))
         self.hook.tune_validation_end(trainer=self, step=self.global_step, images=paths)
         return paths
 
@@ -714,6 +782,7 @@ class Trainer:
                     guidance=config.validation_guidance if config.validation_guidance is not None else self.flavour.guidance,
                     seed=config.validation_seed,
                     negative_prompt=config.validation_negative_prompt,
+                    options=config.validation_options(),  # family-specific keys; others warn once
                 )
                 path = folder / f"{_slug(name)}-{width}x{height}{suffix}.png"
                 image.save(path)
@@ -724,3 +793,49 @@ class Trainer:
                 )
         return paths
 
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float | None:
+        """``eval_loss`` on the held-out ``eval_dataset_id`` (fixed timesteps and noise, see
+        :mod:`tune_train.evaluation`), logged to ``eval_log.csv`` and the trackers; None when off."""
+        if not self.eval_dataset_id or self.config.eval_loss_disable:
+            return None
+        with self._eval_weights():
+            value = evaluation.eval_loss(self, self.eval_dataset_id)
+        self.eval_losses[self.global_step] = value
+        self._log_metrics({"eval_loss": value})
+        return value
+
+    def _prior_weighted(self, dataset_id: str, batch: Sequence[Any], loss: torch.Tensor) -> torch.Tensor:
+        """The micro-batch loss with regularisation samples weighted by ``prior_loss_weight``."""
+        dataset = self.data.prepared.get(dataset_id)
+        if dataset is None or self.config.prior_loss_weight == 1.0:
+            return loss
+        regularisation = [bool(dataset.config.is_regularisation_data)] * len(batch)
+        return evaluation.weighted_batch_loss(
+            loss, evaluation.sample_loss_weights(regularisation, self.config.prior_loss_weight)
+        )
+
+    def _score_validation(self, pairs: list[tuple[str, str]]) -> None:
+        """Mean CLIP score of the images just made (``clip_score``; ``clip_score_ema`` for the EMA ones)."""
+        if not pairs:
+            return
+        if self._clip is None:
+            self._clip = evaluation.ClipScorer(self.config.pretrained_evaluation_model_name_or_path, self.accelerator.device)
+        scores = self._clip.scores(pairs)
+        groups: dict[str, list[float]] = {}
+        for (_, path), score in zip(pairs, scores):
+            groups.setdefault("clip_score_ema" if Path(path).stem.endswith("-ema") else "clip_score", []).append(score)
+        means = {name: sum(values) / len(values) for name, values in groups.items()}
+        if "clip_score" in means:
+            self.clip_scores[self.global_step] = means["clip_score"]
+        self._log_metrics(means)
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        log_file = evaluation.EvalLog(self.output_dir / evaluation.EVAL_LOG)
+        for name, value in metrics.items():
+            log_file.append(self.global_step, name, value)
+            log.info("step %d: %s %.6f", self.global_step, name, value)
+        if _trackers(self.config.report_to):
+            self.accelerator.log(dict(metrics), step=self.global_step)

@@ -18,6 +18,11 @@ What is particular to Flux, read off diffusers' ``FluxPipeline`` and ``FluxTrans
   inside), not classifier-free guidance. Training feeds a constant (``flux_guidance_value``,
   default 1.0) or a uniform draw in ``[flux_guidance_min, flux_guidance_max]`` per sample
   (``flux_guidance_mode: random-range``). schnell has no guidance embedding.
+- kontext (FLUX.1-Kontext-dev, reference-image editing): the same transformer; the reference
+  image's latent is packed like the noisy one and appended after it with ids ``(1, row, col)``
+  (``FluxKontextPipeline.prepare_latents``), its outputs dropped. ``predict(...,
+  reference_latents=[ref])`` does that; the trainer passes the latents of the image dataset's
+  conditioning dataset (``conditioning_data``). One reference per sample, as the pipeline's.
 - the sampling shift is resolution-dependent for dev (``calculate_shift`` on the packed token
   count, 256 -> 0.5 ... 4096 -> 1.15, ``shift = exp(mu)``) and fixed at 1 for schnell.
 """
@@ -31,7 +36,7 @@ import torch
 
 from tune_models.families import _shared
 from tune_models.families.flux.flavours import FLUX_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
+from tune_models.family import Flavour, LoadedModel, ModelFamily
 
 _ATTENTION = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
 _CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
@@ -67,6 +72,8 @@ class FluxFamily(ModelFamily):
     vae_scale_factor = 8
     patch_size = 2
     max_sequence_lengths = {"dev": 512, "schnell": 256, "kontext": 512, "tiny": 64}
+    accepts_reference_latents = True
+    """Only the ``kontext`` flavour uses them (:meth:`accepts_references`)."""
     """T5 tokens per prompt, padded and truncated (the pipelines' defaults; the tiny model's is short)."""
     clip_max_length = 77
     label = "Flux"
@@ -81,22 +88,10 @@ class FluxFamily(ModelFamily):
     XLabs)."""
     tiny_module = "tune_models.families.flux.tiny"
 
-    # ----------------------------------------------------------------- loading
-    def load(
-        self,
-        source: ModelSource,
-        flavour: str | None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> LoadedModel:
-        if self.flavour(flavour).name == "kontext":
-            raise NotImplementedError(
-                "model_flavour 'kontext' (FLUX.1-Kontext reference-image conditioning) is not implemented "
-                "yet: training it as text-to-image would ignore the reference images it is made for. "
-                "Use model_flavour 'dev' or 'schnell'."
-            )
-        return super().load(source, flavour, dtype=dtype, device=device)
+    # ----------------------------------------------------------------- options
+    def accepts_references(self, flavour: str | None) -> bool:
+        """FLUX.1-Kontext is made for a reference image; dev and schnell have never seen one."""
+        return self.flavour(flavour).name == "kontext"
 
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:
         """Flux's training options (SimpleTuner keys): ``flux_guidance_mode`` (``constant``, default,
@@ -210,9 +205,15 @@ class FluxFamily(ModelFamily):
         noisy_latents: torch.Tensor,
         sigmas: torch.Tensor,
         prompts: dict[str, Any],
+        *,
+        reference_latents: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``noise - x0`` for ``x_t = (1 - sigma) x0 + sigma noise``: Flux takes ``timestep = sigma``
-        and predicts exactly that velocity (see the module docstring)."""
+        and predicts exactly that velocity (see the module docstring).
+
+        ``reference_latents`` (Kontext): one clean ``B x 16 x h x w`` latent from
+        :meth:`encode_images`, appended as tokens at ids ``(1, row, col)`` like
+        ``FluxKontextPipeline``'s ``image``; their outputs are dropped."""
         embeds = prompts["prompt_embeds"]
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0], even=True)
         batch, _, height, width = noisy_latents.shape
@@ -223,34 +224,68 @@ class FluxFamily(ModelFamily):
         if getattr(transformer.config, "guidance_embeds", False):
             guidance = self.training_guidance(model, batch, device)
         kwargs: dict[str, Any] = {}
+        tokens = self.pack(noisy_latents.to(dtype))
+        ids = self.image_ids(height, width, device, dtype)
+        if reference_latents:
+            if len(reference_latents) != 1:
+                raise ValueError(
+                    f"Flux Kontext takes one reference image per sample, got {len(reference_latents)} "
+                    "(one conditioning dataset in conditioning_data, or conditioning_multidataset_sampling: random)"
+                )
+            (ref,) = reference_latents
+            if ref.ndim != 4 or ref.shape[:2] != noisy_latents.shape[:2] or ref.shape[2] % 2 or ref.shape[3] % 2:
+                raise ValueError(
+                    f"reference latents must be {batch} x {noisy_latents.shape[1]} x h x w (h, w even) like the "
+                    f"noisy latents, got {tuple(ref.shape)}"
+                )
+            ref_ids = self.image_ids(ref.shape[2], ref.shape[3], device, dtype)
+            ref_ids[:, 0] = 1
+            tokens = torch.cat([tokens, self.pack(ref.to(device=device, dtype=dtype))], dim=1)
+            ids = torch.cat([ids, ref_ids])
         if model.extras.get("attention_masked") and "attention_mask" in prompts:
-            image_tokens = (height // 2) * (width // 2)
+            image_tokens = tokens.shape[1]
             text = prompts["attention_mask"].to(device=device, dtype=torch.bool)
             mask = torch.cat([text, torch.ones(batch, image_tokens, dtype=torch.bool, device=device)], dim=1)
             kwargs["joint_attention_kwargs"] = {"attention_mask": mask[:, None, None, :]}
         out = transformer(
-            hidden_states=self.pack(noisy_latents.to(dtype)),
+            hidden_states=tokens,
             timestep=sigmas.to(dtype),
             guidance=guidance,
             pooled_projections=prompts["pooled_prompt_embeds"].to(dtype),
             encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-            img_ids=self.image_ids(height, width, device, dtype),
+            img_ids=ids,
             return_dict=False,
             **kwargs,
         )[0]
-        return self.unpack(out, height, width)
+        return self.unpack(out[:, : (height // 2) * (width // 2)], height, width)
 
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
+        """``FluxPipeline``, or ``FluxKontextPipeline`` (same components) for kontext."""
         pipeline = super().validation_pipeline(model)
+        if model.flavour.name == "kontext":
+            from diffusers import FluxKontextPipeline
+
+            pipeline = FluxKontextPipeline(**pipeline.components)
+            pipeline.set_progress_bar_config(disable=True)
         pipeline._tune_max_sequence_length = self._max_sequence_length(model.flavour)
         return pipeline
 
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """``guidance`` is the distilled guidance *input* for dev (no CFG, so ``negative_prompt``
-        is unused), ignored by schnell."""
-        return {"max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512)}
+        is unused), ignored by schnell. Kontext gets ``max_area`` (see :meth:`generate`)."""
+        kwargs: dict[str, Any] = {"max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512)}
+        if getattr(pipeline, "_tune_max_area", None):
+            kwargs["max_area"] = pipeline._tune_max_area
+        return kwargs
+
+    def generate(self, pipeline: Any, prompt: str, *, width: int, height: int, **kwargs: Any) -> Any:
+        """As the base; for Kontext the requested size is also its ``max_area``, since
+        ``FluxKontextPipeline`` otherwise rescales every request to 1024 x 1024 pixels of area."""
+        if type(pipeline).__name__ == "FluxKontextPipeline":
+            pipeline._tune_max_area = width * height
+        return super().generate(pipeline, prompt, width=width, height=height, **kwargs)
 
 
 FAMILY = FluxFamily()

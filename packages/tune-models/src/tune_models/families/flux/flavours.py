@@ -19,7 +19,7 @@ FLUX_FLAVOURS: dict[str, dict[str, Any]] = {
     ),
     "kontext": flavour_facts(
         "black-forest-labs/FLUX.1-Kontext-dev", 28, 2.5, None,
-        "FLUX.1-Kontext-dev (reference-image editing); not implemented yet",
+        "FLUX.1-Kontext-dev (reference-image editing: train with a conditioning dataset)",
     ),
     "tiny": flavour_facts(
         "tune-tiny:flux", 2, 3.5, None,

@@ -1,0 +1,69 @@
+"""``push_to_hub``: upload a finished run to the Hugging Face Hub from tune-train's lifecycle hooks.
+
+tune-train only carries the keys (``push_to_hub``, ``hub_model_id``, ``model_card_private``);
+tune-publish does the work on its hooks (registered in :mod:`tune_publish.builtins`):
+
+- ``tune_train_start``: a run that will push but has no Hub token gets a warning *now*, not
+  after hours of training (it still trains: the outputs are worth having locally);
+- ``tune_train_end``, after the exporter wrote the LoRA and the card: the ``huggingface``
+  publisher uploads the adapter, ``README.md`` and the validation images it links to.
+
+An upload that fails (no network, no token, no permission) is a warning, never an exception:
+the run has finished and everything it made is still in ``output_dir``, so losing it to a
+network error at the last second would be the worst outcome. The warning says how to retry
+(``tune_publish.publish("huggingface", ...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def hub_settings(config: Any) -> dict[str, Any] | None:
+    """The ``huggingface`` publisher's config for a run's TrainConfig (duck-typed: tune-publish
+    never imports tune-train), or ``None`` when the run does not push."""
+    if not getattr(config, "push_to_hub", False):
+        return None
+    return {
+        "hub_model_id": getattr(config, "hub_model_id", None),
+        "private": bool(getattr(config, "model_card_private", False)),
+        "commit_message": f"Upload {getattr(config, 'model_family', 'tune')} LoRA trained with tune",
+    }
+
+
+def warn_if_no_token(config: Any) -> None:
+    """At train start: warn when ``push_to_hub`` is set but no Hub token is available."""
+    if hub_settings(config) is None:
+        return
+    import huggingface_hub
+
+    if not huggingface_hub.get_token():
+        log.warning(
+            "push_to_hub is set but no Hugging Face token was found (run `hf auth login` or set "
+            "HF_TOKEN); training continues and the upload to %r will fail at the end",
+            getattr(config, "hub_model_id", None),
+        )
+
+
+def push_run(output_dir: str, config: Any) -> dict[str, str]:
+    """At train end: upload ``output_dir`` to ``hub_model_id``. Returns ``{"hub": url}`` on
+    success, ``{}`` (with a warning) on any failure or when the run does not push."""
+    settings = hub_settings(config)
+    if settings is None:
+        return {}
+    from tune_publish.publishers import publish_huggingface
+
+    try:
+        url = publish_huggingface(output_dir, settings)
+    except Exception as exc:  # noqa: BLE001 - any upload failure must not lose the finished run
+        log.warning(
+            "push_to_hub to %r failed (%s: %s); the outputs are safe in %s. Retry with "
+            'tune_publish.publish("huggingface", %r, {"hub_model_id": %r})',
+            settings["hub_model_id"], type(exc).__name__, exc, output_dir, str(output_dir), settings["hub_model_id"],
+        )
+        return {}
+    log.info("pushed %s to %s", output_dir, url)
+    return {"hub": url}

@@ -1,0 +1,303 @@
+"""Numbers that say how training goes, beyond the noisy training loss.
+
+**Evaluation loss** (``eval_dataset_id``): the training loss is measured on random timesteps with
+random noise, so two steps (or two runs) are never compared on the same problem and the curve is
+mostly noise. Here a held-out dataset is scored on a fixed problem instead: every image at the
+same ``eval_timesteps`` noise levels (an even grid over the range the run trains on), with noise
+drawn from a seed that depends only on the image's place in the dataset, never on the run's
+``seed`` or step. The model is in eval mode (no dropout) without gradients, and the assistant
+adapter stays as it is during training, so the number measures what training changes. Before the
+first step a LoRA changes nothing, so two runs with different seeds report the identical value;
+after that, differences are the training's. (After "Demystifying SD fine-tuning", whose idea
+SimpleTuner's ``eval_steps_interval`` also follows.)
+
+**CLIP score** (``evaluation_type: clip``): 100 x the cosine similarity between a validation
+image and its prompt in a CLIP model's joint embedding (clamped at 0, the usual definition), the
+mean over the validation images: a rough prompt-following signal, meaningful with many prompts.
+
+**Prior-preservation weighting** (``prior_loss_weight``): :func:`sample_loss_weights`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tune_train import flow
+
+log = logging.getLogger(__name__)
+
+EVAL_LOG = "eval_log.csv"
+EVAL_NOISE_SEED = 1_234_567
+"""Seed of the evaluation noise; fixed so the number compares across runs with different ``seed``."""
+
+
+# -- prior preservation --------------------------------------------------------------------------------
+
+
+def sample_loss_weights(is_regularisation: Sequence[bool], prior_loss_weight: float) -> torch.Tensor:
+    """Per-sample loss weights: ``prior_loss_weight`` for regularisation (prior-preservation)
+    samples, 1 for the others. With ``prior_loss_weight`` below 1 the run learns the subject more
+    and keeps the class prior less; above 1 the reverse."""
+    return torch.tensor([prior_loss_weight if reg else 1.0 for reg in is_regularisation], dtype=torch.float32)
+
+
+def weighted_batch_loss(loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A batch-mean loss re-weighted by per-sample weights. Every batch comes from one dataset, so
+    its samples share one weight and the mean of weighted samples is the weight times the mean."""
+    if torch.all(weights == 1):
+        return loss
+    return loss * weights.mean().to(loss.device, loss.dtype)
+
+
+# -- evaluation loss -----------------------------------------------------------------------------------
+
+
+def eval_sigma_grid(count: int) -> torch.Tensor:
+    """``count`` flow-matching sigmas evenly spread over (0, 1) (cell midpoints: the ends, pure
+    data and pure noise, teach nothing), before the family's shift."""
+    return (torch.arange(count, dtype=torch.float32) + 0.5) / count
+
+
+def eval_timestep_grid(scheme: Any, count: int) -> torch.Tensor:
+    """``count`` DDPM timesteps evenly spread over the scheme's training range (integers)."""
+    high = scheme.num_train_timesteps if scheme.max_timestep is None else scheme.max_timestep
+    grid = scheme.min_timestep + (torch.arange(count, dtype=torch.float64) + 0.5) * (high - scheme.min_timestep) / count
+    return grid.floor().long().clamp(scheme.min_timestep, high - 1)
+
+
+def check_eval_dataset(config: Any, datasets: Sequence[Any]) -> str | None:
+    """The held-out dataset's id, after checking it names an image dataset and leaves one to train."""
+    wanted = config.eval_dataset_id
+    if not wanted:
+        return None
+    from tune_train.config import ConfigError
+
+    images = [d for d in datasets if d.dataset_type == "image" and not getattr(d, "disabled", False)]
+    if wanted not in {d.id for d in images}:
+        known = ", ".join(repr(d.id) for d in images) or "none"
+        raise ConfigError(f"eval_dataset_id {wanted!r} names no enabled image dataset (image datasets: {known})")
+    if len(images) < 2:
+        raise ConfigError(
+            f"eval_dataset_id {wanted!r} is the only image dataset: nothing would be left to train on"
+        )
+    return wanted
+
+
+def eval_due(config: Any, step: int, batches_per_epoch: int) -> bool:
+    """Whether optimizer step ``step`` (1-based, just taken) ends an evaluation interval:
+    every ``eval_steps_interval`` steps, and/or every ``eval_epoch_interval`` epochs (a fraction
+    such as 0.5 evaluates twice per epoch), counted in micro-batches as epochs are."""
+    if config.eval_steps_interval and step % config.eval_steps_interval == 0:
+        return True
+    if config.eval_epoch_interval and batches_per_epoch:
+        per_step = config.gradient_accumulation_steps / batches_per_epoch  # epochs per step
+        before = int((step - 1) * per_step / config.eval_epoch_interval + 1e-9)
+        after = int(step * per_step / config.eval_epoch_interval + 1e-9)
+        return after > before
+    return False
+
+
+def eval_batches(data: Any, dataset_id: str, batch_size: int, limit: int | None = None) -> list[list[Any]]:
+    """Every image of the held-out dataset once (the first ``limit`` only, when set), bucket by
+    bucket, in a fixed order (by path); a batch never mixes buckets."""
+    dataset = data.prepared[dataset_id]
+    batches = []
+    left = limit if limit is not None else sum(len(images) for images in dataset.buckets.values())
+    for bucket in sorted(dataset.buckets):
+        images = sorted(dataset.buckets[bucket], key=lambda planned: planned.record.path)[:left]
+        left -= len(images)
+        batches += [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    return batches
+
+
+@torch.no_grad()
+def eval_loss(trainer: Any, dataset_id: str) -> float:
+    """The mean loss over the held-out dataset at the fixed timesteps with the fixed noise.
+
+    Uses the trainer's noise scheme (``trainer.ddpm``, or flow matching with the family's shift)
+    and loss (min-SNR weighting included for DDPM families), so it is the training objective on
+    data the run never trains on. Run on every process (the forward of a wrapped model must be),
+    each computing the whole number."""
+    from tune_models.family import SampleGeometry
+
+    config, family, model = trainer.config, trainer.family, trainer.model
+    device = trainer.accelerator.device
+    scheme = trainer.ddpm
+    transformer = trainer.accelerator.unwrap_model(model.transformer)
+    dtype = transformer.dtype
+    count = config.eval_timesteps
+    was_training = transformer.training
+    transformer.eval()
+    total, samples, index = 0.0, 0, 0
+    try:
+        for batch in eval_batches(trainer.data, dataset_id, config.train_batch_size, config.num_eval_images):
+            loaded = trainer.data.load_batch(dataset_id, batch, [False] * len(batch), step=0)
+            latents, prompts = loaded[0], loaded[1]
+            # One generator per image, seeded by its place in the fixed order: the noise of an
+            # image does not depend on the batch size, the run's seed or the step.
+            generators = [torch.Generator().manual_seed(EVAL_NOISE_SEED + 7919 * (index + i)) for i in range(len(batch))]
+            index += len(batch)
+            noises = torch.stack(
+                [torch.stack([torch.randn(latents.shape[1:], generator=g) for _ in range(count)]) for g in generators],
+                dim=1,
+            )  # [timestep, sample, ...]
+            if scheme is not None:
+                levels = eval_timestep_grid(scheme, count)
+            else:
+                width, height = batch[0].bucket
+                shift = family.flow_shift(
+                    height,
+                    width,
+                    shift=config.flow_schedule_shift if config.flow_schedule_shift is not None else trainer.flavour.shift,
+                    auto_shift=config.flow_schedule_auto_shift,
+                    model=model,
+                )
+                levels = family.shift_sigmas(eval_sigma_grid(count), shift)
+            prompt_batch = family.collate_prompts(prompts, device=device, dtype=dtype)
+            # Edit/reference datasets: the same reference latents training gives the family.
+            from tune_train.data import reference_kwargs
+
+            references = reference_kwargs(
+                trainer.data.load_references(dataset_id, batch, step=0), dataset_id, device
+            )
+            geometry = [SampleGeometry.from_planned(planned) for planned in batch]
+            prompt_batch.update(family.batch_conditions(model, geometry, device=device, dtype=dtype))
+            for k in range(count):
+                noise = noises[k]
+                level = levels[k].expand(len(batch)).clone()
+                if scheme is not None:
+                    noisy = scheme.add_noise(latents, noise, level)
+                    target = scheme.target(latents, noise, level)
+                else:
+                    noisy = flow.add_noise(latents, noise, level)
+                    target = flow.velocity_target(latents, noise)
+                with trainer.accelerator.autocast():
+                    prediction = family.predict(model, noisy.to(device), level.to(device), prompt_batch, **references)
+                if scheme is not None:
+                    loss = scheme.loss(prediction, target, level, noisy=noisy.to(device))
+                else:
+                    loss = torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
+                total += float(loss) * len(batch)
+                samples += len(batch)
+    finally:
+        transformer.train(was_training)
+    return total / max(samples, 1)
+
+
+class EvalLog:
+    """``eval_log.csv``: ``step,metric,value`` rows (``eval_loss``, ``clip_score``, ...); on resume,
+    rows past the checkpoint are dropped, as in ``loss_log.csv``."""
+
+    HEADER = ("step", "metric", "value")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def append(self, step: int, metric: str, value: float) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(self.HEADER)
+            writer.writerow([step, metric, f"{value:.8f}"])
+
+    def rows(self) -> list[tuple[int, str, float]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as handle:
+            return [(int(r["step"]), r["metric"], float(r["value"])) for r in csv.DictReader(handle)]
+
+    def trim_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        os.replace(tmp, self.path)
+
+
+# -- CLIP score ----------------------------------------------------------------------------------------
+
+
+class ClipScorer:
+    """Scores images against prompts with a CLIP model (transformers' ``CLIPModel`` and
+    ``CLIPProcessor`` from ``pretrained_evaluation_model_name_or_path``), loaded on first use and
+    kept on the CPU between validations so it costs no accelerator memory during training."""
+
+    def __init__(self, name_or_path: str, device: torch.device | str = "cpu") -> None:
+        self.name_or_path = name_or_path
+        self.device = torch.device(device)
+        self._model: Any = None
+        self._processor: Any = None
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self._model = CLIPModel.from_pretrained(self.name_or_path).eval()
+            self._processor = CLIPProcessor.from_pretrained(self.name_or_path)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"pretrained_evaluation_model_name_or_path {self.name_or_path!r}: no CLIP model and "
+                f"processor could be loaded ({exc})"
+            ) from exc
+
+    @torch.no_grad()
+    def scores(self, pairs: Sequence[tuple[str, Any]]) -> list[float]:
+        """``100 * max(cos(image, prompt), 0)`` for each ``(prompt, image or image path)``."""
+        if not pairs:
+            return []
+        self._load()
+        from PIL import Image
+
+        prompts = [prompt for prompt, _ in pairs]
+        images = [Image.open(i).convert("RGB") if isinstance(i, (str, os.PathLike)) else i.convert("RGB") for _, i in pairs]
+        inputs = self._processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
+        model = self._model.to(self.device)
+        try:
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            image_features = _features(model.get_image_features(pixel_values=inputs["pixel_values"]))
+            text_features = _features(
+                model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+            )
+        finally:
+            model.to("cpu")
+        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
+        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        cosine = (image_features * text_features).sum(dim=-1)
+        return (100.0 * cosine.clamp(min=0)).cpu().tolist()
+
+
+def _features(output: Any) -> torch.Tensor:
+    """transformers 5 may return a model output instead of the bare projected embeddings."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"unexpected CLIP feature output {type(output).__name__}")
+
+
+def validation_prompt_pairs(
+    prompts: Sequence[tuple[str, str]], sizes: Sequence[Any], paths: Sequence[str]
+) -> list[tuple[str, str]]:
+    """``(prompt, path)`` for the images one validation wrote: for each weights variant (trained,
+    then EMA), each prompt, each size, in that order."""
+    expanded = [prompt for _, prompt in prompts for _ in sizes]
+    if not expanded or len(paths) % len(expanded):
+        log.warning("clip_score skipped: %d validation images do not match %d prompts x sizes", len(paths), len(expanded))
+        return []
+    return [(expanded[i % len(expanded)], path) for i, path in enumerate(paths)]
