@@ -427,3 +427,10 @@ def test_trainer_level_vae_cache_keys_reach_every_dataset(workdir, fake_family):
     path = write_project(workdir, {"vae_cache_ondemand": True, "vae_cache_scan_behaviour": "sync"})
     loaded = load_config(path)
     assert all(d.vae_cache_ondemand and d.vae_cache_scan_behaviour == "sync" for d in loaded.datasets)
+
+
+def test_plan_names_ramtorch(workdir, fake_family):
+    path = write_project(workdir, {"ramtorch": True, "ramtorch_transformer_percent": 50,
+                                   "ramtorch_target_modules": "layers.*"})
+    offload = build_plan(load_config(path))["precision"]["offload"]
+    assert offload.startswith("ramtorch: 50% of the frozen linears matching layers.* stay in CPU memory")

@@ -253,3 +253,11 @@ def test_undecodable_image_is_skipped_with_a_warning_and_training_goes_on(
         result = _train(config)
     assert result.global_step == 1 and len(result.losses) == 1
     assert Path(result.outputs["lora"]).is_file()
+
+
+def test_ramtorch_on_a_cpu_run_is_a_logged_no_op_and_trains(tmp_path, tiny_zimage, shapes_dir, write_run, caplog):
+    config = write_run(tmp_path, model=tiny_zimage, data=shapes_dir, steps=2, extra={"--ramtorch": True})
+    with caplog.at_level("WARNING"):
+        result = _train(config)
+    assert len(result.losses) == 2
+    assert any("ramtorch" in r.getMessage() for r in caplog.records)

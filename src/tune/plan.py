@@ -235,6 +235,10 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
     if train.musubi_blocks_to_swap:
         offload = (f"block swap: the last {train.musubi_blocks_to_swap} transformer blocks stream from "
                    f"{train.musubi_block_swap_device}")
+    elif train.ramtorch:
+        offload = (f"ramtorch: {train.ramtorch_transformer_percent:g}% of the frozen linears"
+                   f"{' matching ' + train.ramtorch_target_modules if train.ramtorch_target_modules else ''} "
+                   "stay in CPU memory and stream in per use")
     elif train.enable_group_offload:
         offload = f"group offload ({train.group_offload_type}, {train.group_offload_blocks_per_group} block(s)/group"
         offload += ", CUDA stream" if train.group_offload_use_stream else ""

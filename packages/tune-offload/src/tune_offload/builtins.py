@@ -24,6 +24,12 @@ def tune_register_offload_strategies(register: Callable[..., None]) -> None:
         "memory for forward and backward (training; CUDA)",
     )
     register(
+        "ramtorch",
+        "tune_offload.ram_linear:RAMTORCH",
+        description="keep frozen linear weights in pinned CPU memory and stream each in per "
+        "forward/backward (SimpleTuner's ramtorch options; CUDA)",
+    )
+    register(
         "model_cpu",
         "tune_offload.strategies:MODEL_CPU",
         description="diffusers model CPU offload for a pipeline (needs an accelerator)",

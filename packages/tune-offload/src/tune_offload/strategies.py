@@ -5,7 +5,8 @@ the accelerator just before it runs. The settings mirror SimpleTuner's config ke
 ``config.json`` means the same thing here. Strategies are plugins
 (``tune_register_offload_strategies``); tune's own are ``group`` (diffusers' group offloading, for
 a model), ``model_cpu`` (diffusers' model CPU offload, for a pipeline) and ``block_swap``
-(musubi-style block swap for training, :mod:`tune_offload.block_swap`).
+(musubi-style block swap for training, :mod:`tune_offload.block_swap`) and ``ramtorch``
+(CPU-resident linears, :mod:`tune_offload.ram_linear`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: int) -> None:
     if value < 0:
         raise OffloadConfigError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _percent(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0 <= value <= 100:
+        raise OffloadConfigError(f"{attribute.name} must be between 0 and 100, got {value}")
 
 
 def _offload_type(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -77,6 +83,20 @@ class OffloadSettings:
     about 0.9 GiB on Z-Image at 1024 px for under 2 % of step time. Needs CUDA to save anything;
     on the CPU it only changes how checkpointing is done."""
 
+    ramtorch: bool = False
+    """Keep the frozen weights of the transformer's linears in pinned CPU memory and copy each
+    onto the GPU only while it runs, in forward and again in backward (``ramtorch`` strategy,
+    :mod:`tune_offload.ram_linear`). Saves nearly all the weight memory without gradient
+    checkpointing; costs one PCIe transfer per layer per pass. Trainable (LoRA) weights stay on
+    the GPU. CUDA only; a no-op when training on the CPU."""
+    ramtorch_target_modules: str | None = None
+    """Comma-separated ``fnmatch`` globs on the dotted module name or class name that limit which
+    linears ``ramtorch`` takes (``transformer_blocks.*``; a name without a wildcard also matches
+    everything under it). ``None``: every frozen linear."""
+    ramtorch_transformer_percent: float = attrs.field(default=100.0, validator=_percent)
+    """Share (0-100) of the matching linears ``ramtorch`` takes, first in module order; the rest
+    stay on the GPU (faster). Rounded up to whole layers."""
+
     def gradient_checkpointing_func(self) -> Any:
         """The ``gradient_checkpointing_func`` to pass to diffusers'
         ``enable_gradient_checkpointing``, or ``None`` for its default."""
@@ -100,9 +120,18 @@ class OffloadSettings:
                 "training a large model; enable_model_cpu_offload only moves whole components."
             )
 
+        for other in ("enable_group_offload", "musubi_blocks_to_swap"):
+            if self.ramtorch and getattr(self, other):
+                raise OffloadConfigError(
+                    f"ramtorch and {other} are mutually exclusive: both decide where the "
+                    "transformer's frozen weights live between uses. Use one of them."
+                )
+
     @property
     def strategy(self) -> str | None:
         """The built-in strategy these settings ask for, or ``None`` for no offloading."""
+        if self.ramtorch:
+            return "ramtorch"
         if self.musubi_blocks_to_swap:
             return "block_swap"
         if self.enable_group_offload:
@@ -136,6 +165,11 @@ class OffloadSettings:
                 "group_offload_use_stream needs an accelerator (a CUDA GPU) to overlap transfers "
                 f"with compute, but the model runs on {device.type!r}. Set "
                 "group_offload_use_stream to false."
+            )
+        if self.ramtorch and device.type not in ("cpu", "meta", "cuda"):
+            raise OffloadConfigError(
+                f"ramtorch streams weights on CUDA streams, but the model runs on {device.type!r}. "
+                "Set ramtorch to false."
             )
         if self.enable_model_cpu_offload and not accelerator:
             raise OffloadConfigError(
@@ -232,8 +266,10 @@ def is_offloaded(module: Any) -> bool:
     A trainer skips ``module.to(device)`` (and accelerate's device placement) when this is true.
     """
     from tune_offload.block_swap import block_swapper
+    from tune_offload.ram_linear import ram_linears
 
-    return block_swapper(module) is not None or is_group_offloaded(module)
+    return (block_swapper(module) is not None or ram_linears(module) is not None
+            or is_group_offloaded(module))
 
 
 def is_group_offloaded(module: Any) -> bool:

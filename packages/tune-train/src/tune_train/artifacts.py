@@ -8,12 +8,16 @@ writes another format) reads it, so none of them needs to know the trainer's int
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+
+if TYPE_CHECKING:
+    from tune_train.trainer import Trainer
 
 
 @attrs.frozen
@@ -51,3 +55,55 @@ class TrainedAdapter:
     the transformer, diffusers names, written as a ``transformer/`` model folder)."""
     model_config: dict[str, Any] | None = None
     """For ``full``: the transformer's diffusers ``config.json`` content. None otherwise."""
+
+
+def trained_adapter(trainer: Trainer) -> TrainedAdapter:
+    """The trainer's adapter as it stands now (in its evaluation form for schedule-free optimizers)."""
+    config = trainer.config
+    # ComfyUI files carry alpha per module (diffusers files carry it in the header metadata).
+    to_comfyui = functools.partial(trainer.family.to_comfyui, alpha=config.lora_scale_alpha())
+    with trainer._eval_weights():
+        state_dict = trainer._lora_state_dict()
+    return TrainedAdapter(
+        state_dict=state_dict,
+        ema_state_dict=trainer.ema_lora_state_dict(),
+        header=trainer._lora_header(),
+        output_dir=trainer.output_dir,
+        family=trainer.family.name,
+        flavour=trainer.flavour.name,
+        base_model=config.pretrained_model_name_or_path or trainer.flavour.pretrained,
+        lora_format=config.lora_format,
+        to_comfyui=to_comfyui,
+        step=trainer.global_step,
+        adapter_type=trainer.weights.kind,
+        model_config=trainer.weights.model_config(trainer.model),
+        settings={
+            "steps": trainer.global_step,
+            "learning_rate": config.learning_rate,
+            "lora_rank": config.lora_rank,
+            "lora_alpha": config.lora_scale_alpha(),
+            "train_batch_size": config.train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "mixed_precision": config.mixed_precision,
+            "lr_scheduler": config.lr_scheduler,
+            "optimizer": config.optimizer,
+            "lora_format": config.lora_format,
+            "final_loss": round(trainer.losses[-1], 6) if trainer.losses else None,
+        },
+        validation_images=trainer._card_images(),
+    )
+
+
+def write_ema_lora(trainer: Trainer) -> Path:
+    """Write ``pytorch_lora_weights_ema.safetensors`` beside the LoRA, in the run's lora_format
+    (output ``lora_ema``; exporters also get these weights as ``TrainedAdapter.ema_state_dict``)."""
+    from safetensors.torch import save_file
+
+    config = trainer.config
+    tensors = trainer.ema_lora_state_dict()
+    if config.lora_format == "comfyui":
+        tensors = trainer.family.to_comfyui(tensors, alpha=config.lora_scale_alpha())
+    path = trainer.output_dir / "pytorch_lora_weights_ema.safetensors"
+    header = trainer._lora_header() | {"tune.ema_decay": str(config.ema_decay)}
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata=header)
+    return path

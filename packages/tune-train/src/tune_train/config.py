@@ -389,6 +389,12 @@ class TrainConfig:
     """Keep the frozen weights of the last N transformer blocks in CPU memory and stream each in for forward and backward (CUDA; use with gradient_checkpointing). Default 0 (off)."""
     musubi_block_swap_device: str = "cpu"
     """Where swapped blocks wait between uses. Default ``cpu``."""
+    ramtorch: bool = False
+    """Keep the frozen weights of the transformer's linears in pinned CPU memory and copy each onto the GPU only while it runs, in forward and backward (CUDA; no gradient checkpointing needed). Not with enable_group_offload or musubi_blocks_to_swap. Default false."""
+    ramtorch_target_modules: str | None = None
+    """Comma-separated globs on module names or class names (``transformer_blocks.*``) limiting which linears ramtorch keeps on the CPU. Default: every frozen linear."""
+    ramtorch_transformer_percent: float = _field(100.0, _check(lambda v: 0 <= v <= 100, "between 0 and 100"))
+    """Share (0-100) of the matching linears ramtorch keeps on the CPU, first in module order; the rest stay on the GPU. Default 100."""
     offload_checkpointed_activations: bool = False
     """With gradient_checkpointing, keep each block's saved input in pinned CPU memory until backward (CUDA). Default false."""
     offload_during_startup: bool = False

@@ -24,12 +24,12 @@ import csv
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tune_train import flow
+from tune_train.loss_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -191,39 +191,20 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
     return total / max(samples, 1)
 
 
-class EvalLog:
+class EvalLog(StepLog):
     """``eval_log.csv``: ``step,metric,value`` rows (``eval_loss``, ``clip_score``, ...); on resume,
     rows past the checkpoint are dropped, as in ``loss_log.csv``."""
 
     HEADER = ("step", "metric", "value")
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
     def append(self, step: int, metric: str, value: float) -> None:
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(self.HEADER)
-            writer.writerow([step, metric, f"{value:.8f}"])
+        self._append_row([step, metric, f"{value:.8f}"])
 
     def rows(self) -> list[tuple[int, str, float]]:
         if not self.path.exists():
             return []
         with self.path.open(newline="") as handle:
             return [(int(r["step"]), r["metric"], float(r["value"])) for r in csv.DictReader(handle)]
-
-    def trim_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open(newline="") as handle:
-            rows = list(csv.reader(handle))
-        kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as handle:
-            csv.writer(handle).writerows(kept)
-        os.replace(tmp, self.path)
 
 
 # -- CLIP score ----------------------------------------------------------------------------------------

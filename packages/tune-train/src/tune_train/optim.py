@@ -13,9 +13,10 @@ override the defaults each builder derives from ``optimizer_beta1/2``, ``adam_we
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -173,6 +174,27 @@ def build_adamw_schedulefree(params, learning_rate: float, config: Any):
     )
     optimizer.train()
     return optimizer
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer: Any, trainable: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """The weights to evaluate and export: schedule-free optimizers train one point (``y``) and
+    evaluate another (``x``); ``eval()`` moves the parameters there. The trained values are
+    restored exactly afterwards (``train()`` alone would round-trip them through float maths
+    and a checkpointed run would drift from an uninterrupted one). Other optimizers: a no-op."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if not (hasattr(inner, "eval") and hasattr(inner, "train") and "train_mode" in inner.param_groups[0]):
+        yield
+        return
+    saved = [p.detach().clone() for p in trainable]
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
+        with torch.no_grad():
+            for p, value in zip(trainable, saved):
+                p.copy_(value)
 
 
 def build_came(params, learning_rate: float, config: Any):

@@ -4,15 +4,24 @@ Exact resume is built in rather than bolted on: every random draw of a step (sig
 dropout, LoRA dropout) comes from a generator seeded by ``(seed, step, micro-step)``, and the data
 order comes from the sampler's saved position. A run resumed from ``checkpoint-N`` therefore
 produces the same loss at step N+1 as a run that never stopped.
+
+This module keeps the order of a run; the steps that are long but not part of that story live
+beside it, and the Trainer keeps a thin method for each that tests and plugins call:
+
+- :mod:`tune_train.setup_model`: accelerator, model source and dtype, quantisation, gradient
+  checkpointing, offload, EMA, embedding caches, trackers (the pieces of ``setup``).
+- :mod:`tune_train.run_state`: what a checkpoint holds beyond the weights, and resuming from it
+  (:mod:`tune_train.checkpoint` is the folder format).
+- :mod:`tune_train.validation`: validation prompts and images, card images, CLIP scores.
+- :mod:`tune_train.artifacts`: the :class:`TrainedAdapter` handed to exporters, the EMA LoRA file.
+- :mod:`tune_train.evaluation`: ``eval_loss``, prior-preservation weights, ``eval_log.csv``.
+- :mod:`tune_train.optim`: optimizers, schedules, schedule-free evaluation weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
-import re
 import shutil
 import subprocess
 import time
@@ -25,19 +34,18 @@ import torch
 from tqdm.auto import tqdm
 
 from tune_data.config import DatasetConfig
+from tune_train import artifacts, run_state, setup_model, validation
 from tune_train import checkpoint as ckpt
-from tune_train import ddpm, evaluation, flow
+from tune_train import ddpm, evaluation, flow, optim
 from tune_train.artifacts import TrainedAdapter
-from tune_train.config import ConfigError, TrainConfig
+from tune_train.config import TrainConfig
 from tune_train.data import TrainingData, check_reference_support, reference_kwargs
 from tune_train.loss_log import LossLog
-from tune_train.ema import EMA
 from tune_train.registry import lr_schedulers, optimizers
 
 log = logging.getLogger(__name__)
 
 LOSS_LOG = "loss_log.csv"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
 
 
 def _plugin_hook():
@@ -80,10 +88,6 @@ def _trackers(report_to: str) -> list[str]:
     return tracker_names(report_to)
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
-
-
 @attrs.define
 class TrainResult:
     """What a finished run produced, by name, and its final numbers."""
@@ -116,10 +120,9 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Load the model, prepare data and caches, build the optimizer, and resume if asked."""
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from tune_models.family import ModelSource, get_family
+        from tune_models.family import get_family
         from tune_train.adapter_setup import build_trained_weights
 
         config = self.config
@@ -132,50 +135,15 @@ class Trainer:
             self.resume_path = ckpt.resolve_resume_path(self.output_dir, config.resume_from_checkpoint)
 
         trackers = _trackers(config.report_to)
-        from tune_train.trackers import check_installed, init_kwargs
-
-        check_installed(config.report_to)  # a missing tracker library fails before the model loads
-        mixed = config.mixed_precision if config.mixed_precision in ("bf16", "fp16") else "no"
-        # accelerate keeps one process-wide state; a second run in the same process (a notebook,
-        # a test suite) with another precision must start from a clean one. The distributed
-        # environment (PartialState) is kept.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-        self.accelerator = Accelerator(
-            mixed_precision=mixed,
-            cpu=not torch.cuda.is_available(),
-            log_with=trackers or None,
-            project_dir=str(self.output_dir / config.logging_dir),
-        )
+        self.accelerator = setup_model.make_accelerator(config, self.output_dir, trackers)
         set_seed(config.seed)
         self.hook = _plugin_hook()
 
         # Model: frozen base weights in the storage dtype; the LoRA trains in fp32.
         self.family = get_family(config.model_family)
         self.flavour = self.family.flavour(config.model_flavour)
-        if config.pretrained_gemma_model_name_or_path and self.family.text_encoder_config_key != "pretrained_gemma_model_name_or_path":
-            raise ConfigError(
-                f"pretrained_gemma_model_name_or_path is set, but model_family {self.family.name!r} has no Gemma text encoder"
-            )
-        source = ModelSource(
-            pretrained_model_name_or_path=config.pretrained_model_name_or_path or self.flavour.pretrained,
-            pretrained_transformer_model_name_or_path=config.pretrained_transformer_model_name_or_path,
-            pretrained_transformer_subfolder=config.pretrained_transformer_subfolder,
-            pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
-            pretrained_text_encoder_model_name_or_path=config.pretrained_gemma_model_name_or_path,
-            revision=config.revision,
-            variant=config.variant,
-            assistant_lora_path=config.assistant_lora_path,
-            assistant_lora_weight_name=config.assistant_lora_weight_name,
-            disable_assistant_lora=config.disable_assistant_lora,
-        )
-        # Frozen weights are stored in the autocast dtype (fp16 runs keep fp16 weights, since bf16
-        # weights under fp16 autocast would be cast on every matmul); fp32 when asked or unmixed.
-        if mixed == "no" or config.base_model_default_dtype == "fp32":
-            weight_dtype = torch.float32
-        else:
-            weight_dtype = _DTYPES[mixed]
+        source = setup_model.model_source(config, self.family, self.flavour)
+        weight_dtype = setup_model.storage_dtype(config)
         self.model_identity = f"{self.family.name}:{source.pretrained_model_name_or_path}:{source.pretrained_transformer_model_name_or_path}"
         # Names that plugins resolve are checked now, before minutes of loading.
         build_optimizer = optimizers.load(config.optimizer)
@@ -210,31 +178,8 @@ class Trainer:
         self._cache_embeddings()
 
         transformer = self.model.transformer
-        if config.base_model_precision not in (None, "no_change"):
-            if config.quantize_via == "accelerator" and self.accelerator.device.type != "cpu":
-                # Block by block on the GPU: fast, and the blocks block swap will stream go
-                # straight back to the CPU, so the whole bf16 model is never on the device.
-                from tune_quant.blockwise import quantise_blockwise
-
-                quantise_blockwise(
-                    transformer, config.base_model_precision, device=self.accelerator.device,
-                    offload_last=config.musubi_blocks_to_swap, offload_device=config.musubi_block_swap_device,
-                )
-            else:
-                from tune_quant.presets import quantise
-
-                quantise(transformer, config.base_model_precision, device=self.accelerator.device.type)
-        offload = config.offload_settings()
-        offload.check_device(self.accelerator.device)
-        if config.gradient_checkpointing:
-            # None keeps diffusers' own checkpointing; offload_checkpointed_activations swaps in
-            # one that parks each block's saved input in pinned CPU memory until backward.
-            checkpoint_func = offload.gradient_checkpointing_func()
-            if config.gradient_checkpointing_interval:  # only every Nth block; the rest keep activations
-                from tune_offload.checkpointing import every_nth_checkpoint
-
-                checkpoint_func = every_nth_checkpoint(transformer, config.gradient_checkpointing_interval, checkpoint_func)
-            transformer.enable_gradient_checkpointing(checkpoint_func)
+        device = self.accelerator.device
+        offload = setup_model.quantise_and_checkpoint(transformer, config, device)
         # The PEFT LoRA / LyCORIS network / whole transformer to train (adapter_setup.py), started
         # from init_lora when set. Adapters train in fp32 unless the optimizer is built for
         # low-precision weights (adamw_bf16 keeps bf16 and makes up for rounding with Kahan sums).
@@ -242,15 +187,7 @@ class Trainer:
             self.model, self.family, config, optimizer_param_dtype=getattr(build_optimizer, "param_dtype", None)
         )
         self.trainable = self.weights.trainable
-        offloaded = offload.strategy in ("block_swap", "group")
-        if offloaded:
-            # The strategy places what stays resident on the device and keeps the rest off it.
-            from tune_offload.strategies import apply_offload
-
-            apply_offload(transformer, offload, onload_device=self.accelerator.device)
-        else:
-            transformer.to(self.accelerator.device)
-        transformer.train()
+        offloaded = setup_model.place_transformer(transformer, offload, device)
 
         self.optimizer = build_optimizer(self.trainable, config.learning_rate, config)
         self.lr_scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -258,18 +195,7 @@ class Trainer:
         self.model.transformer, self.optimizer = self.accelerator.prepare(
             transformer, self.optimizer, device_placement=[not offloaded, None]
         )
-        self.ema = None
-        if config.use_ema:
-            on_cpu = config.ema_device == "cpu" or config.ema_cpu_only
-            self.ema = EMA(
-                self.trainable,
-                decay=config.ema_decay,
-                storage_device="cpu" if on_cpu else self.accelerator.device,
-                update_on_storage=config.ema_cpu_only,
-                update_interval=config.ema_update_interval or 1,
-                foreach=not config.ema_foreach_disable,
-                warmup_steps=config.ema_warmup_steps,
-            )
+        self.ema = setup_model.build_ema(config, self.trainable, device)
 
         if self.resume_path is not None:
             self._resume(self.resume_path)
@@ -277,81 +203,17 @@ class Trainer:
         # middle of a step must not skip the micro-batches that step had already drawn.
         self._sampler_state = self.sampler.state_dict()
         if trackers:
-            logging_dir = self.output_dir / config.logging_dir
-            logging_dir.mkdir(parents=True, exist_ok=True)
-            tracker_kwargs = init_kwargs(config.report_to, logging_dir=logging_dir, run_name=config.tracker_run_name)
-            self.accelerator.init_trackers(
-                config.tracker_project_name,
-                config={k: v for k, v in attrs.asdict(config).items() if isinstance(v, (int, float, str, bool))},
-                init_kwargs=tracker_kwargs,
-            )
+            setup_model.init_trackers(self.accelerator, config, self.output_dir)
         self._is_setup = True
 
     def _cache_embeddings(self) -> None:
-        """Fill the latent and text caches, moving each encoder to the device only while it runs.
-
-        The VAE and the text encoders are never on the device together (SimpleTuner's
-        ``offload_during_startup``, always on here: a 24 B text encoder beside the VAE is what
-        runs a card out of memory), and a component moves only once something needs encoding,
-        so a run whose caches are full moves nothing.
-        """
-        device = self.accelerator.device
-        model, family = self.model, self.family
-        moved: list[Any] = []
-        caching = True
-
-        def onload(*components: Any) -> None:
-            if caching:  # on-demand VAE encoding during training keeps the VAE where it is
-                for component in components:
-                    if not any(component is m for m in moved):
-                        component.to(device)
-                        moved.append(component)
-
-        def offload() -> None:
-            for component in moved:
-                component.to("cpu")
-            moved.clear()
-
-        def encode_images(pixels: Any) -> Any:
-            onload(model.vae)
-            return family.encode_images(model, pixels.to(device, model.vae.dtype))
-
-        def encode_prompts(prompts: Any) -> Any:
-            onload(*model.text_encoders)
-            return family.encode_prompts(model, prompts)
-
-        try:
-            self.latents_encoded = self.data.cache_latents(encode_images, batch_size=self.config.vae_batch_size)
-            offload()
-            self.prompts_encoded = self.data.cache_text(encode_prompts)
-        finally:
-            offload()
-            caching = False
+        """Fill the latent and text caches (:func:`tune_train.setup_model.cache_embeddings`)."""
+        self.latents_encoded, self.prompts_encoded = setup_model.cache_embeddings(
+            self.accelerator.device, self.model, self.family, self.data, vae_batch_size=self.config.vae_batch_size
+        )
 
     def _resume(self, path: Path) -> None:
-        adapter, state, info = ckpt.load_checkpoint(path)
-        named = dict(self._trainable_named())
-        missing = sorted(set(named) - set(adapter))
-        if missing:
-            raise ckpt.CheckpointError(f"checkpoint {path} lacks LoRA weights for {missing[:3]} (different lora_rank/target?)")
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(adapter[name].to(param.device, param.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:
-            if "ema" in state:
-                self.ema.load_state_dict(state["ema"])
-            else:  # EMA switched on for a run that was saved without it: start from the weights
-                log.warning("checkpoint %s has no EMA state; the EMA starts from its weights", path)
-                self.ema.shadow = [p.detach().to(self.ema.storage_device, torch.float32, copy=True) for p in self.trainable]
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.global_step = int(info["step"])
-        self.losses = list(state.get("losses", []))[: self.global_step]
-        self.validation_images = {
-            step: images for step, images in state.get("validation_images", {}).items() if step <= self.global_step
-        }
-        log.info("resumed from %s at step %d", path, self.global_step)
+        run_state.restore(self, path)
 
     def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         transformer = self.accelerator.unwrap_model(self.model.transformer)
@@ -420,6 +282,16 @@ class Trainer:
         if scheme is not None:
             return scheme.loss(prediction, target, sigmas, noisy=noisy)
         return torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
+
+    def _prior_weighted(self, dataset_id: str, batch: Sequence[Any], loss: torch.Tensor) -> torch.Tensor:
+        """The micro-batch loss with regularisation samples weighted by ``prior_loss_weight``."""
+        dataset = self.data.prepared.get(dataset_id)
+        if dataset is None or self.config.prior_loss_weight == 1.0:
+            return loss
+        regularisation = [bool(dataset.config.is_regularisation_data)] * len(batch)
+        return evaluation.weighted_batch_loss(
+            loss, evaluation.sample_loss_weights(regularisation, self.config.prior_loss_weight)
+        )
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -584,25 +456,9 @@ class Trainer:
             log.warning("%s; waiting for space", message)
             time.sleep(60)
 
-    @contextlib.contextmanager
-    def _eval_weights(self):
-        """The weights to evaluate and export: schedule-free optimizers train one point (``y``) and
-        evaluate another (``x``); ``eval()`` moves the parameters there. The trained values are
-        restored exactly afterwards (``train()`` alone would round-trip them through float maths
-        and a checkpointed run would drift from an uninterrupted one)."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if not (hasattr(inner, "eval") and hasattr(inner, "train") and "train_mode" in inner.param_groups[0]):
-            yield
-            return
-        saved = [p.detach().clone() for p in self.trainable]
-        inner.eval()
-        try:
-            yield
-        finally:
-            inner.train()
-            with torch.no_grad():
-                for p, value in zip(self.trainable, saved):
-                    p.copy_(value)
+    def _eval_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The weights to evaluate and export (:func:`tune_train.optim.evaluation_weights`)."""
+        return optim.evaluation_weights(self.optimizer, self.trainable)
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` (LoRA, optimizer, schedule, EMA, data position) atomically."""
@@ -610,15 +466,7 @@ class Trainer:
         path = self.output_dir / f"checkpoint-{self.global_step}"
         if self.accelerator.is_main_process:
             self._check_disk()
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "sampler": self._sampler_state,
-                "losses": list(self.losses),
-                "validation_images": self.validation_images,
-            }
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
+            state = run_state.training_state(self)
             lora = None
             if self.weights.kind == "lora":  # a checkpoint loads into a diffusers pipeline as it is
                 with self._eval_weights():
@@ -635,6 +483,7 @@ class Trainer:
             self.hook.tune_checkpoint_saved(trainer=self, step=self.global_step, path=str(path))
         return path
 
+    # ------------------------------------------------------------------ exporting
     def _lora_state_dict(self) -> dict[str, torch.Tensor]:
         return self.weights.state_dict(self.model)
 
@@ -646,16 +495,7 @@ class Trainer:
             return self._lora_state_dict()
 
     def _export_ema(self) -> Path:
-        """Write ``pytorch_lora_weights_ema.safetensors`` beside the LoRA, in the run's lora_format."""
-        from safetensors.torch import save_file
-
-        tensors = self.ema_lora_state_dict()
-        if self.config.lora_format == "comfyui":
-            tensors = self.family.to_comfyui(tensors, alpha=self.config.lora_scale_alpha())
-        path = self.output_dir / "pytorch_lora_weights_ema.safetensors"
-        header = self._lora_header() | {"tune.ema_decay": str(self.config.ema_decay)}
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata=header)
-        return path
+        return artifacts.write_ema_lora(self)
 
     def _lora_header(self) -> dict[str, str]:
         """diffusers' adapter metadata (so loaders apply our alpha) plus where the weights came from."""
@@ -663,135 +503,22 @@ class Trainer:
 
     def trained_adapter(self) -> TrainedAdapter:
         """The adapter as it stands now, for exporters (``tune_train_end``) and notebooks."""
-        config = self.config
-        # ComfyUI files carry alpha per module (diffusers files carry it in the header metadata).
-        to_comfyui = functools.partial(self.family.to_comfyui, alpha=config.lora_scale_alpha())
-        with self._eval_weights():
-            state_dict = self._lora_state_dict()
-        return TrainedAdapter(
-            state_dict=state_dict,
-            ema_state_dict=self.ema_lora_state_dict(),
-            header=self._lora_header(),
-            output_dir=self.output_dir,
-            family=self.family.name,
-            flavour=self.flavour.name,
-            base_model=config.pretrained_model_name_or_path or self.flavour.pretrained,
-            lora_format=config.lora_format,
-            to_comfyui=to_comfyui,
-            step=self.global_step,
-            adapter_type=self.weights.kind,
-            model_config=self.weights.model_config(self.model),
-            settings={
-                "steps": self.global_step,
-                "learning_rate": config.learning_rate,
-                "lora_rank": config.lora_rank,
-                "lora_alpha": config.lora_scale_alpha(),
-                "train_batch_size": config.train_batch_size,
-                "gradient_accumulation_steps": config.gradient_accumulation_steps,
-                "mixed_precision": config.mixed_precision,
-                "lr_scheduler": config.lr_scheduler,
-                "optimizer": config.optimizer,
-                "lora_format": config.lora_format,
-                "final_loss": round(self.losses[-1], 6) if self.losses else None,
-            },
-            validation_images=self._card_images(),
-        )
+        return artifacts.trained_adapter(self)
 
     def _card_images(self) -> list[tuple[str, str]]:
-        """The last validation images first (the hub widget shows them), then the before-training ones."""
-        if not self.validation_images:
-            return []
-        steps = sorted(self.validation_images)
-        images = list(self.validation_images[steps[-1]])
-        if steps[0] != steps[-1]:
-            images += [(f"{prompt} (before training)", path) for prompt, path in self.validation_images[steps[0]]]
-        return images
+        return validation.card_images(self.validation_images)
 
     # ------------------------------------------------------------------ validation
     def validation_prompts(self) -> list[tuple[str, str]]:
         """(name, prompt) pairs from ``validation_prompt`` and ``user_prompt_library``."""
-        prompts: list[tuple[str, str]] = []
-        if self.config.validation_prompt:
-            prompts.append(("validation", self.config.validation_prompt))
-        if self.config.user_prompt_library:
-            library = json.loads(Path(self.config.user_prompt_library).read_text())
-            items = library.items() if isinstance(library, dict) else enumerate(library)
-            for name, prompt in items:
-                prompts.append((str(name), prompt if isinstance(prompt, str) else prompt["prompt"]))
-        return prompts
+        return validation.validation_prompts(self.config)
 
     def validate(self) -> list[str]:
-        """Images for every validation prompt and size, made without the assistant adapter."""
-        config = self.config
-        prompts = self.validation_prompts()
-        if config.validation_disable or not prompts or not self.accelerator.is_main_process:
-            return []
-        try:  # a flavour may have no text-to-image pipeline (e.g. a refiner): train on, say so once
-            self.family.validation_pipeline(self.model)
-        except NotImplementedError as exc:
-            if not getattr(self, "_validation_warned", False):
-                log.warning("no validation images: %s", exc)
-                self._validation_warned = True
-            return []
-        from tune_models.adapters import set_assistant_enabled
+        """Images for every validation prompt and size (:func:`tune_train.validation.validate`)."""
+        return validation.validate(self)
 
-        folder = self.output_dir / "validation" / f"step-{self.global_step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        model = self.model
-        transformer = self.accelerator.unwrap_model(model.transformer)
-        set_assistant_enabled(model, False)
-        transformer.eval()
-        model.vae.to(self.accelerator.device)
-        for encoder in model.text_encoders:
-            encoder.to(self.accelerator.device)
-        pipeline = self.family.validation_pipeline(model)
-        paths = []
-        # (file suffix, weights): the trained weights (in their evaluation form for schedule-free
-        # optimizers) and/or the EMA weights, as ema_validation asks.
-        variants: list[tuple[str, Any]] = [("", contextlib.nullcontext)]
-        if self.ema is not None and config.ema_validation != "none":
-            ema_variant = ("-ema", self.ema.swapped_in)
-            variants = [ema_variant] if config.ema_validation == "ema_only" else [*variants, ema_variant]
-        try:
-            with torch.no_grad(), self._eval_weights():
-                for suffix, weights in variants:
-                    with weights():
-                        paths += self._validation_images(pipeline, prompts, folder, suffix)
-        finally:
-            model.vae.to("cpu")
-            for encoder in model.text_encoders:
-                encoder.to("cpu")
-            transformer.train()
-            set_assistant_enabled(model, True)
-        if config.evaluation_type == "clip":
-            self._score_validation(evaluation.validation_prompt_pairs(prompts, config.validation_sizes(), paths))
-        self.hook.tune_validation_end(trainer=self, step=self.global_step, images=paths)
-        return paths
-
-    def _validation_images(self, pipeline: Any, prompts: list[tuple[str, str]], folder: Path, suffix: str) -> list[str]:
-        config = self.config
-        paths = []
-        for name, prompt in prompts:
-            for width, height in config.validation_sizes():
-                image = self.family.generate(
-                    pipeline,
-                    prompt,
-                    width=width,
-                    height=height,
-                    steps=config.validation_num_inference_steps or self.flavour.inference_steps,
-                    guidance=config.validation_guidance if config.validation_guidance is not None else self.flavour.guidance,
-                    seed=config.validation_seed,
-                    negative_prompt=config.validation_negative_prompt,
-                    options=config.validation_options(),  # family-specific keys; others warn once
-                )
-                path = folder / f"{_slug(name)}-{width}x{height}{suffix}.png"
-                image.save(path)
-                paths.append(str(path))
-                label = f"{prompt} (EMA)" if suffix else prompt
-                self.validation_images.setdefault(self.global_step, []).append(
-                    (label, str(path.relative_to(self.output_dir)))
-                )
-        return paths
+    def _score_validation(self, pairs: list[tuple[str, str]]) -> None:
+        validation.score_validation(self, pairs)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> float | None:
@@ -804,31 +531,6 @@ class Trainer:
         self.eval_losses[self.global_step] = value
         self._log_metrics({"eval_loss": value})
         return value
-
-    def _prior_weighted(self, dataset_id: str, batch: Sequence[Any], loss: torch.Tensor) -> torch.Tensor:
-        """The micro-batch loss with regularisation samples weighted by ``prior_loss_weight``."""
-        dataset = self.data.prepared.get(dataset_id)
-        if dataset is None or self.config.prior_loss_weight == 1.0:
-            return loss
-        regularisation = [bool(dataset.config.is_regularisation_data)] * len(batch)
-        return evaluation.weighted_batch_loss(
-            loss, evaluation.sample_loss_weights(regularisation, self.config.prior_loss_weight)
-        )
-
-    def _score_validation(self, pairs: list[tuple[str, str]]) -> None:
-        """Mean CLIP score of the images just made (``clip_score``; ``clip_score_ema`` for the EMA ones)."""
-        if not pairs:
-            return
-        if self._clip is None:
-            self._clip = evaluation.ClipScorer(self.config.pretrained_evaluation_model_name_or_path, self.accelerator.device)
-        scores = self._clip.scores(pairs)
-        groups: dict[str, list[float]] = {}
-        for (_, path), score in zip(pairs, scores):
-            groups.setdefault("clip_score_ema" if Path(path).stem.endswith("-ema") else "clip_score", []).append(score)
-        means = {name: sum(values) / len(values) for name, values in groups.items()}
-        if "clip_score" in means:
-            self.clip_scores[self.global_step] = means["clip_score"]
-        self._log_metrics(means)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:

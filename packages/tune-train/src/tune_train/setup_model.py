@@ -1,0 +1,201 @@
+"""The pieces of ``Trainer.setup`` that wire the model to the hardware: the accelerator, where the
+base weights come from and in which dtype, quantisation, gradient checkpointing, offload, the
+EMA, the embedding caches and the trackers.
+
+Each function does one step of setup and takes only what that step needs, so
+:meth:`tune_train.trainer.Trainer.setup` reads as the order of the steps (which matters: data
+is checked before weights load, caches fill before anything big moves to the device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from tune_train.config import ConfigError, TrainConfig
+from tune_train.ema import EMA
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
+
+
+def make_accelerator(config: TrainConfig, output_dir: Path, trackers: list[str]) -> Any:
+    """A fresh ``accelerate.Accelerator`` in the run's mixed precision, logging to ``trackers``."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from tune_train.trackers import check_installed
+
+    check_installed(config.report_to)  # a missing tracker library fails before the model loads
+    # accelerate keeps one process-wide state; a second run in the same process (a notebook,
+    # a test suite) with another precision must start from a clean one. The distributed
+    # environment (PartialState) is kept.
+    AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=mixed_precision(config),
+        cpu=not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_dir=str(output_dir / config.logging_dir),
+    )
+
+
+def mixed_precision(config: TrainConfig) -> str:
+    """accelerate's ``mixed_precision``: ``bf16``/``fp16``, or ``no`` for everything else."""
+    return config.mixed_precision if config.mixed_precision in ("bf16", "fp16") else "no"
+
+
+def model_source(config: TrainConfig, family: Any, flavour: Any) -> Any:
+    """Where the base weights come from (``ModelSource``), from the run's ``pretrained_*`` keys."""
+    from tune_models.family import ModelSource
+
+    if config.pretrained_gemma_model_name_or_path and family.text_encoder_config_key != "pretrained_gemma_model_name_or_path":
+        raise ConfigError(
+            f"pretrained_gemma_model_name_or_path is set, but model_family {family.name!r} has no Gemma text encoder"
+        )
+    return ModelSource(
+        pretrained_model_name_or_path=config.pretrained_model_name_or_path or flavour.pretrained,
+        pretrained_transformer_model_name_or_path=config.pretrained_transformer_model_name_or_path,
+        pretrained_transformer_subfolder=config.pretrained_transformer_subfolder,
+        pretrained_vae_model_name_or_path=config.pretrained_vae_model_name_or_path,
+        pretrained_text_encoder_model_name_or_path=config.pretrained_gemma_model_name_or_path,
+        revision=config.revision,
+        variant=config.variant,
+        assistant_lora_path=config.assistant_lora_path,
+        assistant_lora_weight_name=config.assistant_lora_weight_name,
+        disable_assistant_lora=config.disable_assistant_lora,
+    )
+
+
+def storage_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the frozen base weights are stored in.
+
+    The autocast dtype (fp16 runs keep fp16 weights, since bf16 weights under fp16 autocast
+    would be cast on every matmul); fp32 when asked (``base_model_default_dtype``) or unmixed.
+    """
+    mixed = mixed_precision(config)
+    if mixed == "no" or config.base_model_default_dtype == "fp32":
+        return torch.float32
+    return _DTYPES[mixed]
+
+
+def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch.device) -> Any:
+    """Quantise the frozen transformer (``base_model_precision``) and switch on gradient
+    checkpointing; returns the run's offload settings (checked against ``device``)."""
+    if config.base_model_precision not in (None, "no_change"):
+        if config.quantize_via == "accelerator" and device.type != "cpu":
+            # Block by block on the GPU: fast, and the blocks block swap will stream go
+            # straight back to the CPU, so the whole bf16 model is never on the device.
+            from tune_quant.blockwise import quantise_blockwise
+
+            quantise_blockwise(
+                transformer, config.base_model_precision, device=device,
+                offload_last=config.musubi_blocks_to_swap, offload_device=config.musubi_block_swap_device,
+            )
+        else:
+            from tune_quant.presets import quantise
+
+            quantise(transformer, config.base_model_precision, device=device.type)
+    offload = config.offload_settings()
+    offload.check_device(device)
+    if config.gradient_checkpointing:
+        # None keeps diffusers' own checkpointing; offload_checkpointed_activations swaps in
+        # one that parks each block's saved input in pinned CPU memory until backward.
+        checkpoint_func = offload.gradient_checkpointing_func()
+        if config.gradient_checkpointing_interval:  # only every Nth block; the rest keep activations
+            from tune_offload.checkpointing import every_nth_checkpoint
+
+            checkpoint_func = every_nth_checkpoint(transformer, config.gradient_checkpointing_interval, checkpoint_func)
+        transformer.enable_gradient_checkpointing(checkpoint_func)
+    return offload
+
+
+def place_transformer(transformer: Any, offload: Any, device: torch.device) -> bool:
+    """Move the transformer to ``device``, or let the offload strategy place it; True when offloaded
+    (accelerate must then not move it whole onto the device)."""
+    offloaded = offload.strategy in ("block_swap", "group", "ramtorch")
+    if offloaded:
+        # The strategy places what stays resident on the device and keeps the rest off it.
+        from tune_offload.strategies import apply_offload
+
+        apply_offload(transformer, offload, onload_device=device)
+    else:
+        transformer.to(device)
+    transformer.train()
+    return offloaded
+
+
+def build_ema(config: TrainConfig, trainable: Sequence[torch.nn.Parameter], device: torch.device) -> EMA | None:
+    """The EMA of the trained weights (``use_ema``), stored where ``ema_device`` says; None when off."""
+    if not config.use_ema:
+        return None
+    on_cpu = config.ema_device == "cpu" or config.ema_cpu_only
+    return EMA(
+        trainable,
+        decay=config.ema_decay,
+        storage_device="cpu" if on_cpu else device,
+        update_on_storage=config.ema_cpu_only,
+        update_interval=config.ema_update_interval or 1,
+        foreach=not config.ema_foreach_disable,
+        warmup_steps=config.ema_warmup_steps,
+    )
+
+
+def cache_embeddings(
+    device: torch.device, model: Any, family: Any, data: Any, *, vae_batch_size: int
+) -> tuple[Any, Any]:
+    """Fill the latent and text caches, moving each encoder to the device only while it runs;
+    returns what ``data.cache_latents`` and ``data.cache_text`` report.
+
+    The VAE and the text encoders are never on the device together (SimpleTuner's
+    ``offload_during_startup``, always on here: a 24 B text encoder beside the VAE is what
+    runs a card out of memory), and a component moves only once something needs encoding,
+    so a run whose caches are full moves nothing.
+    """
+    moved: list[Any] = []
+    caching = True
+
+    def onload(*components: Any) -> None:
+        if caching:  # on-demand VAE encoding during training keeps the VAE where it is
+            for component in components:
+                if not any(component is m for m in moved):
+                    component.to(device)
+                    moved.append(component)
+
+    def offload() -> None:
+        for component in moved:
+            component.to("cpu")
+        moved.clear()
+
+    def encode_images(pixels: Any) -> Any:
+        onload(model.vae)
+        return family.encode_images(model, pixels.to(device, model.vae.dtype))
+
+    def encode_prompts(prompts: Any) -> Any:
+        onload(*model.text_encoders)
+        return family.encode_prompts(model, prompts)
+
+    try:
+        latents_encoded = data.cache_latents(encode_images, batch_size=vae_batch_size)
+        offload()
+        prompts_encoded = data.cache_text(encode_prompts)
+    finally:
+        offload()
+        caching = False
+    return latents_encoded, prompts_encoded
+
+
+def init_trackers(accelerator: Any, config: TrainConfig, output_dir: Path) -> None:
+    """Start the ``report_to`` trackers with the run's scalar settings as their config."""
+    from tune_train.trackers import init_kwargs
+
+    logging_dir = output_dir / config.logging_dir
+    logging_dir.mkdir(parents=True, exist_ok=True)
+    tracker_kwargs = init_kwargs(config.report_to, logging_dir=logging_dir, run_name=config.tracker_run_name)
+    accelerator.init_trackers(
+        config.tracker_project_name,
+        config={k: v for k, v in attrs.asdict(config).items() if isinstance(v, (int, float, str, bool))},
+        init_kwargs=tracker_kwargs,
+    )

@@ -1,0 +1,154 @@
+"""Validation images during a run: which prompts, how the pipeline is borrowed from the training
+model, where the images go, and their CLIP scores (``evaluation_type: clip``).
+
+These functions take the :class:`~tune_train.trainer.Trainer` because validation borrows its
+live model (the LoRA in training, not a copy) and records into its ``validation_images`` /
+``clip_scores``; the Trainer keeps thin methods of the same names for plugins and notebooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tune_train import evaluation
+from tune_train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from tune_train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe form of a prompt name (``my prompt!`` -> ``my-prompt``)."""
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
+
+
+def validation_prompts(config: TrainConfig) -> list[tuple[str, str]]:
+    """(name, prompt) pairs from ``validation_prompt`` and ``user_prompt_library``."""
+    prompts: list[tuple[str, str]] = []
+    if config.validation_prompt:
+        prompts.append(("validation", config.validation_prompt))
+    if config.user_prompt_library:
+        library = json.loads(Path(config.user_prompt_library).read_text())
+        items = library.items() if isinstance(library, dict) else enumerate(library)
+        for name, prompt in items:
+            prompts.append((str(name), prompt if isinstance(prompt, str) else prompt["prompt"]))
+    return prompts
+
+
+def validate(trainer: Trainer) -> list[str]:
+    """Images for every validation prompt and size, made without the assistant adapter."""
+    config = trainer.config
+    prompts = trainer.validation_prompts()
+    if config.validation_disable or not prompts or not trainer.accelerator.is_main_process:
+        return []
+    try:  # a flavour may have no text-to-image pipeline (e.g. a refiner): train on, say so once
+        trainer.family.validation_pipeline(trainer.model)
+    except NotImplementedError as exc:
+        if not getattr(trainer, "_validation_warned", False):
+            log.warning("no validation images: %s", exc)
+            trainer._validation_warned = True
+        return []
+    from tune_models.adapters import set_assistant_enabled
+
+    folder = trainer.output_dir / "validation" / f"step-{trainer.global_step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = trainer.model
+    transformer = trainer.accelerator.unwrap_model(model.transformer)
+    # The VAE and text encoders live on the CPU between validations (see setup_model); they
+    # visit the device only while images are made.
+    set_assistant_enabled(model, False)
+    transformer.eval()
+    model.vae.to(trainer.accelerator.device)
+    for encoder in model.text_encoders:
+        encoder.to(trainer.accelerator.device)
+    pipeline = trainer.family.validation_pipeline(model)
+    paths = []
+    # (file suffix, weights): the trained weights (in their evaluation form for schedule-free
+    # optimizers) and/or the EMA weights, as ema_validation asks.
+    variants: list[tuple[str, Any]] = [("", contextlib.nullcontext)]
+    if trainer.ema is not None and config.ema_validation != "none":
+        ema_variant = ("-ema", trainer.ema.swapped_in)
+        variants = [ema_variant] if config.ema_validation == "ema_only" else [*variants, ema_variant]
+    try:
+        with torch.no_grad(), trainer._eval_weights():
+            for suffix, weights in variants:
+                with weights():
+                    paths += _validation_images(trainer, pipeline, prompts, folder, suffix)
+    finally:
+        model.vae.to("cpu")
+        for encoder in model.text_encoders:
+            encoder.to("cpu")
+        transformer.train()
+        set_assistant_enabled(model, True)
+    if config.evaluation_type == "clip":
+        trainer._score_validation(evaluation.validation_prompt_pairs(prompts, config.validation_sizes(), paths))
+    trainer.hook.tune_validation_end(trainer=trainer, step=trainer.global_step, images=paths)
+    return paths
+
+
+def _validation_images(
+    trainer: Trainer, pipeline: Any, prompts: list[tuple[str, str]], folder: Path, suffix: str
+) -> list[str]:
+    """Generate and save one image per (prompt, size); record each for the model card."""
+    config, flavour = trainer.config, trainer.flavour
+    paths = []
+    for name, prompt in prompts:
+        for width, height in config.validation_sizes():
+            image = trainer.family.generate(
+                pipeline,
+                prompt,
+                width=width,
+                height=height,
+                steps=config.validation_num_inference_steps or flavour.inference_steps,
+                guidance=config.validation_guidance if config.validation_guidance is not None else flavour.guidance,
+                seed=config.validation_seed,
+                negative_prompt=config.validation_negative_prompt,
+                options=config.validation_options(),  # family-specific keys; others warn once
+            )
+            path = folder / f"{slug(name)}-{width}x{height}{suffix}.png"
+            image.save(path)
+            paths.append(str(path))
+            label = f"{prompt} (EMA)" if suffix else prompt
+            trainer.validation_images.setdefault(trainer.global_step, []).append(
+                (label, str(path.relative_to(trainer.output_dir)))
+            )
+    return paths
+
+
+def card_images(validation_images: dict[int, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """The last validation images first (the hub widget shows them), then the before-training ones."""
+    if not validation_images:
+        return []
+    steps = sorted(validation_images)
+    images = list(validation_images[steps[-1]])
+    if steps[0] != steps[-1]:
+        images += [(f"{prompt} (before training)", path) for prompt, path in validation_images[steps[0]]]
+    return images
+
+
+def score_validation(trainer: Trainer, pairs: list[tuple[str, str]]) -> None:
+    """Mean CLIP score of the images just made (``clip_score``; ``clip_score_ema`` for the EMA ones)."""
+    if not pairs:
+        return
+    # The CLIP model loads on first use and stays: reloading it every validation costs seconds.
+    if trainer._clip is None:
+        trainer._clip = evaluation.ClipScorer(
+            trainer.config.pretrained_evaluation_model_name_or_path, trainer.accelerator.device
+        )
+    scores = trainer._clip.scores(pairs)
+    groups: dict[str, list[float]] = {}
+    for (_, path), score in zip(pairs, scores):
+        groups.setdefault("clip_score_ema" if Path(path).stem.endswith("-ema") else "clip_score", []).append(score)
+    means = {name: sum(values) / len(values) for name, values in groups.items()}
+    if "clip_score" in means:
+        trainer.clip_scores[trainer.global_step] = means["clip_score"]
+    trainer._log_metrics(means)
