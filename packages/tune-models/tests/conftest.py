@@ -1,11 +1,23 @@
 """Shared fixtures: one tiny Z-Image (built by the ``tiny`` flavour) and one tiny assistant adapter
-per test session."""
+per test session; for each other built-in family a session fixture with the family and one with
+its tiny folder (``sdxl``/``sdxl_path``, ...), built once however many modules use it; and
+``one_thread`` for modules whose tiny matrices run faster on one thread."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one thread while a module runs (``pytestmark = pytest.mark.usefixtures("one_thread")``),
+    then restore it: tiny matrices run many times faster on one thread when the CPU is shared."""
+    from tune_models.families._shared import one_thread
+
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +52,32 @@ def assistant_file(tiny_path, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("assistant")
     return build_tiny_assistant_lora(tiny_path, folder / "zimage_turbo_training_adapter_v1.safetensors")
+
+
+def _family_fixtures(fixture: str, family: str) -> tuple[object, object]:
+    """Session fixtures ``<fixture>`` (the registered family) and ``<fixture>_path`` (its tiny
+    pipeline folder, see :func:`tune_models.testing.build_tiny_pipeline`)."""
+
+    @pytest.fixture(scope="session", name=fixture)
+    def _family():
+        from tune_models.family import get_family
+
+        return get_family(family)
+
+    @pytest.fixture(scope="session", name=f"{fixture}_path")
+    def _path(tmp_path_factory) -> Path:
+        from tune_models.testing import build_tiny_pipeline
+
+        return build_tiny_pipeline(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+
+    return _family, _path
+
+
+chroma, chroma_path = _family_fixtures("chroma", "chroma")
+flux, flux_path = _family_fixtures("flux", "flux")
+flux2, flux2_path = _family_fixtures("flux2", "flux2")
+lumina, lumina_path = _family_fixtures("lumina", "lumina2")
+qwen, qwen_path = _family_fixtures("qwen", "qwen-image")
+sana, sana_path = _family_fixtures("sana", "sana")
+sd3, sd3_path = _family_fixtures("sd3", "sd3")
+sdxl, sdxl_path = _family_fixtures("sdxl", "sdxl")

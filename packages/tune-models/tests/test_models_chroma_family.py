@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
-
-
-@pytest.fixture(scope="session")
-def chroma():
-    return get_family("chroma")
-
-
-@pytest.fixture(scope="session")
-def chroma_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("chroma", tmp_path_factory.mktemp("tiny-chroma"))
-
-
-def load(chroma, path, flavour="tiny"):
-    return chroma.load(ModelSource(pretrained_model_name_or_path=str(path)), flavour)
+from tune_models.testing import ModelFamilyTests
+from tune_models.testing import load_tiny as load
 
 
 class TestChromaConformance(ModelFamilyTests):
     family_name = "chroma"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, chroma_path):
-        return chroma_path
+    tiny_path_fixture = "chroma_path"  # the session's tiny model, built once
 
     def test_lora_target_presets_match_modules(self, family, tiny_path):
         """Flux's presets; ``tiny``/``nano`` name single blocks past the tiny model's one."""

@@ -15,42 +15,18 @@ import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
+from tune_models.testing import ModelFamilyTests
+from tune_models.testing import load_tiny as load
 
 PROMPTS = ["a cat", "a red square on a blue background"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def flux2():
-    return get_family("flux2")
-
-
-@pytest.fixture(scope="session")
-def flux2_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("flux2", tmp_path_factory.mktemp("tiny-flux2"))
-
-
-def load(flux2, path, flavour="tiny", **source):
-    source.setdefault("pretrained_model_name_or_path", str(path))
-    return flux2.load(ModelSource(**source), flavour)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TestFlux2Conformance(ModelFamilyTests):
     family_name = "flux2"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, flux2_path):  # the session's tiny FLUX.2, built once
-        return flux2_path
+    tiny_path_fixture = "flux2_path"  # the session's tiny model, built once
 
 
 def test_names_and_flavours(flux2):

@@ -7,31 +7,19 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
-
-
-@pytest.fixture(scope="session")
-def flux():
-    return get_family("flux")
-
-
-@pytest.fixture(scope="session")
-def flux_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("flux", tmp_path_factory.mktemp("tiny-flux"))
+from tune_models.family import get_family
+from tune_models.testing import ModelFamilyTests, load_tiny
 
 
 def load(flux, path, flavour="tiny", **source):
-    source.setdefault("pretrained_model_name_or_path", str(path))
-    source.setdefault("disable_assistant_lora", True)
-    return flux.load(ModelSource(**source), flavour)
+    source.setdefault("disable_assistant_lora", True)  # schnell's default adapter is a download
+    return load_tiny(flux, path, flavour, **source)
 
 
 def batch(flux, model, prompts=("a red square", "a cat")):
@@ -43,11 +31,7 @@ def batch(flux, model, prompts=("a red square", "a cat")):
 
 class TestFluxConformance(ModelFamilyTests):
     family_name = "flux"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, flux_path):  # the session's tiny Flux, built once
-        return flux_path
+    tiny_path_fixture = "flux_path"  # the session's tiny model, built once
 
     def test_lora_target_presets_match_modules(self, family, tiny_path):
         """As the suite's check, except that block indices past the tiny model's single block

@@ -6,7 +6,6 @@ convolutions) adapt exactly the modules they document and export to ComfyUI."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,11 +26,6 @@ def adapted(model) -> set[str]:
 
 def module_names(model, pattern: str) -> set[str]:
     return {n for n, _ in model.transformer.named_modules() if re.fullmatch(pattern, n)}
-
-
-@pytest.fixture(scope="module")
-def flux2_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("flux2", tmp_path_factory.mktemp("tiny-flux2-re"))
 
 
 @pytest.fixture

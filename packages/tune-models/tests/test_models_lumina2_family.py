@@ -6,38 +6,16 @@ pinned to one thread while this module runs (tiny matrices on a shared CPU).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
+from tune_models.family import get_family
+from tune_models.testing import ModelFamilyTests, assert_padding_is_masked
+from tune_models.testing import load_tiny as load
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def lumina():
-    return get_family("lumina2")
-
-
-@pytest.fixture(scope="session")
-def lumina_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("lumina2", tmp_path_factory.mktemp("tiny-lumina2"))
-
-
-def load(family, path, flavour="tiny", **source):
-    source.setdefault("pretrained_model_name_or_path", str(path))
-    return family.load(ModelSource(**source), flavour)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["a cat", "a much longer prompt about a red square"]
@@ -45,11 +23,7 @@ PROMPTS = ["a cat", "a much longer prompt about a red square"]
 
 class TestLumina2Conformance(ModelFamilyTests):
     family_name = "lumina2"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, lumina_path):  # the session's tiny Lumina 2, built once
-        return lumina_path
+    tiny_path_fixture = "lumina_path"  # the session's tiny model, built once
 
 
 def test_names_and_flavours(lumina):
@@ -109,15 +83,8 @@ def test_predict_is_the_pipelines_velocity(lumina, lumina_path):
 
 
 def test_mask_hides_padding(lumina, lumina_path):
-    model = load(lumina, lumina_path)
-    cond = lumina.collate_prompts(lumina.encode_prompts(model, PROMPTS), "cpu", torch.float32)
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = lumina.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
-        short = int(cond["prompt_attention_mask"][0].sum())
-        cond["prompt_embeds"][0, short:] = 100.0
-        after = lumina.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
-    torch.testing.assert_close(before, after)
+    assert_padding_is_masked(lumina, load(lumina, lumina_path), PROMPTS, latents, mask_key="prompt_attention_mask")
 
 
 def test_latents_use_the_flux_vae_scaling(lumina, lumina_path):

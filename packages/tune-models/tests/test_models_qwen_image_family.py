@@ -8,48 +8,23 @@ one thread while it runs (and restores the setting).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
+from tune_models.family import get_family
+from tune_models.testing import ModelFamilyTests, assert_padding_is_masked
+from tune_models.testing import load_tiny as load
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def qwen():
-    return get_family("qwen-image")
-
-
-@pytest.fixture(scope="session")
-def qwen_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("qwen_image", tmp_path_factory.mktemp("tiny-qwen-image"))
-
-
-def load(qwen, path, flavour="tiny", **source):
-    source.setdefault("pretrained_model_name_or_path", str(path))
-    return qwen.load(ModelSource(**source), flavour)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TestQwenImageConformance(ModelFamilyTests):
     family_name = "qwen_image"
     image_size = 32
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, qwen_path):  # the session's tiny Qwen-Image, built once
-        return qwen_path
+    tiny_path_fixture = "qwen_path"  # the session's tiny model, built once
 
 
 def test_names_and_flavours(qwen):
@@ -114,15 +89,9 @@ def test_predict_is_the_pipelines_velocity(qwen, qwen_path):
 
 
 def test_mask_hides_padding(qwen, qwen_path):
-    model = load(qwen, qwen_path)
-    cond = qwen.collate_prompts(qwen.encode_prompts(model, ["a cat", "a much longer prompt"]), "cpu", torch.float32)
     latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = qwen.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
-        short = int(cond["prompt_embeds_mask"][0].sum())
-        cond["prompt_embeds"][0, short:] = 100.0
-        after = qwen.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
-    torch.testing.assert_close(before, after)
+    prompts = ["a cat", "a much longer prompt"]
+    assert_padding_is_masked(qwen, load(qwen, qwen_path), prompts, latents, mask_key="prompt_embeds_mask")
 
 
 def test_pack_round_trip_matches_diffusers(qwen):

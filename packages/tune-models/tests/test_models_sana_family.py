@@ -6,38 +6,16 @@ to one thread while this module runs (tiny matrices on a shared CPU).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
+from tune_models.family import get_family
+from tune_models.testing import ModelFamilyTests, assert_padding_is_masked
+from tune_models.testing import load_tiny as load
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def sana():
-    return get_family("sana")
-
-
-@pytest.fixture(scope="session")
-def sana_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("sana", tmp_path_factory.mktemp("tiny-sana"))
-
-
-def load(family, path, flavour="tiny", **source):
-    source.setdefault("pretrained_model_name_or_path", str(path))
-    return family.load(ModelSource(**source), flavour)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["a cat", "  A much LONGER prompt about a red square"]
@@ -46,11 +24,7 @@ PROMPTS = ["a cat", "  A much LONGER prompt about a red square"]
 class TestSanaConformance(ModelFamilyTests):
     family_name = "sana"
     image_size = 32
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, sana_path):  # the session's tiny Sana, built once
-        return sana_path
+    tiny_path_fixture = "sana_path"  # the session's tiny model, built once
 
 
 def test_names_and_flavours(sana):
@@ -150,15 +124,8 @@ def test_predict_is_the_pipelines_velocity(sana, sana_path):
 
 
 def test_mask_hides_padding(sana, sana_path):
-    model = load(sana, sana_path)
-    cond = sana.collate_prompts(sana.encode_prompts(model, PROMPTS), "cpu", torch.float32)
     latents = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = sana.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
-        short = int(cond["prompt_attention_mask"][0].sum())
-        cond["prompt_embeds"][0, short:] = 100.0
-        after = sana.predict(model, latents, torch.tensor([0.5, 0.5]), cond)
-    torch.testing.assert_close(before, after)
+    assert_padding_is_masked(sana, load(sana, sana_path), PROMPTS, latents, mask_key="prompt_attention_mask")
 
 
 def test_latents_use_the_dc_ae_scaling(sana, sana_path):

@@ -5,38 +5,17 @@ One tiny SD3 is built per session (``sd3_path``) and shared by every test here.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
-
-
-@pytest.fixture(scope="session")
-def sd3():
-    return get_family("sd3")
-
-
-@pytest.fixture(scope="session")
-def sd3_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("sd3", tmp_path_factory.mktemp("tiny-sd3"))
-
-
-def load(sd3, path, flavour="tiny"):
-    return sd3.load(ModelSource(pretrained_model_name_or_path=str(path)), flavour)
+from tune_models.testing import ModelFamilyTests
+from tune_models.testing import load_tiny as load
 
 
 class TestSD3Conformance(ModelFamilyTests):
     family_name = "sd3"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, sd3_path):  # the session's tiny SD3, built once
-        return sd3_path
+    tiny_path_fixture = "sd3_path"  # the session's tiny model, built once
 
 
 def test_flavours(sd3):

@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 
 from tune_models import family as family_module
-from tune_models.family import ModelSource, get_family
-from tune_models.testing import build_tiny_pipeline
+from tune_models.family import ModelSource
 
 SLG = {"validation_guidance_skip_layers_start": 0.0, "validation_guidance_skip_layers_stop": 1.0}
 """Over the whole (short) schedule: the pipeline applies it at steps with start < i/steps < stop."""
 
 
 @pytest.fixture(scope="module")
-def sd3():
-    return get_family("sd3")
-
-
-@pytest.fixture(scope="module")
-def pipeline(sd3, tmp_path_factory):
-    path = build_tiny_pipeline("sd3", tmp_path_factory.mktemp("tiny-sd3-slg"))
-    return sd3.validation_pipeline(sd3.load(ModelSource(pretrained_model_name_or_path=str(path)), "tiny"))
+def pipeline(sd3, sd3_path):
+    return sd3.validation_pipeline(sd3.load(ModelSource(pretrained_model_name_or_path=str(sd3_path)), "tiny"))
 
 
 @pytest.fixture

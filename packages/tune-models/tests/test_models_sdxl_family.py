@@ -5,37 +5,18 @@ One tiny SDXL is built per session (``sdxl_path``) and shared by every test here
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from tune_models import adapters
-from tune_models.family import ModelSource, SampleGeometry, get_family
-from tune_models.testing import ModelFamilyTests, build_tiny_pipeline
-
-
-@pytest.fixture(scope="session")
-def sdxl():
-    return get_family("sdxl")
-
-
-@pytest.fixture(scope="session")
-def sdxl_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
-
-
-def load(sdxl, path, flavour="tiny"):
-    return sdxl.load(ModelSource(pretrained_model_name_or_path=str(path)), flavour)
+from tune_models.family import ModelSource, SampleGeometry
+from tune_models.testing import ModelFamilyTests
+from tune_models.testing import load_tiny as load
 
 
 class TestSDXLConformance(ModelFamilyTests):
     family_name = "sdxl"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny_path(cls, sdxl_path):  # the session's tiny SDXL, built once
-        return sdxl_path
+    tiny_path_fixture = "sdxl_path"  # the session's tiny model, built once
 
 
 def test_flavours_and_declared_scheme(sdxl, sdxl_path):

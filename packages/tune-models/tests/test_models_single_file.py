@@ -9,15 +9,12 @@ inverting diffusers' own converter; Flux, FLUX.2 and SDXL with diffusers' layout
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tune_models.families import _shared
 from tune_models.family import ModelSource, get_family
-from tune_models.testing import build_tiny_pipeline
 
 _ZIMAGE_RENAMES = (  # diffusers -> original, the inverse of convert_z_image_transformer_checkpoint_to_diffusers
     (".attention.to_out.0.", ".attention.out."),
@@ -96,17 +93,12 @@ def test_file_as_pretrained_model_name_or_path_takes_the_rest_from_the_flavour(
         )
 
 
-@pytest.fixture(scope="module")
-def flux_path(tmp_path_factory) -> Path:
-    return build_tiny_pipeline("flux", tmp_path_factory.mktemp("tiny-flux"))
-
-
 @pytest.mark.parametrize("name", ["flux", "flux2", "sdxl"])
-def test_diffusers_layout_file_loads_equal(name, flux_path, tmp_path):
+def test_diffusers_layout_file_loads_equal(name, request, tmp_path):
     """The generic loader (Flux), a family with its own component loading (FLUX.2) and a UNet
     family whose config lives in ``unet/`` (SDXL) all read a diffusers-layout single file."""
     family = get_family(name)
-    path = flux_path if name == "flux" else build_tiny_pipeline(name, tmp_path / "tiny")
+    path = request.getfixturevalue(f"{name}_path")  # the session's tiny model (see conftest)
     weights = perturbed(family.load(ModelSource(pretrained_model_name_or_path=str(path)), "tiny").transformer)
     file = tmp_path / f"{name}-transformer.safetensors"
     save_file(weights, str(file))

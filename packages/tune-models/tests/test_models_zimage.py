@@ -10,11 +10,7 @@ import torch
 
 from tune_models import adapters
 from tune_models.family import ModelSource
-
-
-def load(zimage, tiny_path, flavour="tiny", **source):
-    source.setdefault("pretrained_model_name_or_path", str(tiny_path))
-    return zimage.load(ModelSource(**source), flavour)
+from tune_models.testing import load_tiny as load
 
 
 def batch(zimage, model, prompts=("a red square", "a cat")):

@@ -224,6 +224,9 @@ class ModelFamily:
     validation_option_keys: frozenset[str] = frozenset()
     """Validation config keys only some families use (``validation_guidance_skip_layers``, ...)
     that this one acts on in :meth:`_validation_option_kwargs`; :meth:`generate` warns about others."""
+    guidance_argument: str = "guidance_scale"
+    """The pipeline-call argument :meth:`generate` passes ``guidance`` as (Qwen-Image's true CFG
+    is ``true_cfg_scale``; its ``guidance_scale`` is for guidance-distilled checkpoints only)."""
 
     # Modules named by import path and imported on first use (so listing families stays light).
     lora_keys_module: str = ""
@@ -385,23 +388,16 @@ class ModelFamily:
         :attr:`text_encoder_classes` and a flow-matching scheduler; the transformer may be one
         ``.safetensors`` file (see :func:`tune_models.families._shared.load_transformer`); the ``tiny`` flavour's
         sentinel checkpoint is built on first use; the flavour's (or the source's) assistant
-        adapter is loaded unless disabled."""
-        if not self.transformer_class:
+        adapter is loaded unless disabled. A family whose folder holds other component classes
+        overrides only :meth:`_load_components`."""
+        if not self.transformer_class and type(self)._load_components is ModelFamily._load_components:
             raise NotImplementedError(f"{type(self).__name__}.load")
         from tune_models import adapters
         from tune_models.families import _shared
 
         chosen = self.flavour(flavour)
         source, root = _shared.resolve_source(self, source, chosen)
-        components = _shared.load_components(
-            source,
-            root,
-            transformer_class=self.transformer_class,
-            text_encoder_classes=self.text_encoder_classes,
-            dtype=dtype,
-            device=device,
-            label=self.name,
-        )
+        components = self._load_components(source, root, dtype=dtype, device=device)
         model = LoadedModel(
             family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components
         )
@@ -413,6 +409,25 @@ class ModelFamily:
         if assistant and not source.disable_assistant_lora:
             adapters.load_assistant_lora(model, assistant, weight_name=weight_name)
         return model
+
+    def _load_components(
+        self, source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device
+    ) -> dict[str, Any]:
+        """The frozen components :meth:`load` puts in its :class:`LoadedModel` (``transformer``,
+        ``vae``, text encoders, tokenizers, ``scheduler``), read from ``root`` with ``source``'s
+        overrides. Generic version: :attr:`transformer_class`, an ``AutoencoderKL`` and
+        :attr:`text_encoder_classes` (see :func:`tune_models.families._shared.load_components`)."""
+        from tune_models.families import _shared
+
+        return _shared.load_components(
+            source,
+            root,
+            transformer_class=self.transformer_class,
+            text_encoder_classes=self.text_encoder_classes,
+            dtype=dtype,
+            device=device,
+            label=self.name,
+        )
 
     def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         """One dict of CPU tensors per prompt, ready to cache on disk."""
@@ -523,7 +538,7 @@ class ModelFamily:
         options: Mapping[str, Any] | None = None,
     ) -> Image.Image:
         """One image, deterministic for a seed (the generator lives on the CPU). ``guidance`` is
-        the pipeline's ``guidance_scale``; the family adds its own arguments (negative prompt,
+        the pipeline's ``guidance_scale`` (see :attr:`guidance_argument`); the family adds its own arguments (negative prompt,
         sequence length, ...) in :meth:`_pipeline_call_kwargs`, and those from the run's
         validation ``options`` it acts on in :meth:`_validation_option_kwargs` (see
         :meth:`validation_call_options`). The transformer runs in eval mode (no LoRA dropout) and
@@ -540,9 +555,9 @@ class ModelFamily:
                 width=width,
                 height=height,
                 num_inference_steps=steps,
-                guidance_scale=guidance,
                 generator=generator,
                 output_type="pil",
+                **{self.guidance_argument: guidance},
                 **extra,
             )
         finally:

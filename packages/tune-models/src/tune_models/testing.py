@@ -56,6 +56,30 @@ def build_tiny_assistant_lora(
     return Path(get_family(family).build_tiny_assistant_lora(pipeline_path, out_file, rank=rank, seed=seed))
 
 
+def load_tiny(family: ModelFamily, path: str | os.PathLike, flavour: str | None = "tiny", **source: Any) -> LoadedModel:
+    """Load the tiny folder at ``path`` with ``flavour``'s defaults (its own checkpoint is never
+    fetched); ``source`` adds :class:`~tune_models.family.ModelSource` fields, or replaces
+    ``pretrained_model_name_or_path``."""
+    source.setdefault("pretrained_model_name_or_path", str(path))
+    return family.load(ModelSource(**source), flavour)
+
+
+def assert_padding_is_masked(
+    family: ModelFamily, model: LoadedModel, prompts: list[str], latents: torch.Tensor, *, mask_key: str
+) -> None:
+    """Assert that ``family.predict`` ignores prompt padding: the first of ``prompts`` (the
+    shorter) is padded to the batch's length, so overwriting its ``prompt_embeds`` past its
+    ``mask_key`` length with large values must not change the prediction for ``latents``."""
+    cond = family.collate_prompts(family.encode_prompts(model, prompts), "cpu", torch.float32)
+    sigmas = torch.full((len(prompts),), 0.5)
+    with torch.no_grad():
+        before = family.predict(model, latents, sigmas, cond)
+        short = int(cond[mask_key][0].sum())
+        cond["prompt_embeds"][0, short:] = 100.0
+        after = family.predict(model, latents, sigmas, cond)
+    torch.testing.assert_close(before, after)
+
+
 def _require_pytest() -> Any:
     if pytest is None:  # pragma: no cover
         raise ImportError("tune_models.testing.ModelFamilyTests needs pytest: pip install pytest")
@@ -82,6 +106,9 @@ class ModelFamilyTests:
     train_steps: int = 6
     learning_rate: float = 1e-2
     lora_rank: int = 4
+    tiny_path_fixture: str | None = None
+    """Name of a session fixture that already holds this family's tiny folder (a test module that
+    builds one for its own tests); the suite then reuses it instead of building a second one."""
 
     # ---------------------------------------------------------------- hooks for subclasses
     def build_tiny(self, path: Path) -> Path:
@@ -96,7 +123,9 @@ class ModelFamilyTests:
 
     @_fixture(scope="class")
     @classmethod
-    def tiny_path(cls, tmp_path_factory: Any) -> Path:
+    def tiny_path(cls, request: Any, tmp_path_factory: Any) -> Path:
+        if cls.tiny_path_fixture:
+            return Path(request.getfixturevalue(cls.tiny_path_fixture))
         return Path(cls().build_tiny(tmp_path_factory.mktemp(f"tiny-{cls.family_name}")))
 
     def load(self, family: ModelFamily, tiny_path: Path, **source: Any) -> LoadedModel:

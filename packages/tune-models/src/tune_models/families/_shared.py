@@ -6,10 +6,11 @@ transformers, tokenizers) are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,98 @@ def tiny_checkpoint(name: str, build: Callable[[Path], Any]) -> str:
     return str(target)
 
 
+# ----------------------------------------------------------------------------- 2x2 latent tokens
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """``B x C x H x W`` -> ``B x (H/2 * W/2) x 4C``: 2x2 patches as tokens, the layout of
+    ``FluxPipeline._pack_latents`` and ``QwenImagePipeline._pack_latents``."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_2x2(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_2x2` for a latent of ``height`` x ``width``."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+# ----------------------------------------------------------------------------- guidance input
+GUIDANCE_MODES = ("constant", "random-range")
+
+
+def guidance_settings(current: dict[str, Any], options: Any, prefix: str) -> dict[str, Any]:
+    """A guidance-distilled family's guidance-input settings (``mode``, ``value``, ``min``,
+    ``max``) updated from the run's ``<prefix>_guidance_mode/_value/_min/_max`` options; errors
+    name those keys."""
+    guidance = dict(current)
+    mode = options.get(f"{prefix}_guidance_mode")
+    if mode is not None:
+        if mode not in GUIDANCE_MODES:
+            raise ValueError(f"{prefix}_guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {mode!r}")
+        guidance["mode"] = mode
+    for key in ("value", "min", "max"):
+        value = options.get(f"{prefix}_guidance_{key}")
+        if value is not None:
+            guidance[key] = float(value)
+    if guidance["mode"] == "random-range" and not guidance["min"] <= guidance["max"]:
+        raise ValueError(
+            f"{prefix}_guidance_min ({guidance['min']}) must not exceed {prefix}_guidance_max ({guidance['max']})"
+        )
+    return guidance
+
+
+def guidance_values(cfg: dict[str, Any], batch: int, device: Any) -> torch.Tensor:
+    """The guidance input for a training batch from :func:`guidance_settings`' dict: a random
+    range draws from torch's global generator, which the trainer seeds per step."""
+    if cfg["mode"] == "random-range":
+        values = cfg["min"] + (cfg["max"] - cfg["min"]) * torch.rand(batch)
+    else:
+        values = torch.full((batch,), float(cfg["value"]))
+    return values.to(device=device, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- tiny parts
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw a tiny model's random weights from ``seed`` without moving the caller's global RNG
+    (a test building a tiny model mid-session must not change what later tests draw)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Pin torch to one thread for the block, then restore the setting: tiny matrices run many
+    times faster on one thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def random_lora_file(
+    out_file: str | os.PathLike, shapes: dict[str, tuple[int, int]], *, rank: int, seed: int, std: float
+) -> Path:
+    """Save a random LoRA (``<module>.lora_A.weight`` ``[rank, in]`` and ``.lora_B.weight``
+    ``[out, rank]`` per ``module -> (out, in)``, drawn in that order from ``seed``) as one
+    safetensors file: the tiny stand-in for a published assistant adapter."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out_features, in_features) in shapes.items():
+        tensors[f"{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * std
+        tensors[f"{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * std
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file))
+    return out_file
+
+
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -486,6 +578,28 @@ def fuse_lora(
     return down, up, len(present)
 
 
+def put_fused_comfyui(
+    out: dict[str, torch.Tensor],
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    order: Sequence[str],
+    fused: str,
+    unfused: str,
+    alpha: float | None,
+) -> None:
+    """Put ``projections`` (``name -> (down, up)``) in ComfyUI layout: fused into module ``fused``
+    (rows in ``order``, alpha times the count) when every projection of ``order`` has a LoRA and
+    all share one rank, since only then the fused LoRA is exact; otherwise each as
+    ``<unfused>.<name>`` with its diffusers name."""
+    ranks = {down.shape[0] for down, _ in projections.values()}
+    if set(projections) != set(order) or len(ranks) != 1:
+        for proj, (down, up) in projections.items():
+            put_comfyui(out, f"{unfused}.{proj}", down, up, alpha)
+        return
+    parts = [projections[p] for p in order]
+    down, up, count = fuse_lora(parts, [u.shape[0] for _, u in parts])
+    put_comfyui(out, fused, down, up, None if alpha is None else count * alpha)
+
+
 def fuse_present_lora(
     present: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: Sequence[tuple[str, int]]
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -571,13 +685,24 @@ def noised(
     return noisy, noise
 
 
-def warm_start(family: Any, model: Any, *, steps: int, seed: int, shift: float = 1.0, lr: float = 5e-3) -> None:
+def warm_start(
+    family: Any,
+    model: Any,
+    *,
+    steps: int,
+    seed: int,
+    shift: float = 1.0,
+    lr: float = 5e-3,
+    size: int = 64,
+    pool: int = 32,
+    batch: int = 2,
+) -> None:
     """Train a tiny model's transformer (all weights) briefly as a denoiser of synthetic images,
-    so that a LoRA on it has something to adapt (a random transformer cannot denoise at all)."""
+    so that a LoRA on it has something to adapt (a random transformer cannot denoise at all).
+    ``pool`` images of ``size`` px, ``batch`` of them a step (a slow VAE wants fewer, smaller ones)."""
     generator = torch.Generator().manual_seed(seed)
     words = ["a", "red", "blue", "green", "square", "circle", "photo", "of", "big", "small", "on", "grey"]
-    pool = 32
-    latents = family.encode_images(model, synthetic_images(pool, seed=seed + 1))
+    latents = family.encode_images(model, synthetic_images(pool, size=size, seed=seed + 1))
     captions = [
         " ".join(words[j] for j in torch.randint(0, len(words), (4,), generator=generator).tolist())
         for _ in range(pool)
@@ -590,13 +715,13 @@ def warm_start(family: Any, model: Any, *, steps: int, seed: int, shift: float =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(steps):
-            index = torch.randint(0, pool, (2,), generator=generator)
+            index = torch.randint(0, pool, (batch,), generator=generator)
             x0 = latents[index]
             noise = torch.randn(x0.shape, generator=generator)
             if family.prediction == "flow":
-                times = family.shift_sigmas(torch.rand(2, generator=generator), shift)
+                times = family.shift_sigmas(torch.rand(batch, generator=generator), shift)
             else:  # DDPM: integer timesteps of the scheduler's training schedule
-                times = torch.randint(0, int(model.scheduler.config.num_train_timesteps), (2,), generator=generator)
+                times = torch.randint(0, int(model.scheduler.config.num_train_timesteps), (batch,), generator=generator)
             noisy, target = noised(family, model, x0, noise, times)
             cond = family.collate_prompts([embeds[i] for i in index.tolist()], "cpu", torch.float32)
             pred = family.predict(model, noisy, times, cond)

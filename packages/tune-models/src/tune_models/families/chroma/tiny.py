@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from tune_models.families import _shared
 from tune_models.families.flux.tiny import TINY_SCHEDULER, TINY_T5
 
@@ -24,8 +22,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.chroma.family import FAMILY
 
     tokenizer = _shared.t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = ChromaTransformer2DModel(**TINY_TRANSFORMER).eval()
         vae = _shared.tiny_vae()
         text_encoder = _shared.tiny_t5(tokenizer, TINY_T5)

@@ -42,7 +42,7 @@ _ATTENTION = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", 
 _CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 _CONTEXT_FFS = ["ff_context.net.0.proj", "ff_context.net.2"]
 
-GUIDANCE_MODES = ("constant", "random-range")
+GUIDANCE_MODES = _shared.GUIDANCE_MODES
 
 
 class FluxFamily(ModelFamily):
@@ -97,21 +97,7 @@ class FluxFamily(ModelFamily):
         """Flux's training options (SimpleTuner keys): ``flux_guidance_mode`` (``constant``, default,
         or ``random-range``), ``flux_guidance_value`` (1.0), ``flux_guidance_min`` (0.0),
         ``flux_guidance_max`` (4.0), ``flux_attention_masked_training`` (False)."""
-        guidance = dict(model.extras["guidance"])
-        mode = options.get("flux_guidance_mode")
-        if mode is not None:
-            if mode not in GUIDANCE_MODES:
-                raise ValueError(f"flux_guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {mode!r}")
-            guidance["mode"] = mode
-        for key in ("value", "min", "max"):
-            value = options.get(f"flux_guidance_{key}")
-            if value is not None:
-                guidance[key] = float(value)
-        if guidance["mode"] == "random-range" and not guidance["min"] <= guidance["max"]:
-            raise ValueError(
-                f"flux_guidance_min ({guidance['min']}) must not exceed flux_guidance_max ({guidance['max']})"
-            )
-        model.extras["guidance"] = guidance
+        model.extras["guidance"] = _shared.guidance_settings(model.extras["guidance"], options, "flux")
         model.extras["attention_masked"] = bool(options.get("flux_attention_masked_training") or False)
 
     def pipeline_class(self) -> type:
@@ -167,19 +153,10 @@ class FluxFamily(ModelFamily):
         return batch
 
     # ----------------------------------------------------------------- denoiser
-    @staticmethod
-    def pack(latents: torch.Tensor) -> torch.Tensor:
-        """``B x C x H x W`` -> ``B x (H/2 * W/2) x 4C`` (2x2 patches, as ``FluxPipeline._pack_latents``)."""
-        b, c, h, w = latents.shape
-        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    @staticmethod
-    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Inverse of :meth:`pack` for a latent of ``height`` x ``width``."""
-        b, _, d = tokens.shape
-        x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, d // 4, height, width)
+    pack = staticmethod(_shared.pack_2x2)
+    """``B x C x H x W`` -> ``B x (H/2 * W/2) x 4C`` tokens (2x2 patches, see :func:`_shared.pack_2x2`)."""
+    unpack = staticmethod(_shared.unpack_2x2)
+    """Inverse of :attr:`pack` for a latent of ``height`` x ``width``."""
 
     @staticmethod
     def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -192,12 +169,7 @@ class FluxFamily(ModelFamily):
     def training_guidance(self, model: LoadedModel, batch: int, device: torch.device) -> torch.Tensor:
         """The guidance input for a training batch (see :meth:`configure_training`). A random
         range draws from torch's global generator, which the trainer seeds per step."""
-        cfg = model.extras.get("guidance", {"mode": "constant", "value": 1.0})
-        if cfg["mode"] == "random-range":
-            values = cfg["min"] + (cfg["max"] - cfg["min"]) * torch.rand(batch)
-        else:
-            values = torch.full((batch,), float(cfg["value"]))
-        return values.to(device=device, dtype=torch.float32)
+        return _shared.guidance_values(model.extras.get("guidance", {"mode": "constant", "value": 1.0}), batch, device)
 
     def predict(
         self,

@@ -23,8 +23,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from tune_models.families import _shared
 
 TINY_TRANSFORMER = dict(
@@ -60,8 +58,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
 
     tokenizer = _shared.clip_tokenizer()
     tokenizer_2 = _shared.t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = FluxTransformer2DModel(**TINY_TRANSFORMER).eval()
         vae = _shared.tiny_vae()
         text_encoder = _shared.tiny_clip(CLIPTextModel, tokenizer, TINY_CLIP)
@@ -90,8 +87,6 @@ def build_tiny_assistant_lora(
     """A random adapter for the tiny transformer in the layout of Ostris' FLUX.1-schnell training
     adapter (diffusers keys, ``transformer.<module>.lora_A/B.weight``) on every attention
     projection of both block kinds."""
-    from safetensors.torch import save_file
-
     config = json.loads((Path(pipeline_path) / "transformer" / "config.json").read_text())
     dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     modules = []
@@ -99,12 +94,5 @@ def build_tiny_assistant_lora(
         modules += [f"transformer_blocks.{n}.attn.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
     for n in range(int(config["num_single_layers"])):
         modules += [f"single_transformer_blocks.{n}.attn.{p}" for p in ("to_q", "to_k", "to_v")]
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module in modules:
-        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, dim, generator=generator) * std
-        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=generator) * std
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_file))
-    return out_file
+    shapes = {f"transformer.{module}": (dim, dim) for module in modules}
+    return _shared.random_lora_file(out_file, shapes, rank=rank, seed=seed, std=std)

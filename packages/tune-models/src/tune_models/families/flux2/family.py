@@ -34,7 +34,6 @@ text encoder and a 32-channel VAE, read off diffusers' ``Flux2Pipeline``,
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +50,7 @@ _SINGLE_OUT = [r"re:(.*\.)?single_transformer_blocks\.\d+\.attn\.to_out"]
 """The single blocks' fused attention/MLP output projection (BFL's ``linear2``): a regex, since
 its suffix ``attn.to_out`` is also the double blocks' ``to_out`` ModuleList, which peft cannot adapt."""
 
-GUIDANCE_MODES = ("constant", "random-range")
+GUIDANCE_MODES = _shared.GUIDANCE_MODES
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
 """Hidden-state indices stacked into the prompt embedding (``Flux2Pipeline.encode_prompt``'s
 default ``text_encoder_out_layers``; index 0 is the token embeddings)."""
@@ -103,31 +102,12 @@ class Flux2Family(ModelFamily):
         return Flux2Pipeline
 
     # ----------------------------------------------------------------- loading
-    def load(
-        self,
-        source: ModelSource,
-        flavour: str | None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> LoadedModel:
-        """The generic load with FLUX.2's VAE class (``AutoencoderKLFlux2``). The tokenizer is read
-        with ``AutoTokenizer`` (its chat template is all prompt encoding needs), not the
-        checkpoint's ``PixtralProcessor``, which would require torchvision for its image half."""
-        from tune_models import adapters
-
-        chosen = self.flavour(flavour)
-        source, root = _shared.resolve_source(self, source, chosen)
-        components = self._load_components(source, root, dtype=dtype, device=device)
-        model = LoadedModel(
-            family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components
-        )
-        if source.assistant_lora_path and not source.disable_assistant_lora:
-            adapters.load_assistant_lora(model, source.assistant_lora_path, weight_name=source.assistant_lora_weight_name)
-        return model
-
+    # ``load`` is the base class's, with FLUX.2's own components below.
     @staticmethod
     def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
+        """FLUX.2's VAE class (``AutoencoderKLFlux2``). The tokenizer is read with ``AutoTokenizer``
+        (its chat template is all prompt encoding needs), not the checkpoint's ``PixtralProcessor``,
+        which would require torchvision for its image half."""
         import diffusers
         import transformers
 
@@ -172,21 +152,7 @@ class Flux2Family(ModelFamily):
         """FLUX.2's training options: ``flux2_guidance_mode`` (``constant``, default, or
         ``random-range``), ``flux2_guidance_value`` (1.0: ai-toolkit and SimpleTuner train
         guidance-distilled Flux at 1), ``flux2_guidance_min`` (1.0), ``flux2_guidance_max`` (4.0)."""
-        guidance = dict(model.extras["guidance"])
-        mode = options.get("flux2_guidance_mode")
-        if mode is not None:
-            if mode not in GUIDANCE_MODES:
-                raise ValueError(f"flux2_guidance_mode must be one of {', '.join(GUIDANCE_MODES)}, got {mode!r}")
-            guidance["mode"] = mode
-        for key in ("value", "min", "max"):
-            value = options.get(f"flux2_guidance_{key}")
-            if value is not None:
-                guidance[key] = float(value)
-        if guidance["mode"] == "random-range" and not guidance["min"] <= guidance["max"]:
-            raise ValueError(
-                f"flux2_guidance_min ({guidance['min']}) must not exceed flux2_guidance_max ({guidance['max']})"
-            )
-        model.extras["guidance"] = guidance
+        model.extras["guidance"] = _shared.guidance_settings(model.extras["guidance"], options, "flux2")
 
     # ----------------------------------------------------------------- prompts
     def _max_sequence_length(self, flavour: Flavour) -> int:
@@ -327,12 +293,7 @@ class Flux2Family(ModelFamily):
     def training_guidance(self, model: LoadedModel, batch: int, device: torch.device) -> torch.Tensor:
         """The guidance input for a training batch (see :meth:`configure_training`); a random
         range draws from torch's global generator, which the trainer seeds per step."""
-        cfg = model.extras.get("guidance", self.default_extras["guidance"])
-        if cfg["mode"] == "random-range":
-            values = cfg["min"] + (cfg["max"] - cfg["min"]) * torch.rand(batch)
-        else:
-            values = torch.full((batch,), float(cfg["value"]))
-        return values.to(device=device, dtype=torch.float32)
+        return _shared.guidance_values(model.extras.get("guidance", self.default_extras["guidance"]), batch, device)
 
     @staticmethod
     def reference_ids(shapes: list[tuple[int, int]], device: torch.device, scale: int = 10) -> torch.Tensor:

@@ -44,17 +44,7 @@ TINY_TRANSFORMER = dict(
     axes_dims_rope=(4, 4, 4, 4),
     guidance_embeds=True,
 )
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    latent_channels=32,
-    norm_num_groups=4,
-    mid_block_add_attention=False,
-)
+TINY_VAE = {**_shared.TINY_VAE, "latent_channels": 32}  # FLUX.2's VAE has 32 latent channels
 TINY_TEXT = dict(
     model_type="mistral", hidden_size=16, intermediate_size=32, num_hidden_layers=31, num_attention_heads=2,
     num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
@@ -138,8 +128,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.flux2.family import FAMILY
 
     tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER).eval()
         vae = AutoencoderKLFlux2(**TINY_VAE).eval()
         calibrate_vae(vae)
@@ -152,9 +141,5 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
         scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER),
     )
     extras = {"guidance": {"mode": "random-range", "value": 1.0, "min": 1.0, "max": 5.0}}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is many times faster on a busy CPU
-    try:
+    with _shared.one_thread():  # tiny matrices
         return _shared.save_tiny(FAMILY, path, components, warm_start_steps=warm_start_steps, seed=seed, extras=extras)
-    finally:
-        torch.set_num_threads(threads)

@@ -39,9 +39,9 @@ import torch
 from tune_models.families._shared import (
     comfyui_lora_modules,
     diffusers_lora_modules,
-    fuse_lora,
     put_comfyui,
     put_diffusers,
+    put_fused_comfyui,
     split_fused_lora,
 )
 
@@ -101,14 +101,7 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = Non
         else:
             put_comfyui(out, _to_native(module), pair["A"], pair["B"], alpha)
     for block, projections in blocks.items():
-        ranks = {down.shape[0] for down, _ in projections.values()}
-        if set(projections) != set(_QKV) or len(ranks) != 1:
-            for proj, (down, up) in projections.items():  # cannot fuse exactly: keep diffusers names
-                put_comfyui(out, f"{block}.attn.{proj}", down, up, alpha)
-            continue
-        parts = [projections[p] for p in _QKV]
-        down, up, count = fuse_lora(parts, [u.shape[0] for _, u in parts])
-        put_comfyui(out, f"{block}.attention.qkv", down, up, None if alpha is None else count * alpha)
+        put_fused_comfyui(out, projections, _QKV, f"{block}.attention.qkv", f"{block}.attn", alpha)
     return out
 
 

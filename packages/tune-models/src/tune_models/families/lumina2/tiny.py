@@ -21,8 +21,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from tune_models.families import _gemma, _shared
 
 TINY_TRANSFORMER = dict(
@@ -55,8 +53,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.lumina2.family import FAMILY
 
     tokenizer = _gemma.gemma_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = Lumina2Transformer2DModel(**TINY_TRANSFORMER).eval()
         vae = AutoencoderKL(**TINY_VAE).eval()
         _shared.calibrate_vae(vae)
@@ -68,9 +65,5 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is many times faster on a busy CPU
-    try:
+    with _shared.one_thread():  # tiny matrices
         return _shared.save_tiny(FAMILY, path, components, warm_start_steps=warm_start_steps, seed=seed)
-    finally:
-        torch.set_num_threads(threads)

@@ -26,8 +26,6 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -74,6 +72,7 @@ class QwenImageFamily(ModelFamily):
     comfyui_key_prefix = "diffusion_model."
     comfyui_key_suffix = ".lora_down.weight"
     tiny_module = "tune_models.families.qwen_image.tiny"
+    guidance_argument = "true_cfg_scale"
 
     def pipeline_class(self) -> type:
         from diffusers import QwenImagePipeline
@@ -89,25 +88,18 @@ class QwenImageFamily(ModelFamily):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> LoadedModel:
-        """The generic load, with Qwen-Image's own VAE class (``AutoencoderKLQwenImage``)."""
-        from tune_models import adapters
-
-        chosen = self.flavour(flavour)
-        if chosen.name == "edit":
+        """The base class's load (Qwen-Image's own components below), refusing the ``edit`` flavour."""
+        if self.flavour(flavour).name == "edit":
             raise NotImplementedError(
                 "model_flavour 'edit' (Qwen-Image-Edit, trained on edit pairs: a reference image plus an "
                 "instruction) is not implemented yet: training it as text-to-image would ignore the "
                 "reference images it is made for. Use model_flavour 'base'."
             )
-        source, root = _shared.resolve_source(self, source, chosen)
-        components = self._load_components(source, root, dtype=dtype, device=device)
-        model = LoadedModel(family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components)
-        if source.assistant_lora_path and not source.disable_assistant_lora:
-            adapters.load_assistant_lora(model, source.assistant_lora_path, weight_name=source.assistant_lora_weight_name)
-        return model
+        return super().load(source, flavour, dtype=dtype, device=device)
 
     @staticmethod
     def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
+        """Qwen-Image's own VAE class (``AutoencoderKLQwenImage``) and Qwen2.5-VL text encoder."""
         import diffusers
         import transformers
 
@@ -233,19 +225,10 @@ class QwenImageFamily(ModelFamily):
         return flow.resolve_shift(seq_len, shift=shift, auto_shift=auto_shift, config=config)
 
     # ----------------------------------------------------------------- denoiser
-    @staticmethod
-    def pack(latents: torch.Tensor) -> torch.Tensor:
-        """``B x C x H x W`` -> ``B x (H/2 * W/2) x 4C`` (``QwenImagePipeline._pack_latents``)."""
-        b, c, h, w = latents.shape
-        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-    @staticmethod
-    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Inverse of :meth:`pack` for a latent of ``height`` x ``width``."""
-        b, _, d = tokens.shape
-        x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, d // 4, height, width)
+    pack = staticmethod(_shared.pack_2x2)
+    """``B x C x H x W`` -> ``B x (H/2 * W/2) x 4C`` tokens (2x2 patches, see :func:`_shared.pack_2x2`)."""
+    unpack = staticmethod(_shared.unpack_2x2)
+    """Inverse of :attr:`pack` for a latent of ``height`` x ``width``."""
 
     def predict(
         self,
@@ -275,43 +258,14 @@ class QwenImageFamily(ModelFamily):
         return self.unpack(out, height, width)
 
     # ----------------------------------------------------------------- validation
-    def generate(
-        self,
-        pipeline: Any,
-        prompt: str,
-        *,
-        width: int,
-        height: int,
-        steps: int,
-        guidance: float,
-        seed: int,
-        negative_prompt: str | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> Any:
-        """One image with true CFG: ``guidance`` is the pipeline's ``true_cfg_scale``; above 1 a
-        negative prompt is used (``" "`` when none is given). ``guidance_scale`` (for
-        guidance-distilled checkpoints only) is not passed. ``options``: as the base class's."""
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        extra: dict[str, Any] = {"true_cfg_scale": float(guidance), "max_sequence_length": self.max_sequence_length}
+    def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
+        """True CFG (``guidance`` goes in as ``true_cfg_scale``, see :attr:`guidance_argument`):
+        above 1 a negative prompt is used (``" "`` when none is given). ``guidance_scale`` (for
+        guidance-distilled checkpoints only) is not passed."""
+        extra: dict[str, Any] = {"max_sequence_length": self.max_sequence_length}
         if guidance > 1:
             extra["negative_prompt"] = negative_prompt if negative_prompt else " "
-        extra.update(self.validation_call_options(pipeline, options, guidance=guidance))
-        transformer = pipeline.transformer
-        was_training = transformer.training
-        transformer.eval()
-        try:
-            result = pipeline(
-                prompt=prompt,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-                generator=generator,
-                output_type="pil",
-                **extra,
-            )
-        finally:
-            transformer.train(was_training)
-        return result.images[0]
+        return extra
 
 
 FAMILY = QwenImageFamily()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tune_models.families import _shared
+from tune_models.families import _qwen, _shared
 
 TINY_TRANSFORMER = dict(
     patch_size=2,
@@ -51,20 +51,12 @@ TINY_SCHEDULER = dict(
 """Qwen-Image's scheduler settings (dynamic shift 256 -> 0.5 ... 8192 -> 0.9), without its
 ``shift_terminal``."""
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = _qwen.SPECIAL_TOKENS
 
 
 def build_tokenizer():
     """A Qwen2 tokenizer built in memory: every byte is a token, plus Qwen's special tokens."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    return tokenizer
+    return _qwen.byte_tokenizer()
 
 
 def tiny_text_encoder(tokenizer):
@@ -101,8 +93,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.qwen_image.family import FAMILY
 
     tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER).eval()
         vae = AutoencoderKLQwenImage(**TINY_VAE).eval()
         calibrate_vae(vae)
@@ -114,42 +105,10 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER),
     )
-    if warm_start_steps > 0:
+    if warm_start_steps > 0:  # at 32 px on a small pool: Qwen's 3D VAE is slow on a CPU
         from tune_models.family import LoadedModel
 
         model = LoadedModel(family=FAMILY, flavour=FAMILY.flavour("tiny"), **components)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny matrices: one thread is many times faster on a busy CPU
-        try:
-            warm_start(FAMILY, model, steps=warm_start_steps, seed=seed)
-        finally:
-            torch.set_num_threads(threads)
+        with _shared.one_thread():  # tiny matrices
+            _shared.warm_start(FAMILY, model, steps=warm_start_steps, seed=seed, size=32, pool=8, batch=4)
     return _shared.save_tiny(FAMILY, path, components, warm_start_steps=0, seed=seed)
-
-
-def warm_start(family, model, *, steps: int, seed: int, lr: float = 5e-3, size: int = 32, pool: int = 8) -> None:
-    """:func:`_shared.warm_start`'s recipe at 32 px on a small pool (Qwen's 3D VAE is slow on a CPU)."""
-    generator = torch.Generator().manual_seed(seed)
-    words = ["a", "red", "blue", "green", "square", "circle", "photo", "of", "big", "small", "on", "grey"]
-    latents = family.encode_images(model, _shared.synthetic_images(pool, size=size, seed=seed + 1))
-    captions = [
-        " ".join(words[j] for j in torch.randint(0, len(words), (4,), generator=generator).tolist()) for _ in range(pool)
-    ]
-    embeds = family.encode_prompts(model, captions)
-    transformer = model.transformer
-    transformer.requires_grad_(True)
-    transformer.train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr)
-    for _ in range(steps):
-        index = torch.randint(0, pool, (4,), generator=generator)
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigmas = torch.rand(4, generator=generator)
-        view = sigmas.view(-1, 1, 1, 1)
-        cond = family.collate_prompts([embeds[i] for i in index.tolist()], "cpu", torch.float32)
-        pred = family.predict(model, (1 - view) * x0 + view * noise, sigmas, cond)
-        torch.nn.functional.mse_loss(pred, noise - x0).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    transformer.requires_grad_(False)
-    transformer.eval()

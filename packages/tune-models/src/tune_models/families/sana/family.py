@@ -25,7 +25,6 @@ the 32x deep-compression autoencoder (DC-AE), read off diffusers' ``SanaPipeline
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -90,34 +89,11 @@ class SanaFamily(ModelFamily):
         return SanaPipeline
 
     # ----------------------------------------------------------------- loading
-    def load(
-        self,
-        source: ModelSource,
-        flavour: str | None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> LoadedModel:
-        """Components from a Sana diffusers folder (``AutoencoderDC``, Gemma-2, the checkpoint's own
-        Flow-DPM-Solver scheduler) with the usual overrides; an adapter from ``assistant_lora_path``."""
-        from tune_models import adapters
-
-        chosen = self.flavour(flavour)
-        source, root = _shared.resolve_source(self, source, chosen)
-        components = self._load_components(source, root, dtype=dtype, device=device)
-        if components["transformer"].config.get("guidance_embeds"):
-            raise NotImplementedError(
-                f"{root} is a guidance-distilled Sana (SANA-Sprint: its transformer has guidance_embeds); "
-                "model_family 'sana' trains the Sana / SANA 1.5 checkpoints listed as flavours"
-            )
-        extras = {"root": root, **copy.deepcopy(self.default_extras)}
-        model = LoadedModel(family=self, flavour=chosen, extras=extras, **components)
-        if source.assistant_lora_path and not source.disable_assistant_lora:
-            adapters.load_assistant_lora(model, source.assistant_lora_path, weight_name=source.assistant_lora_weight_name)
-        return model
-
+    # ``load`` is the base class's (no flavour has an assistant adapter), with Sana's own components below.
     @staticmethod
     def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
+        """Components from a Sana diffusers folder (``AutoencoderDC``, Gemma-2, the checkpoint's own
+        Flow-DPM-Solver scheduler) with the usual overrides; a guidance-distilled SANA-Sprint is refused."""
         import diffusers
         import transformers
 
@@ -137,6 +113,11 @@ class SanaFamily(ModelFamily):
             tokenizer = transformers.AutoTokenizer.from_pretrained(root, subfolder="tokenizer", **hub_kwargs)
         scheduler = diffusers.DPMSolverMultistepScheduler.from_pretrained(root, subfolder="scheduler", **hub_kwargs)
         _shared.freeze(transformer, vae, text_encoder, device=device)
+        if transformer.config.get("guidance_embeds"):
+            raise NotImplementedError(
+                f"{root} is a guidance-distilled Sana (SANA-Sprint: its transformer has guidance_embeds); "
+                "model_family 'sana' trains the Sana / SANA 1.5 checkpoints listed as flavours"
+            )
         return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:

@@ -35,9 +35,9 @@ import torch
 from tune_models.families._shared import (
     comfyui_lora_modules,
     diffusers_lora_modules,
-    fuse_lora,
     put_comfyui,
     put_diffusers,
+    put_fused_comfyui,
     split_fused_lora,
 )
 
@@ -77,14 +77,7 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = Non
         put_comfyui(out, f"blocks.{n}.{native}" if native else module, pair["A"], pair["B"], alpha)
     for (n, attention), projections in fused.items():
         native, order = _FUSED[attention]
-        ranks = {down.shape[0] for down, _ in projections.values()}
-        if set(projections) != set(order) or len(ranks) != 1:
-            for proj, (down, up) in projections.items():  # cannot fuse exactly: keep diffusers names
-                put_comfyui(out, f"transformer_blocks.{n}.{attention}.{proj}", down, up, alpha)
-            continue
-        parts = [projections[p] for p in order]
-        down, up, count = fuse_lora(parts, [u.shape[0] for _, u in parts])
-        put_comfyui(out, f"blocks.{n}.{native}", down, up, None if alpha is None else count * alpha)
+        put_fused_comfyui(out, projections, order, f"blocks.{n}.{native}", f"transformer_blocks.{n}.{attention}", alpha)
     return out
 
 

@@ -75,8 +75,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.sana.family import FAMILY
 
     tokenizer = _gemma.gemma_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = SanaTransformer2DModel(**TINY_TRANSFORMER).eval()
         vae = AutoencoderDC(**TINY_VAE).eval()
         calibrate_vae(vae)
@@ -88,10 +87,6 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
         tokenizer=tokenizer,
         scheduler=DPMSolverMultistepScheduler(**TINY_SCHEDULER),
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is many times faster on a busy CPU
-    try:
+    with _shared.one_thread():  # tiny matrices
         return _shared.save_tiny(FAMILY, path, components, warm_start_steps=warm_start_steps, seed=seed, shift=3.0,
-                                 extras={"complex_human_instruction": None})
-    finally:
-        torch.set_num_threads(threads)
+                                     extras={"complex_human_instruction": None})

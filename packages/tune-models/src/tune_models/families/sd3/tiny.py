@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from tune_models.families import _shared
 
 TINY_TRANSFORMER = dict(
@@ -43,8 +41,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.sd3.family import FAMILY
 
     tokenizer, tokenizer_2, tokenizer_3 = _shared.clip_tokenizer(), _shared.clip_tokenizer(), _shared.t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = SD3Transformer2DModel(**TINY_TRANSFORMER).eval()
         vae = _shared.tiny_vae()
         text_encoder = _shared.tiny_clip(CLIPTextModelWithProjection, tokenizer, TINY_CLIP)

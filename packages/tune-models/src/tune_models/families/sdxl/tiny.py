@@ -63,8 +63,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.family import LoadedModel
 
     tokenizer, tokenizer_2 = _shared.clip_tokenizer(), _shared.clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         unet = UNet2DConditionModel(**TINY_UNET).eval()
         vae = _tiny_vae()
         text_encoder = _shared.tiny_clip(CLIPTextModel, tokenizer, TINY_CLIP)
@@ -93,8 +92,7 @@ def build_tiny_refiner(path: str | os.PathLike, *, seed: int = 0) -> Path:
     from transformers import CLIPTextModelWithProjection
 
     tokenizer_2 = _shared.clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         unet = UNet2DConditionModel(
             **{**TINY_UNET, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 5 * 8 + 32}
         ).eval()

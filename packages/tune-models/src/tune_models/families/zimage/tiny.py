@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from tune_models.families import _shared
+from tune_models.families import _qwen, _shared
 
 TINY_TRANSFORMER = dict(
     all_patch_size=(2,),
@@ -68,21 +68,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = _qwen.SPECIAL_TOKENS
 
 
 def build_tokenizer():
     """A Qwen2 tokenizer built in memory: every byte is a token, plus Qwen's special tokens."""
-    from tokenizers import pre_tokenizers
-    from transformers import Qwen2Tokenizer
-
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return _qwen.byte_tokenizer(CHAT_TEMPLATE)
 
 
 def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 60) -> Path:
@@ -94,8 +85,7 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     from tune_models.families.zimage.family import FAMILY
 
     tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _shared.seeded(seed):
         transformer = ZImageTransformer2DModel(**TINY_TRANSFORMER).eval()
         # The pad tokens start at zero; random values make padding matter, as in a trained model.
         with torch.no_grad():
@@ -128,8 +118,6 @@ def build_tiny_assistant_lora(
     / ``.lora_B.weight`` on every main-layer attention and feed-forward linear, no alphas."""
     import json
 
-    from safetensors.torch import save_file
-
     config = json.loads((Path(pipeline_path) / "transformer" / "config.json").read_text())
     dim, layers = int(config["dim"]), int(config["n_layers"])
     hidden = int(dim / 3 * 8)  # Z-Image's FeedForward width
@@ -142,14 +130,7 @@ def build_tiny_assistant_lora(
         "feed_forward.w2": (dim, hidden),
         "feed_forward.w3": (hidden, dim),
     }
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(layers):
-        for module, (out_features, in_features) in shapes.items():
-            key = f"diffusion_model.layers.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * std
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * std
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_file))
-    return out_file
+    keys = {
+        f"diffusion_model.layers.{layer}.{module}": shape for layer in range(layers) for module, shape in shapes.items()
+    }
+    return _shared.random_lora_file(out_file, keys, rank=rank, seed=seed, std=std)
