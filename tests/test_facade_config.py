@@ -434,3 +434,25 @@ def test_plan_names_ramtorch(workdir, fake_family):
                                    "ramtorch_target_modules": "layers.*"})
     offload = build_plan(load_config(path))["precision"]["offload"]
     assert offload.startswith("ramtorch: 50% of the frozen linears matching layers.* stay in CPU memory")
+
+
+def test_plan_pairs_images_with_their_conditioning_dataset(workdir, fake_family):
+    images = {"fox.png": (64, 64), "cat.png": (64, 64), "owl.png": (64, 64)}
+    path = write_project(workdir, {}, images=images)
+    refs = workdir / "refs"
+    refs.mkdir()
+    for name in ("fox.jpg", "cat.png"):  # owl has no reference; the extension may differ
+        Image.new("RGB", (64, 64), (10, 20, 30)).save(refs / name)
+    backend = json.loads((workdir / "multidatabackend.json").read_text())
+    backend[0]["conditioning_data"] = "refs"
+    backend.insert(1, {"id": "refs", "dataset_type": "conditioning", "instance_data_dir": str(refs),
+                       "conditioning_type": "reference_strict"})
+    (workdir / "multidatabackend.json").write_text(json.dumps(backend))
+    plan = build_plan(load_config(path))
+    pics, conditioning = plan["datasets"][0], plan["datasets"][1]
+    assert (pics["seen"], pics["kept"]) == (3, 2) and pics["dropped_reasons"] == {"missing conditioning": 1}
+    assert pics["conditioning_data"] == ["refs"]
+    assert (conditioning["seen"], conditioning["kept"], conditioning["conditioning_type"]) == (2, 2, "reference_strict")
+    text = format_plan(plan)
+    assert "paired with conditioning: refs" in text and "(reference_strict)" in text
+    assert plan["steps"]["batches_per_epoch"] == 2  # only the paired images train

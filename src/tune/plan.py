@@ -136,11 +136,32 @@ def _dataset_section(loaded: LoadedConfig, problems: list[str]) -> list[dict[str
     from tune_data.sampler import BucketBatchSampler
     from tune_data.storage import open_storage
 
+    from tune_data.conditioning import discover_conditioning, pair_conditioning
+    from tune_data.config import conditioning_for
+
     batch = loaded.train.train_batch_size
     rows = []
+    indexes: dict[str, Any] = {}  # conditioning dataset id -> its discovery, made once
+
+    def conditioning_index(dataset):
+        if dataset.id not in indexes:
+            indexes[dataset.id] = discover_conditioning(dataset, open_storage(dataset), metadata_dir=None)
+        return indexes[dataset.id]
+
     for dataset in loaded.datasets:
         row: dict[str, Any] = {"id": dataset.id, "type": dataset.type, "dataset_type": dataset.dataset_type}
         rows.append(row)
+        if dataset.dataset_type == "conditioning":
+            row.update(path=dataset.instance_data_dir, conditioning_type=dataset.conditioning_type)
+            try:
+                report = conditioning_index(dataset).report
+            except (ValueError, OSError, NotImplementedError) as exc:
+                row["error"] = str(exc)
+                problems.append(_about(dataset.id, exc))
+                continue
+            row.update(seen=report.seen, kept=len(report.kept), dropped=len(report.dropped),
+                       dropped_reasons=dict(sorted(Counter(d.reason for d in report.dropped).items())))
+            continue
         if not dataset.is_image:
             row["path"] = dataset.cache_dir or f"default, under cache_dir {loaded.train.cache_dir!r}"
             row["default"] = dataset.default
@@ -150,6 +171,11 @@ def _dataset_section(loaded: LoadedConfig, problems: list[str]) -> list[dict[str
         try:
             dataset.require_implemented()
             report = discover(dataset, open_storage(dataset), metadata_dir=None)
+            if dataset.conditioning_data:
+                # Images without a pair in every conditioning dataset are dropped, as in training.
+                row["conditioning_data"] = list(dataset.conditioning_data)
+                partners = conditioning_for(dataset, loaded.datasets)
+                report, _ = pair_conditioning(report, [conditioning_index(c) for c in partners])
         except (ValueError, OSError, NotImplementedError) as exc:
             row["error"] = str(exc)
             problems.append(_about(dataset.id, exc))
@@ -354,9 +380,19 @@ def _scalar(value: Any) -> str:
 
 def _dataset_lines(row: dict[str, Any]) -> list[str]:
     head = f"  {row['id']} [{row['type']}, {row['dataset_type']}]"
+    if row["dataset_type"] == "conditioning":
+        out = [f"{head} {row.get('path')} ({row.get('conditioning_type')})"]
+        if "error" in row:
+            return out + [f"    ERROR: {row['error']}"]
+        files = f"    files: {row['seen']} seen, {row['kept']} kept, {row['dropped']} dropped"
+        if row["dropped_reasons"]:
+            files += " (" + ", ".join(f"{n} {reason}" for reason, n in row["dropped_reasons"].items()) + ")"
+        return out + [files]
     if row["dataset_type"] != "image":
         return [f"{head} cache: {_scalar(row.get('path'))}{' (default)' if row.get('default') else ''}"]
     out = [f"{head} {row.get('path')}", f"    resolution {row['resolution']}, repeats {row['repeats']}"]
+    if row.get("conditioning_data"):
+        out.append(f"    paired with conditioning: {', '.join(row['conditioning_data'])}")
     if "error" in row:
         return out + [f"    ERROR: {row['error']}"]
     files = f"    files: {row['seen']} seen, {row['kept']} kept, {row['dropped']} dropped"
