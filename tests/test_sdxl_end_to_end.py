@@ -223,3 +223,21 @@ def test_refiner_trains_its_low_noise_range_and_skips_validation(tmp_path, shape
     assert loop.ddpm.max_timestep == 200 and len(result.losses) == 2
     assert Path(result.outputs["lora"]).is_file()
     assert sum("no validation images" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_full_fine_tune_of_a_unet_exports_a_unet_folder_the_pipeline_takes(tmp_path, tiny_sdxl, shapes_dir, write_run):
+    """``model_type: full`` writes the denoiser under the pipeline's own component name (``unet/``
+    for SDXL), and the model card's snippet passes it as ``unet=``."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    config = _sdxl_run(write_run, tmp_path, tiny_sdxl, shapes_dir, 2,
+                       **{"--model_type": "full", "--learning_rate": 1e-3, "--optimizer": "adamw"})
+    result = _loop(config).train()
+    folder = Path(result.outputs["transformer"])
+    assert folder == tmp_path / "output" / "unet" and (folder / "config.json").is_file()
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    assert any(not torch.equal(a, b) for a, b in zip(unet.state_dict().values(), base.state_dict().values()))
+    StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, unet=unet)  # the pipeline takes it
+    card = (tmp_path / "output" / "README.md").read_text()
+    assert "unet=unet" in card and "/unet" in card

@@ -31,7 +31,8 @@ def export_adapter(adapter: Any, *, adapter_id: str | None = None) -> dict[str, 
     LoRA, the lycoris-lora library's own keys for LyCORIS); returns ``{"lora": path,
     "model_card": path}``. The file header carries the loaders' adapter metadata (alpha,
     LyCORIS settings) and ModelSpec provenance. A full fine-tune (``adapter_type == "full"``)
-    goes to a diffusers ``transformer/`` folder instead (output ``transformer``).
+    goes to a diffusers model folder instead, named after the pipeline component it replaces
+    (``transformer/``, ``unet/`` for UNet families; output ``transformer``).
     """
     kind = getattr(adapter, "adapter_type", "lora")
     suffix, word = _KINDS[kind]
@@ -42,9 +43,11 @@ def export_adapter(adapter: Any, *, adapter_id: str | None = None) -> dict[str, 
         training_info={"base_model": adapter.base_model, **adapter.settings},
     )
     output_dir = Path(adapter.output_dir)
+    model_folder = getattr(adapter, "model_folder", "transformer")
     if kind == "full":
+        # The pipeline component it replaces: ``transformer/``, or ``unet/`` for UNet families.
         written = {"transformer": str(save_model_folder(adapter.state_dict, adapter.model_config,
-                                                        output_dir / "transformer", metadata=metadata))}
+                                                        output_dir / model_folder, metadata=metadata))}
     else:
         convert = adapter.to_comfyui if adapter.lora_format == "comfyui" and kind == "lora" else None
         if adapter.lora_format == "comfyui" and convert is None:
@@ -66,6 +69,7 @@ def export_adapter(adapter: Any, *, adapter_id: str | None = None) -> dict[str, 
         validation_images=adapter.validation_images,
         kind=kind,
         adapter_id=adapter_id,
+        model_folder=model_folder,
     )
     return {**written, "model_card": str(card)}
 

@@ -123,15 +123,15 @@ def _usage(base_model: str, adapter: str, weight_name: str, prompt: str) -> str:
     )
 
 
-def _usage_full(base_model: str, folder: str, prompt: str) -> str:
+def _usage_full(base_model: str, folder: str, prompt: str, component: str = "transformer") -> str:
     return "\n".join(
         [
             "```python",
             "import torch",
             "from diffusers import AutoModel, DiffusionPipeline",
             "",
-            f"transformer = AutoModel.from_pretrained({json.dumps(folder)}, torch_dtype=torch.bfloat16)",
-            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(base_model)}, transformer=transformer, "
+            f"{component} = AutoModel.from_pretrained({json.dumps(folder)}, torch_dtype=torch.bfloat16)",
+            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(base_model)}, {component}={component}, "
             "torch_dtype=torch.bfloat16)",
             'pipe.to("cuda")',
             f"image = pipe({json.dumps(prompt, ensure_ascii=False)}).images[0]",
@@ -158,7 +158,7 @@ def _usage_lycoris(base_model: str, adapter: str, weight_name: str) -> str:
     )
 
 
-_INTRO = {"lora": "A LoRA adapter", "lycoris": "A LyCORIS adapter", "full": "A full fine-tune of the transformer"}
+_INTRO = {"lora": "A LoRA adapter", "lycoris": "A LyCORIS adapter", "full": "A full fine-tune of the {model_folder}"}
 
 
 def write_model_card(
@@ -176,13 +176,15 @@ def write_model_card(
     adapter_id: str | None = None,
     weight_name: str = LORA_WEIGHT_NAME,
     kind: str = "lora",
+    model_folder: str = "transformer",
 ) -> Path:
     """Write ``output_dir/README.md`` atomically and return its path.
 
     ``validation_images`` are ``(prompt, path)`` pairs with paths relative to ``output_dir`` (the
     card travels with the folder). ``adapter_id`` is what the usage snippet loads (a Hub repo id
     once published); it defaults to ``"path/to/output_dir"`` as a placeholder. ``kind`` (``lora``,
-    ``lycoris``, ``full``) picks the description and the loading snippet.
+    ``lycoris``, ``full``) picks the description and the loading snippet; ``model_folder`` is the
+    pipeline component a full fine-tune replaces (``transformer``, or ``unet`` for UNet families).
     """
     out = Path(output_dir)
     images = [(str(prompt), _relative_image(path)) for prompt, path in validation_images]
@@ -196,7 +198,7 @@ def write_model_card(
         "",
         f"# {title}",
         "",
-        f"{_INTRO.get(kind, _INTRO['lora'])} for {model_line}, trained with tune.",
+        f"{_INTRO.get(kind, _INTRO['lora']).format(model_folder=model_folder)} for {model_line}, trained with tune.",
         "",
     ]
     if trigger:
@@ -214,7 +216,7 @@ def write_model_card(
     body += [
         "## Use it with diffusers" if kind != "lycoris" else "## Use it",
         "",
-        _usage_full(base_model, (adapter_id or "path/to/output_dir") + "/transformer", sample_prompt)
+        _usage_full(base_model, (adapter_id or "path/to/output_dir") + f"/{model_folder}", sample_prompt, model_folder)
         if kind == "full"
         else _usage_lycoris(base_model, adapter_id or "path/to/output_dir", weight_name)
         if kind == "lycoris"

@@ -55,6 +55,9 @@ class TrainedAdapter:
     the transformer, diffusers names, written as a ``transformer/`` model folder)."""
     model_config: dict[str, Any] | None = None
     """For ``full``: the transformer's diffusers ``config.json`` content. None otherwise."""
+    model_folder: str = "transformer"
+    """The pipeline component the denoiser is (``transformer``; ``unet`` for UNet families): the
+    folder a full fine-tune is written to."""
 
 
 def trained_adapter(trainer: Trainer) -> TrainedAdapter:
@@ -77,6 +80,7 @@ def trained_adapter(trainer: Trainer) -> TrainedAdapter:
         step=trainer.global_step,
         adapter_type=trainer.weights.kind,
         model_config=trainer.weights.model_config(trainer.model),
+        model_folder=getattr(trainer.family, "lora_prefix", "transformer"),
         settings={
             "steps": trainer.global_step,
             "learning_rate": config.learning_rate,
