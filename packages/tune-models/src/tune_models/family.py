@@ -398,9 +398,9 @@ class ModelFamily:
         chosen = self.flavour(flavour)
         source, root = _shared.resolve_source(self, source, chosen)
         components = self._load_components(source, root, dtype=dtype, device=device)
-        model = LoadedModel(
-            family=self, flavour=chosen, extras={"root": root, **copy.deepcopy(self.default_extras)}, **components
-        )
+        # Facts read from the checkpoint itself (SDXL's requires_aesthetics_score) ride along.
+        extras = {"root": root, **copy.deepcopy(self.default_extras), **components.pop("extras", {})}
+        model = LoadedModel(family=self, flavour=chosen, extras=extras, **components)
         if source.assistant_lora_path:
             assistant, weight_name = source.assistant_lora_path, source.assistant_lora_weight_name
         else:
@@ -414,7 +414,8 @@ class ModelFamily:
         self, source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device
     ) -> dict[str, Any]:
         """The frozen components :meth:`load` puts in its :class:`LoadedModel` (``transformer``,
-        ``vae``, text encoders, tokenizers, ``scheduler``), read from ``root`` with ``source``'s
+        ``vae``, text encoders, tokenizers, ``scheduler``, and optionally ``extras``: facts read from
+        the checkpoint for :attr:`LoadedModel.extras`), read from ``root`` with ``source``'s
         overrides. Generic version: :attr:`transformer_class`, an ``AutoencoderKL`` and
         :attr:`text_encoder_classes` (see :func:`tune_models.families._shared.load_components`)."""
         from tune_models.families import _shared

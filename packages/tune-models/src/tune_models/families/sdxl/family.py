@@ -67,22 +67,15 @@ class SDXLFamily(ModelFamily):
 
         return StableDiffusionXLPipeline
 
-    def load(
-        self,
-        source: ModelSource,
-        flavour: str | None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ) -> LoadedModel:
+    def _load_components(
+        self, source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device
+    ) -> dict[str, Any]:
         """UNet (``unet/``, or ``pretrained_transformer_model_name_or_path`` with
         ``pretrained_transformer_subfolder``), VAE, the text encoders the checkpoint has (the
         refiner has no ``text_encoder``) and its DDPM scheduler."""
         import diffusers
         import transformers
 
-        chosen = self.flavour(flavour)
-        source, root = _shared.resolve_source(self, source, chosen)
         kwargs = _shared.load_kwargs(source)
         hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
         index = diffusers.DiffusionPipeline.load_config(root, **hub_kwargs)
@@ -117,8 +110,8 @@ class SDXLFamily(ModelFamily):
             *(v for k, v in components.items() if k in ("transformer", "vae") or k.startswith("text_encoder")),
             device=device,
         )
-        extras = {"root": root, "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}
-        return LoadedModel(family=self, flavour=chosen, extras=extras, **components)
+        components["extras"] = {"requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}
+        return components
 
     # ----------------------------------------------------------------- encoding
     @torch.no_grad()
