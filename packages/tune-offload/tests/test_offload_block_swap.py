@@ -15,14 +15,6 @@ from tune_offload.registry import offload_strategies
 from tune_offload.strategies import is_offloaded
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     """A frozen linear with a trainable low-rank adapter beside it, like a PEFT LoRA layer."""
 

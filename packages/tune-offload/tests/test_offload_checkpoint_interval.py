@@ -12,14 +12,6 @@ from tune_offload.block_swap import find_blocks
 from tune_offload.checkpointing import every_nth_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def zimage():
     """A tiny real Z-Image transformer (6 blocks: 2 refiners + 4 layers), one trainable weight

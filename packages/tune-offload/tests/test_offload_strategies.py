@@ -13,15 +13,6 @@ from tune_offload.strategies import is_group_offloaded
 from tune_offload.registry import offload_strategies
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine they lose seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Blocks(nn.Module):
     """A transformer-shaped module: an input layer, a ModuleList of blocks, an output layer."""
 

@@ -11,14 +11,6 @@ from tune_quant import quantise, quantise_blockwise
 from tune_quant.blockwise import BLOCK_LIST_NAMES, block_lists
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()

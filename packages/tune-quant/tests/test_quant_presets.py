@@ -13,15 +13,6 @@ from tune_quant.presets import default_skip
 from tune_quant.registry import quantisers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine they lose seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyDenoiser(nn.Module):
     """Shaped like a transformer: an embedder, a block MLP, a final layer."""
 
