@@ -169,18 +169,7 @@ class TrainingData:
             for dropped in report.dropped:
                 log.info("dataset %r: dropped %s (%s)", config.id, dropped.path, dropped.reason)
             buckets = plan_buckets(list(report.kept), config, seed=self.seed)
-            # A cache may be a URL (s3://...); an aws dataset's relative cache dir is a prefix in its bucket.
-            vae_root, storage_options = (
-                cache_root_for(config, config.cache_dir_vae)
-                if config.cache_dir_vae
-                else (str(self.cache_root / "vae" / config.id), None)
-            )
-            latent_cache = TensorCache(
-                vae_root,
-                "latents",
-                {"model": self.model_identity, **config.cache_settings()},
-                storage_options=storage_options,
-            )
+            latent_cache = self._latent_cache(config)
             self.prepared[config.id] = PreparedDataset(
                 config,
                 storage,
@@ -205,6 +194,21 @@ class TrainingData:
                         ", ".join(f"{path} ({why})" for path, why in scan.damaged[:8]),
                     )
 
+    def _latent_cache(self, config: DatasetConfig) -> TensorCache:
+        """A dataset's latent cache: ``cache_dir_vae``, else ``<cache_dir>/vae/<id>``. A cache may be
+        a URL (s3://...); an aws dataset's relative cache dir is a prefix in its bucket."""
+        vae_root, storage_options = (
+            cache_root_for(config, config.cache_dir_vae)
+            if config.cache_dir_vae
+            else (str(self.cache_root / "vae" / config.id), None)
+        )
+        return TensorCache(
+            vae_root,
+            "latents",
+            {"model": self.model_identity, **config.cache_settings()},
+            storage_options=storage_options,
+        )
+
     def _prepare_conditioning(self, config: DatasetConfig) -> PreparedConditioning:
         """Discover a conditioning dataset once, however many image datasets name it."""
         if config.id not in self.conditioning:
@@ -212,18 +216,7 @@ class TrainingData:
             index = discover_conditioning(
                 config, storage, metadata_dir=self.cache_root / "metadata" / config.id, progress=self.progress
             )
-            vae_root, storage_options = (
-                cache_root_for(config, config.cache_dir_vae)
-                if config.cache_dir_vae
-                else (str(self.cache_root / "vae" / config.id), None)
-            )
-            cache = TensorCache(
-                vae_root,
-                "latents",
-                {"model": self.model_identity, **config.cache_settings()},
-                storage_options=storage_options,
-            )
-            self.conditioning[config.id] = PreparedConditioning(config, storage, index, cache)
+            self.conditioning[config.id] = PreparedConditioning(config, storage, index, self._latent_cache(config))
         return self.conditioning[config.id]
 
     @property
