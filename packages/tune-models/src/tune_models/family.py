@@ -325,9 +325,7 @@ class ModelFamily:
         scale = self.vae_scale_factor
         if model is not None:
             config = dict(getattr(model.scheduler, "config", {}) or {})
-            blocks = getattr(getattr(model.vae, "config", None), "block_out_channels", None)
-            if blocks:
-                scale = 2 ** (len(blocks) - 1)
+            scale = self._vae_scale(model.vae)
         seq_len = flow.image_seq_len(height, width, vae_scale_factor=scale, patch_size=self.patch_size)
         return flow.resolve_shift(seq_len, shift=shift, auto_shift=auto_shift, config=config)
 
@@ -440,9 +438,16 @@ class ModelFamily:
         """Batch cached prompt dicts into what :meth:`predict` takes."""
         raise NotImplementedError(f"{type(self).__name__}.collate_prompts")
 
+    def _vae_scale(self, vae: Any) -> int:
+        """Pixels per latent along one side for ``vae``: ``2 ** (levels - 1)`` for the
+        ``block_out_channels`` VAEs (AutoencoderKL and kin), else :attr:`vae_scale_factor`. A family
+        whose VAE describes its levels otherwise (Qwen-Image's, Sana's DC-AE) overrides this."""
+        blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
+        return 2 ** (len(blocks) - 1) if blocks else self.vae_scale_factor
+
     def _latent_multiple(self, model: LoadedModel) -> int:
         """Pixels per transformer token along one side, for the loaded VAE."""
-        return 2 ** (len(model.vae.config.block_out_channels) - 1) * self.patch_size
+        return self._vae_scale(model.vae) * self.patch_size
 
     @torch.no_grad()
     def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:

@@ -177,9 +177,6 @@ class QwenImageFamily(ModelFamily):
     def _vae_scale(vae: Any) -> int:
         return 2 ** len(vae.config.temperal_downsample)
 
-    def _latent_multiple(self, model: LoadedModel) -> int:
-        return self._vae_scale(model.vae) * self.patch_size
-
     @staticmethod
     def _normalisation(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, vae.config.z_dim, 1, 1)
@@ -211,18 +208,6 @@ class QwenImageFamily(ModelFamily):
         latents = latents.to(device=param.device, dtype=param.dtype)
         mean, std = self._normalisation(vae, latents)
         return vae.decode((latents * std + mean)[:, :, None], return_dict=False)[0][:, :, 0].clamp(-1, 1)
-
-    def flow_shift(self, height: int, width: int, *, shift: float | None, auto_shift: bool, model: LoadedModel | None = None) -> float:
-        """As the base class, with the VAE scale read from Qwen's VAE config."""
-        from tune_models import flow
-
-        config = None
-        scale = self.vae_scale_factor
-        if model is not None:
-            config = dict(getattr(model.scheduler, "config", {}) or {})
-            scale = self._vae_scale(model.vae)
-        seq_len = flow.image_seq_len(height, width, vae_scale_factor=scale, patch_size=self.patch_size)
-        return flow.resolve_shift(seq_len, shift=shift, auto_shift=auto_shift, config=config)
 
     # ----------------------------------------------------------------- denoiser
     pack = staticmethod(_shared.pack_2x2)

@@ -200,9 +200,6 @@ class SanaFamily(ModelFamily):
     def _vae_scale(vae: Any) -> int:
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
 
-    def _latent_multiple(self, model: LoadedModel) -> int:
-        return self._vae_scale(model.vae) * self.patch_size
-
     @torch.no_grad()
     def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``B x 3 x H x W`` in [-1, 1] -> the DC-AE latent times ``scaling_factor`` (the
@@ -224,18 +221,6 @@ class SanaFamily(ModelFamily):
         param = next(vae.parameters())
         latents = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
         return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
-
-    def flow_shift(self, height: int, width: int, *, shift: float | None, auto_shift: bool, model: LoadedModel | None = None) -> float:
-        """As the base class, with the VAE scale read from the DC-AE's config."""
-        from tune_models import flow
-
-        config = None
-        scale = self.vae_scale_factor
-        if model is not None:
-            config = dict(getattr(model.scheduler, "config", {}) or {})
-            scale = self._vae_scale(model.vae)
-        seq_len = flow.image_seq_len(height, width, vae_scale_factor=scale, patch_size=self.patch_size)
-        return flow.resolve_shift(seq_len, shift=shift, auto_shift=auto_shift, config=config)
 
     # ----------------------------------------------------------------- denoiser
     def predict(
