@@ -155,3 +155,56 @@ def test_a_video_dataset_is_refused_by_the_trainer_naming_why(tmp_path):
     config = DatasetConfig(id="clips", dataset_type="video", instance_data_dir=str(tmp_path))
     with pytest.raises(NotImplementedError, match="'clips'.*no model family trains on video yet.*disabled"):
         TrainingData([config], cache_root=tmp_path / "cache", model_identity="m", seed=0, progress=False)
+
+
+class PromptEncoder:
+    """A stand-in text encoder: one small embedding per caption, derived from its length."""
+
+    def __init__(self):
+        self.captions = 0
+
+    def __call__(self, captions):
+        self.captions += len(captions)
+        return [{"prompt_embeds": torch.full((3, 4), float(len(c)))} for c in captions]
+
+
+def test_text_embeddings_are_written_by_the_background_writer_and_a_failed_write_leaves_no_entry(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    import safetensors.torch as st
+
+    data, dataset = prepared(tmp_path, count=6)
+    captions = sorted(data.captions())
+    assert len(captions) >= 4
+    real = st.save_file
+    writers: list[str] = []
+
+    def failing_on_the_third(tensors, path, metadata=None):
+        writers.append(threading.current_thread().name)
+        if len(writers) == 3:  # half of the bytes reach the disk, then the disk fails
+            blob = st.save(tensors, metadata=metadata)
+            with open(path, "wb") as handle:
+                handle.write(blob[: len(blob) // 2])
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", failing_on_the_third)
+    with pytest.raises(Exception, match="No space left on device"):
+        data.cache_text(PromptEncoder(), batch_size=2)
+    assert writers and all(name.startswith("tune-cache-writer") for name in writers)  # not the caller's thread
+
+    cache = dataset.text_cache
+    written = [c for c in captions if cache.has(cache.key(c, ""))]
+    assert len(written) == 2  # the two before the failure; the failed one left no entry
+    for caption in written:  # whole and right, never half an entry
+        assert torch.equal(cache.load(cache.key(caption, ""))["prompt_embeds"], torch.full((3, 4), float(len(caption))))
+    assert not list(cache.directory.rglob("*.tmp"))
+
+    # The next run encodes only what is missing, and every caption reads back.
+    monkeypatch.setattr(st, "save_file", real)
+    encoder = PromptEncoder()
+    assert data.cache_text(encoder, batch_size=2) == len(captions) - 2 == encoder.captions
+    for caption in captions:
+        assert torch.equal(cache.load(cache.key(caption, ""))["prompt_embeds"], torch.full((3, 4), float(len(caption))))

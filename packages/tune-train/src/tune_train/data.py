@@ -68,6 +68,11 @@ class PreparedConditioning:
     index: ConditioningIndex
     latent_cache: TensorCache
 
+    @property
+    def is_mask(self) -> bool:
+        """A loss mask (``conditioning_type: mask``): weights the loss, never reaches the model."""
+        return self.config.conditioning_type == "mask"
+
 
 @attrs.frozen
 class CacheScan:
@@ -221,11 +226,21 @@ class TrainingData:
 
     @property
     def conditioned_datasets(self) -> dict[str, tuple[str, ...]]:
-        """Image dataset id -> the conditioning dataset ids it trains with (only those that have some)."""
+        """Image dataset id -> the reference (model input) conditioning dataset ids it trains with
+        (only those that have some); loss masks are in :attr:`masked_datasets`."""
         return {
-            dataset_id: tuple(c.config.id for c in dataset.conditioning)
+            dataset_id: ids
             for dataset_id, dataset in self.prepared.items()
-            if dataset.conditioning
+            if (ids := tuple(c.config.id for c in dataset.conditioning if not c.is_mask))
+        }
+
+    @property
+    def masked_datasets(self) -> dict[str, tuple[str, ...]]:
+        """Image dataset id -> its loss-mask datasets (``conditioning_type: mask``), where it has some."""
+        return {
+            dataset_id: ids
+            for dataset_id, dataset in self.prepared.items()
+            if (ids := tuple(c.config.id for c in dataset.conditioning if c.is_mask))
         }
 
     def reference_plans(
@@ -296,6 +311,8 @@ class TrainingData:
         seen: set[tuple[str, str]] = set()
         for target in targets:
             for conditioning, plan in self.reference_plans(dataset, target):
+                if conditioning.is_mask:  # masks are read as pixels (load_masks), not VAE-encoded
+                    continue
                 key = latent_key(conditioning, plan)
                 if (conditioning.config.id, key) in seen or conditioning.latent_cache.has(key):
                     continue
@@ -319,18 +336,19 @@ class TrainingData:
         the same for the whole batch, chosen from the seed and step). Empty lists for a dataset
         without ``conditioning_data``."""
         dataset = self.prepared[dataset_id]
-        if not dataset.conditioning:
+        slots = [i for i, c in enumerate(dataset.conditioning) if not c.is_mask]
+        if not slots:
             return [[] for _ in batch]
         current = [dataset.current(planned) for planned in batch]
         if self.encode_images is not None:
             # Only what is missing: references of on-demand datasets, or strict references of a
             # target whose crop moved at an epoch end.
             self._encode_references(dataset, current, self.encode_images, self.encode_batch_size)
-        chosen = range(len(dataset.conditioning))
-        if self.conditioning_sampling == "random" and len(dataset.conditioning) > 1:
+        chosen = slots
+        if self.conditioning_sampling == "random" and len(slots) > 1:
             salt = zlib.crc32(dataset_id.encode())
             pick = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + salt) % 2**63)
-            chosen = [int(torch.randint(len(dataset.conditioning), (1,), generator=pick))]
+            chosen = [slots[int(torch.randint(len(slots), (1,), generator=pick))]]
         out = []
         for planned in current:
             plans = self.reference_plans(dataset, planned)
@@ -338,6 +356,36 @@ class TrainingData:
                 [plans[i][0].latent_cache.load(latent_key(plans[i][0], plans[i][1]))["latents"] for i in chosen]
             )
         return out
+
+    def load_masks(self, dataset_id: str, batch: Sequence[PlannedImage], size: tuple[int, int]) -> torch.Tensor | None:
+        """The batch's loss masks on the latent grid ``size`` = ``(h, w)``: ``B x 1 x h x w``
+        weights in [0, 1] (:mod:`tune_train.masks`), the product of every mask dataset the image
+        dataset names; ``None`` when it names none.
+
+        A mask is cut exactly like its target (same bucket and crop window, also after an epoch-end
+        re-crop) and cached at latent resolution in its dataset's cache, keyed by that plan and size."""
+        from tune_train.masks import mask_from_pixels, to_latent_grid
+
+        dataset = self.prepared[dataset_id]
+        if not any(c.is_mask for c in dataset.conditioning):
+            return None
+        h, w = int(size[0]), int(size[1])
+        masks = []
+        for planned in batch:
+            weight = torch.ones(1, h, w)
+            for conditioning, plan in self.reference_plans(dataset, dataset.current(planned)):
+                if not conditioning.is_mask:
+                    continue
+                cache = conditioning.latent_cache
+                entry = cache.get_or_compute(
+                    cache.key(f"{plan.cache_item_id}|mask@{h}x{w}", plan.record.identity),
+                    lambda c=conditioning, p=plan: {
+                        "mask": to_latent_grid(mask_from_pixels(load_training_image(c.storage, p)), (h, w))
+                    },
+                )
+                weight = weight * entry["mask"]
+            masks.append(weight)
+        return torch.stack(masks)
 
     def _encode(self, dataset: PreparedDataset, chunk: Sequence[PlannedImage], encode_images, save=None) -> None:
         """Encode images of one bucket and write their latent entries (with what inspect reads);
@@ -443,14 +491,17 @@ class TrainingData:
         for cache in caches.values():
             todo = sorted(c for c in self.captions() if not cache.has(text_key(cache, c)))
             bar = tqdm(total=len(todo), desc="caching text embeddings", disable=not self.progress or not todo)
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
-                with torch.no_grad():
-                    embeds = encode_prompts(chunk)
-                for caption, tensors in zip(chunk, embeds):
-                    cache.save(text_key(cache, caption), {k: v.cpu() for k, v in tensors.items()})
-                encoded += len(chunk)
-                bar.update(len(chunk))
+            # As for latents: a worker thread writes (or uploads) while the encoder runs on; each
+            # entry is atomic, so a crash leaves only whole entries and a rerun encodes the rest.
+            with cache.writer() as writer:
+                for start in range(0, len(todo), batch_size):
+                    chunk = todo[start : start + batch_size]
+                    with torch.no_grad():
+                        embeds = encode_prompts(chunk)
+                    for caption, tensors in zip(chunk, embeds):
+                        writer.put(text_key(cache, caption), tensors)
+                    encoded += len(chunk)
+                    bar.update(len(chunk))
             bar.close()
         return encoded
 
@@ -548,6 +599,23 @@ def check_reference_support(data: TrainingData, family, flavour: str | None = No
         + (f" flavour {flavour!r}" if flavour else "")
         + f" cannot train with reference images ({pairs}). Use one that takes them (flux2, or flux "
         "with model_flavour kontext), or remove conditioning_data from the dataset to train text-to-image."
+    )
+
+
+def check_mask_support(data: TrainingData, family) -> None:
+    """Refuse loss masks (``conditioning_type: mask``) for a family that declares it cannot lay a
+    pixel mask over its prediction (``accepts_loss_mask`` false). Runs before any weights load."""
+    masked = data.masked_datasets
+    if not masked or getattr(family, "accepts_loss_mask", True):
+        return
+    from tune_train.config import ConfigError
+
+    pairs = "; ".join(f"{image!r} uses {', '.join(map(repr, masks))}" for image, masks in masked.items())
+    label = getattr(family, "label", "") or getattr(family, "name", "?")
+    raise ConfigError(
+        f"conditioning_data: model_family {getattr(family, 'name', '?')!r} ({label}) cannot train with a loss "
+        f"mask ({pairs}): its prediction is not laid out on the image's latent grid. Remove the "
+        "conditioning_type 'mask' dataset from conditioning_data to train on whole images."
     )
 
 
