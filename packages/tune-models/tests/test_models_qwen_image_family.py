@@ -33,7 +33,7 @@ def test_names_and_flavours(qwen):
     assert (base.name, base.pretrained, base.inference_steps, base.guidance, base.shift) == (
         "base", "Qwen/Qwen-Image", 50, 4.0, None
     )
-    assert set(qwen.flavours) == {"base", "edit", "tiny"}
+    assert set(qwen.flavours) == {"base", "edit", "edit-plus", "tiny"}
     assert set(qwen.lora_target_presets) == {"all", "attention"} and qwen.default_lora_target == "all"
     assert set(qwen.lora_target_presets["attention"]) < set(qwen.lora_target_presets["all"])
     from tune_models.registry import model_families
@@ -41,11 +41,6 @@ def test_names_and_flavours(qwen):
     info = model_families.get("qwen-image").info
     assert set(info["flavours"]) == set(qwen.flavours) and info["default_flavour"] == "base"
     assert set(info["lora_targets"]) == set(qwen.lora_target_presets)
-
-
-def test_edit_is_refused_clearly(qwen, qwen_path):
-    with pytest.raises(NotImplementedError, match="edit pairs"):
-        load(qwen, qwen_path, flavour="edit")
 
 
 def test_prompt_template_matches_the_pipeline(qwen, qwen_path):

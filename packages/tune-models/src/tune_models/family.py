@@ -353,6 +353,21 @@ class ModelFamily:
         were made for references (Flux: kontext) narrows it."""
         return self.accepts_reference_latents
 
+    def prompts_use_references(self, flavour: str | None) -> bool:
+        """Whether the ``flavour``'s prompt embeddings depend on the sample's reference images (an
+        edit model whose text encoder is a vision-language model that reads the reference, as
+        Qwen-Image-Edit's). Then :meth:`encode_prompts` takes ``reference_images=`` (per prompt,
+        the RGB PIL images of its references as training sees them, in ``conditioning_data``
+        order) and the trainer caches one embedding per caption *and* reference. False here."""
+        return False
+
+    def validation_input(self, flavour: str | None) -> str | None:
+        """What the ``flavour``'s validation pipeline needs besides a prompt, which the trainer
+        passes to :meth:`generate` as ``image=``: ``None`` (text to image, the default),
+        ``"reference"`` (an edit model: a reference image from the run's conditioning data) or
+        ``"image"`` (image to image, e.g. a refiner: an image of the training data)."""
+        return None
+
     def batch_conditions(
         self,
         model: LoadedModel,
@@ -429,7 +444,8 @@ class ModelFamily:
         )
 
     def encode_prompts(self, model: LoadedModel, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
-        """One dict of CPU tensors per prompt, ready to cache on disk."""
+        """One dict of CPU tensors per prompt, ready to cache on disk. A family whose
+        :meth:`prompts_use_references` is true also takes ``reference_images=`` (see there)."""
         raise NotImplementedError(f"{type(self).__name__}.encode_prompts")
 
     def collate_prompts(
@@ -542,16 +558,20 @@ class ModelFamily:
         seed: int,
         negative_prompt: str | None = None,
         options: Mapping[str, Any] | None = None,
+        image: Image.Image | None = None,
     ) -> Image.Image:
         """One image, deterministic for a seed (the generator lives on the CPU). ``guidance`` is
         the pipeline's ``guidance_scale`` (see :attr:`guidance_argument`); the family adds its own arguments (negative prompt,
         sequence length, ...) in :meth:`_pipeline_call_kwargs`, and those from the run's
         validation ``options`` it acts on in :meth:`_validation_option_kwargs` (see
-        :meth:`validation_call_options`). The transformer runs in eval mode (no LoRA dropout) and
-        is put back as it was."""
+        :meth:`validation_call_options`). ``image`` (see :meth:`validation_input`) goes to the
+        pipeline as its ``image=``. The transformer runs in eval mode (no LoRA dropout) and is put
+        back as it was."""
         generator = torch.Generator("cpu").manual_seed(int(seed))
         extra = self._pipeline_call_kwargs(pipeline, guidance=guidance, negative_prompt=negative_prompt)
         extra.update(self.validation_call_options(pipeline, options, guidance=guidance))
+        if image is not None:
+            extra["image"] = image
         transformer = getattr(pipeline, self.lora_prefix)
         was_training = transformer.training
         transformer.eval()

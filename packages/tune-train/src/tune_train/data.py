@@ -142,6 +142,10 @@ class TrainingData:
         self.encode_images = None
         """The family's pixel encoder, kept by :meth:`cache_latents` for on-demand encoding."""
         self.encode_batch_size = 1
+        self.prompt_references = False
+        """Prompt embeddings depend on each sample's references (the family's
+        ``prompts_use_references``): text entries of datasets with conditioning data are then keyed
+        by caption and references (:meth:`text_entry`, :mod:`tune_train.reference_inputs`)."""
 
     def _text_cache(self, config: DatasetConfig) -> TensorCache:
         """The prompt-embedding cache of the image dataset's text_embeds dataset (or the default)."""
@@ -253,10 +257,22 @@ class TrainingData:
             for conditioning, record in zip(dataset.conditioning, records)
         ]
 
+    def text_entry(self, dataset: PreparedDataset, planned: PlannedImage, caption: str) -> str:
+        """The text cache key of a sample's (possibly dropped) caption: the caption's, or with
+        :attr:`prompt_references` and conditioning data, the caption's with its references'."""
+        if not (self.prompt_references and dataset.conditioning):
+            return text_key(dataset.text_cache, caption)
+        from tune_train.reference_inputs import text_entry_refs
+
+        return dataset.text_cache.key(caption, text_entry_refs(self, dataset, planned))
+
     def captions(self) -> set[str]:
-        """Every caption the run can feed the model (including the empty one for caption dropout)."""
-        found = {""}
-        for dataset in self.prepared.values():
+        """Every caption the run can feed the model (including the empty one for caption dropout);
+        with :attr:`prompt_references`, only those of datasets without conditioning data (the
+        others are encoded with their references)."""
+        plain = [d for d in self.prepared.values() if not (self.prompt_references and d.conditioning)]
+        found = {""} if plain else set()
+        for dataset in plain:
             for images in dataset.buckets.values():
                 found.update(planned.record.caption for planned in images)
         return found
@@ -564,7 +580,7 @@ class TrainingData:
         prompts = []
         for planned, drop in zip(batch, drop_caption):
             caption = "" if drop else planned.record.caption
-            prompts.append(dataset.text_cache.load(text_key(dataset.text_cache, caption)))
+            prompts.append(dataset.text_cache.load(self.text_entry(dataset, planned, caption)))
         return latents, prompts
 
     def _encode_missing(self, dataset: PreparedDataset, batch: Sequence[PlannedImage]) -> None:

@@ -173,14 +173,22 @@ def cache_embeddings(
         onload(model.vae)
         return family.encode_images(model, pixels.to(device, model.vae.dtype))
 
-    def encode_prompts(prompts: Any) -> Any:
+    def encode_prompts(prompts: Any, **kwargs: Any) -> Any:
         onload(*model.text_encoders)
-        return family.encode_prompts(model, prompts)
+        return family.encode_prompts(model, prompts, **kwargs)
 
+    # A family whose prompt embeddings read the references (an edit model's VL text encoder)
+    # gets one text entry per caption and reference set (tune_train.reference_inputs).
+    uses_references = getattr(family, "prompts_use_references", None)
+    data.prompt_references = bool(uses_references and uses_references(model.flavour.name))
     try:
         latents_encoded = data.cache_latents(encode_images, batch_size=vae_batch_size)
         offload()
         prompts_encoded = data.cache_text(encode_prompts)
+        if data.prompt_references:
+            from tune_train.reference_inputs import cache_reference_prompts
+
+            prompts_encoded += cache_reference_prompts(data, encode_prompts)
     finally:
         offload()
         caching = False

@@ -71,6 +71,7 @@ def validate(trainer: Trainer) -> list[str]:
     for encoder in model.text_encoders:
         encoder.to(trainer.accelerator.device)
     pipeline = trainer.family.validation_pipeline(model)
+    image = _input_image(trainer)
     paths = []
     # (file suffix, weights): the trained weights (in their evaluation form for schedule-free
     # optimizers) and/or the EMA weights, as ema_validation asks.
@@ -82,7 +83,7 @@ def validate(trainer: Trainer) -> list[str]:
         with torch.no_grad(), trainer._eval_weights():
             for suffix, weights in variants:
                 with weights():
-                    paths += _validation_images(trainer, pipeline, prompts, folder, suffix)
+                    paths += _validation_images(trainer, pipeline, prompts, folder, suffix, image)
     finally:
         model.vae.to("cpu")
         for encoder in model.text_encoders:
@@ -95,12 +96,33 @@ def validate(trainer: Trainer) -> list[str]:
     return paths
 
 
+def _input_image(trainer: Trainer) -> Any:
+    """The picture the family's validation pipeline edits or refines (its ``validation_input``:
+    a reference from the conditioning data, or a training image; the held-out eval dataset's
+    first), saved once as ``validation/input.png``; ``None`` for text to image."""
+    from tune_train.reference_inputs import validation_image
+
+    declared = getattr(trainer.family, "validation_input", None)
+    kind = declared(trainer.flavour.name) if declared is not None else None
+    if kind is None:
+        return None
+    cached = getattr(trainer, "_validation_input", None)
+    if cached is None:
+        cached = validation_image(trainer.data, kind, prefer=trainer.eval_dataset_id)
+        if cached is not None:
+            cached.save(trainer.output_dir / "validation" / "input.png")
+        trainer._validation_input = cached
+    return cached
+
+
 def _validation_images(
-    trainer: Trainer, pipeline: Any, prompts: list[tuple[str, str]], folder: Path, suffix: str
+    trainer: Trainer, pipeline: Any, prompts: list[tuple[str, str]], folder: Path, suffix: str, image: Any = None
 ) -> list[str]:
-    """Generate and save one image per (prompt, size); record each for the model card."""
+    """Generate and save one image per (prompt, size); record each for the model card. ``image``
+    (when the family's pipeline takes one) goes to every prompt's call."""
     config, flavour = trainer.config, trainer.flavour
     paths = []
+    extra = {"image": image} if image is not None else {}
     for name, prompt in prompts:
         for width, height in config.validation_sizes():
             image = trainer.family.generate(
@@ -113,6 +135,7 @@ def _validation_images(
                 seed=config.validation_seed,
                 negative_prompt=config.validation_negative_prompt,
                 options=config.validation_options(),  # family-specific keys; others warn once
+                **extra,
             )
             path = folder / f"{slug(name)}-{width}x{height}{suffix}.png"
             image.save(path)

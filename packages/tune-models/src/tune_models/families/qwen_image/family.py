@@ -20,17 +20,24 @@
   base model) with a negative prompt (``" "`` when none is given), norm-rescaled by the pipeline;
   Qwen-Image has no guidance embedding, so the pipeline's ``guidance_scale`` is not passed.
 - shift: resolution-dependent (``use_dynamic_shifting``), from the scheduler config.
-- ``edit`` (Qwen-Image-Edit) needs edit pairs (reference image latents and the VL encoder seeing
-  the image); it is registered but refuses to load until that is implemented.
+- ``edit`` / ``edit-plus`` (Qwen-Image-Edit, -2509) train on edit pairs: an image dataset's
+  ``conditioning_data`` gives each target its reference. The reference reaches the model twice,
+  as the edit pipelines give it: the Qwen2.5-VL encoder reads it inside the prompt (so prompt
+  embeddings are cached per caption *and* reference: :meth:`QwenImageFamily.prompts_use_references`,
+  the templates in :mod:`.edit`), and its clean latents are packed and appended after the noisy
+  image tokens, with one ``img_shapes`` entry per reference; only the target tokens' output is the
+  prediction. Validation runs the edit pipeline on a reference from the run's conditioning data.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tune_models.families import _shared
+from tune_models.families.qwen_image.edit import EDIT_STYLES, EditStyle
 from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
 
@@ -50,7 +57,7 @@ TOKENIZER_MAX_LENGTH = 1024
 
 
 class QwenImageFamily(ModelFamily):
-    """Qwen-Image (text-to-image); ``edit`` is listed but not implemented."""
+    """Qwen-Image: text to image (``base``) and reference-image editing (``edit``, ``edit-plus``)."""
 
     name = "qwen_image"
     aliases = ("qwen-image",)
@@ -73,6 +80,25 @@ class QwenImageFamily(ModelFamily):
     comfyui_key_suffix = ".lora_down.weight"
     tiny_module = "tune_models.families.qwen_image.tiny"
     guidance_argument = "true_cfg_scale"
+    accepts_reference_latents = True
+    """Only the edit flavours use them (:meth:`accepts_references`)."""
+
+    @staticmethod
+    def edit_style(flavour: str | None) -> EditStyle | None:
+        """The edit conventions of ``flavour`` (``None`` for text-to-image flavours)."""
+        return EDIT_STYLES.get(flavour or "")
+
+    def accepts_references(self, flavour: str | None) -> bool:
+        """Edit flavours are made for reference images; ``base`` has never seen one."""
+        return self.edit_style(flavour) is not None
+
+    def prompts_use_references(self, flavour: str | None) -> bool:
+        """Edit flavours encode the instruction together with its reference image(s)."""
+        return self.edit_style(flavour) is not None
+
+    def validation_input(self, flavour: str | None) -> str | None:
+        """Edit flavours validate by editing a reference image; ``base`` makes images from text."""
+        return "reference" if self.edit_style(flavour) is not None else None
 
     def pipeline_class(self) -> type:
         from diffusers import QwenImagePipeline
@@ -88,14 +114,26 @@ class QwenImageFamily(ModelFamily):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> LoadedModel:
-        """The base class's load (Qwen-Image's own components below), refusing the ``edit`` flavour."""
-        if self.flavour(flavour).name == "edit":
-            raise NotImplementedError(
-                "model_flavour 'edit' (Qwen-Image-Edit, trained on edit pairs: a reference image plus an "
-                "instruction) is not implemented yet: training it as text-to-image would ignore the "
-                "reference images it is made for. Use model_flavour 'base'."
+        """The base class's load (Qwen-Image's own components below); an edit flavour also loads
+        the checkpoint's ``processor`` (the VL processor its prompts go through) into
+        ``extras["processor"]``."""
+        model = super().load(source, flavour, dtype=dtype, device=device)
+        if self.edit_style(model.flavour.name) is not None:
+            from tune_models.families.qwen_image.processor import load_processor
+
+            root = str(model.extras["root"])
+            missing = ValueError(
+                f"model_flavour {model.flavour.name!r} needs the edit checkpoint's 'processor' folder "
+                f"(Qwen2.5-VL tokenizer and image processor), which {root!r} lacks: point "
+                "pretrained_model_name_or_path at a Qwen-Image-Edit checkpoint"
             )
-        return super().load(source, flavour, dtype=dtype, device=device)
+            if Path(root).is_dir() and not (Path(root) / "processor").is_dir():
+                raise missing
+            try:
+                model.extras["processor"] = load_processor(root, revision=source.revision)
+            except OSError as exc:
+                raise missing from exc
+        return model
 
     @staticmethod
     def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
@@ -123,13 +161,31 @@ class QwenImageFamily(ModelFamily):
     # ----------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(
-        self, model: LoadedModel, prompts: list[str], *, batch_size: int = 8
+        self,
+        model: LoadedModel,
+        prompts: list[str],
+        *,
+        batch_size: int = 8,
+        reference_images: list[list[Any]] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Per prompt, as ``QwenImagePipeline.encode_prompt`` computes it, without the batch
         padding: ``prompt_embeds`` ``[n, 3584]`` (``n`` tokens after the dropped template prefix, at
-        most :attr:`max_sequence_length`) and ``prompt_embeds_mask`` ``[n]`` (int64 ones)."""
+        most :attr:`max_sequence_length`) and ``prompt_embeds_mask`` ``[n]`` (int64 ones).
+
+        Edit flavours need ``reference_images`` (per prompt, its reference PIL images) and encode
+        as their edit pipeline does (:meth:`_encode_edit_prompts`)."""
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not one string")
+        style = self.edit_style(model.flavour.name)
+        if style is not None:
+            if reference_images is None:
+                raise ValueError(
+                    f"model_flavour {model.flavour.name!r} encodes each prompt with its reference image(s): "
+                    "pass reference_images (in a training run: every image dataset needs conditioning_data)"
+                )
+            return self._encode_edit_prompts(model, style, prompts, reference_images, batch_size=batch_size)
+        if reference_images is not None:
+            raise ValueError(f"model_flavour {model.flavour.name!r} encodes prompts without reference images")
         encoder = model.text_encoder
         param = next(encoder.parameters())
         results: list[dict[str, torch.Tensor]] = []
@@ -147,6 +203,51 @@ class QwenImageFamily(ModelFamily):
             ).hidden_states[-1]
             for i in range(len(chunk)):
                 valid = hidden[i][tokens.attention_mask[i].bool()][PROMPT_DROP_TOKENS:][: self.max_sequence_length]
+                embeds = valid.detach().to(device="cpu", dtype=param.dtype).contiguous()
+                results.append(
+                    {"prompt_embeds": embeds, "prompt_embeds_mask": torch.ones(embeds.shape[0], dtype=torch.int64)}
+                )
+        return results
+
+    def _encode_edit_prompts(
+        self,
+        model: LoadedModel,
+        style: EditStyle,
+        prompts: list[str],
+        reference_images: list[list[Any]],
+        *,
+        batch_size: int,
+    ) -> list[dict[str, torch.Tensor]]:
+        """``QwenImageEdit(Plus)Pipeline._get_qwen_prompt_embeds`` per prompt: the templated text
+        and the references (as :meth:`EditStyle.encoder_image` sizes them) through the processor,
+        the encoder's last hidden states at the non-padding tokens, minus the template prefix. Not
+        truncated: the edit pipelines keep every token (the image's are among them)."""
+        if len(reference_images) != len(prompts):
+            raise ValueError(f"{len(reference_images)} reference image lists for {len(prompts)} prompts")
+        processor = model.extras.get("processor")
+        if processor is None:
+            raise ValueError(f"model_flavour {model.flavour.name!r} needs extras['processor'] (loaded with the model)")
+        encoder = model.text_encoder
+        param = next(encoder.parameters())
+        results: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            refs = [[image.convert("RGB") for image in r] for r in reference_images[start : start + batch_size]]
+            inputs = processor(
+                text=style.texts(chunk, refs),
+                images=[style.encoder_image(image) for r in refs for image in r],
+                padding=True,
+                return_tensors="pt",
+            ).to(param.device)
+            hidden = encoder(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"].to(param.dtype),
+                image_grid_thw=inputs["image_grid_thw"],
+                output_hidden_states=True,
+            ).hidden_states[-1]
+            for i in range(len(chunk)):
+                valid = hidden[i][inputs["attention_mask"][i].bool()][style.drop_tokens :]
                 embeds = valid.detach().to(device="cpu", dtype=param.dtype).contiguous()
                 results.append(
                     {"prompt_embeds": embeds, "prompt_embeds_mask": torch.ones(embeds.shape[0], dtype=torch.int64)}
@@ -221,28 +322,64 @@ class QwenImageFamily(ModelFamily):
         noisy_latents: torch.Tensor,
         sigmas: torch.Tensor,
         prompts: dict[str, Any],
+        *,
+        reference_latents: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``noise - x0`` for ``x_t = (1 - sigma) x0 + sigma noise``: Qwen-Image takes
-        ``timestep = sigma`` and predicts that velocity (see the module docstring)."""
+        ``timestep = sigma`` and predicts that velocity (see the module docstring).
+
+        ``reference_latents`` (edit flavours): clean ``B x 16 x h_i x w_i`` latents from
+        :meth:`encode_images`, one tensor per reference; as the edit pipelines do, each is packed
+        and appended after the noisy tokens, ``img_shapes`` lists the target then each reference,
+        and the output is cut back to the target's tokens."""
         embeds = prompts["prompt_embeds"]
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0], even=True)
-        batch, _, height, width = noisy_latents.shape
+        batch, channels, height, width = noisy_latents.shape
         transformer = model.transformer
         dtype = next(transformer.parameters()).dtype
         mask = prompts.get("prompt_embeds_mask")
         if mask is not None and bool(mask.all()):
             mask = None  # as the pipeline: no mask when nothing is padded
+        tokens = [self.pack(noisy_latents.to(dtype))]
+        shapes = [(1, height // 2, width // 2)]
+        for ref in reference_latents or []:
+            if ref.ndim != 4 or ref.shape[:2] != (batch, channels) or ref.shape[-2] % 2 or ref.shape[-1] % 2:
+                raise ValueError(
+                    f"reference latents must be {batch} x {channels} x h x w (h, w even) like the noisy "
+                    f"latents, got {tuple(ref.shape)}"
+                )
+            tokens.append(self.pack(ref.to(device=noisy_latents.device, dtype=dtype)))
+            shapes.append((1, ref.shape[-2] // 2, ref.shape[-1] // 2))
         out = transformer(
-            hidden_states=self.pack(noisy_latents.to(dtype)),
+            hidden_states=torch.cat(tokens, dim=1),
             timestep=sigmas.to(dtype),
             encoder_hidden_states=embeds.to(dtype),
             encoder_hidden_states_mask=mask,
-            img_shapes=[[(1, height // 2, width // 2)]] * batch,
+            img_shapes=[shapes] * batch,
             return_dict=False,
         )[0]
-        return self.unpack(out, height, width)
+        return self.unpack(out[:, : tokens[0].shape[1]], height, width)
 
     # ----------------------------------------------------------------- validation
+    def validation_pipeline(self, model: LoadedModel) -> Any:
+        """``QwenImagePipeline`` for ``base``; an edit flavour's edit pipeline (with the loaded
+        processor) for the edit flavours, which :meth:`generate` gives ``image=`` (a reference)."""
+        style = self.edit_style(model.flavour.name)
+        if style is None:
+            return super().validation_pipeline(model)
+        import diffusers
+
+        pipeline = getattr(diffusers, style.pipeline)(
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            processor=model.extras["processor"],
+            transformer=model.transformer,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """True CFG (``guidance`` goes in as ``true_cfg_scale``, see :attr:`guidance_argument`):
         above 1 a negative prompt is used (``" "`` when none is given). ``guidance_scale`` (for

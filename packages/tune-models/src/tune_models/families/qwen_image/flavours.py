@@ -13,7 +13,11 @@ QWEN_IMAGE_FLAVOURS: dict[str, dict[str, Any]] = {
     ),
     "edit": flavour_facts(
         "Qwen/Qwen-Image-Edit", 50, 4.0, None,
-        "Qwen-Image-Edit (reference-image editing from edit pairs); not implemented yet",
+        "Qwen-Image-Edit: one reference image per edit (conditioning_data), seen by the VL text encoder and the transformer",
+    ),
+    "edit-plus": flavour_facts(
+        "Qwen/Qwen-Image-Edit-2509", 50, 4.0, None,
+        "Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline): one or more reference images per edit",
     ),
     "tiny": flavour_facts(
         "tune-tiny:qwen-image", 2, 4.0, None,

@@ -2,15 +2,17 @@
 
 ``QwenImageTransformer2DModel``, ``AutoencoderKLQwenImage``, ``Qwen2_5_VLForConditionalGeneration``
 (text *and* vision tower, both tiny), a ``Qwen2Tokenizer`` built in memory (every byte a token plus
-Qwen's special tokens, no merges) and a ``FlowMatchEulerDiscreteScheduler``, saved as a
-``QwenImagePipeline`` folder:
+Qwen's special and vision tokens, no merges) and a ``FlowMatchEulerDiscreteScheduler``, saved as a
+``QwenImagePipeline`` folder; :func:`build_tiny_edit_pipeline` adds the ``processor`` folder
+(that tokenizer and a Qwen2-VL image processor) and saves it as a ``QwenImageEditPipeline``:
 
 - transformer: 2 blocks, 2 heads of 16 (``sum(axes_dims_rope) == 16``), ``in_channels = 64``
   (16 latent channels packed 2x2), text width 32.
 - VAE: ``base_dim=8``, ``dim_mult=[1, 2]``, one down stage, so 2x downsampling (32 px -> 16x16
   latents); ``latents_mean``/``latents_std`` measured per channel on toy images.
 - text encoder: Qwen2.5-VL with a 2-layer, width-32 language model (M-RoPE sections 2/3/3) and a
-  1-block, width-16 vision tower.
+  1-block, width-16 vision tower (14 px patches merged 2x2; the image processor keeps images
+  between 56x56 and 112x112 pixels, so a reference costs 4 to 16 encoder tokens).
 
 The transformer is warm-started briefly (full weights) on synthetic images so a LoRA has a denoiser
 to adapt.
@@ -54,9 +56,30 @@ TINY_SCHEDULER = dict(
 SPECIAL_TOKENS = _qwen.SPECIAL_TOKENS
 
 
+TINY_IMAGE_PROCESSOR = dict(
+    min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
+)
+"""Qwen2-VL image processor settings matching :data:`TINY_VISION` (the real one allows up to
+12.8 M pixels)."""
+
+
 def build_tokenizer():
-    """A Qwen2 tokenizer built in memory: every byte is a token, plus Qwen's special tokens."""
-    return _qwen.byte_tokenizer()
+    """A Qwen2 tokenizer built in memory: every byte is a token, plus Qwen's special tokens and
+    Qwen2.5-VL's vision markers (the edit prompts hold an image between them)."""
+    from tune_models.families.qwen_image.processor import VISION_TOKENS
+
+    tokenizer = _qwen.byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS[1:], *VISION_TOKENS]})
+    return tokenizer
+
+
+def build_processor(tokenizer):
+    """The edit pipelines' processor over ``tokenizer`` (see :mod:`..processor`)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from tune_models.families.qwen_image.processor import build_processor as build
+
+    return build(tokenizer, Qwen2VLImageProcessorPil(**TINY_IMAGE_PROCESSOR))
 
 
 def tiny_text_encoder(tokenizer):
@@ -68,8 +91,17 @@ def tiny_text_encoder(tokenizer):
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
     )
+    vision_ids = {
+        f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{name}|>")
+        for name in ("vision_start", "vision_end")
+    }
+    vision_ids["image_token_id"] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    vision_ids["video_token_id"] = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), **ids, **TINY_TEXT), vision_config=dict(TINY_VISION), **ids
+        text_config=dict(vocab_size=len(tokenizer), **ids, **TINY_TEXT),
+        vision_config=dict(TINY_VISION),
+        **ids,
+        **vision_ids,
     )
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
@@ -112,3 +144,24 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
         with _shared.one_thread():  # tiny matrices
             _shared.warm_start(FAMILY, model, steps=warm_start_steps, seed=seed, size=32, pool=8, batch=4)
     return _shared.save_tiny(FAMILY, path, components, warm_start_steps=0, seed=seed)
+
+
+def build_tiny_edit_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 30) -> Path:
+    """The tiny model as a Qwen-Image-Edit checkpoint: :func:`build_tiny_pipeline`'s folder plus
+    ``processor/`` and a ``model_index.json`` naming ``QwenImageEditPipeline`` (what
+    Qwen/Qwen-Image-Edit publishes). Load it with ``model_flavour`` ``edit`` or ``edit-plus``."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tune_models.families.qwen_image.processor import save_processor
+
+    path = build_tiny_pipeline(path, seed=seed, warm_start_steps=warm_start_steps)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    save_processor(build_processor(tokenizer), path / "processor")
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = "QwenImageEditPipeline"
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index_file.write_text(json.dumps(index, indent=2))
+    return path

@@ -1,0 +1,155 @@
+"""Qwen-Image-Edit trained on edit pairs through the generic loop: each prompt is encoded with its
+reference image (one text entry per caption and reference), the reference latents reach
+``predict``, validation edits a reference, and the exported LoRA changes what
+``QwenImageEditPipeline`` makes of an image after ``load_lora_weights``.
+
+The tiny VAE downsamples 2x, so the edit pipeline's 1024 x 1024 reference/output area is scaled to
+32 x 32 here (as in tune-models' edit tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from tune.config import load_config
+from tune_train.trainer import Trainer as Loop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _small_vae_area(monkeypatch):
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+
+    original = edit.calculate_dimensions
+    monkeypatch.setattr(
+        edit, "calculate_dimensions", lambda area, ratio: original(32 * 32 if area == 1024 * 1024 else area, ratio)
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_edit(tmp_path_factory) -> Path:
+    from tune_models.families.qwen_image.tiny import build_tiny_edit_pipeline
+
+    return build_tiny_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-edit"))
+
+
+@pytest.fixture(scope="module")
+def edit_pairs(tmp_path_factory) -> tuple[Path, Path]:
+    """refs/: four shapes; edited/: the same files colour-inverted, all captioned "invert the colours"."""
+    from tune_data.testing import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("edits")
+    refs = make_shapes_dataset(root / "refs", count=4, size=(32, 32))
+    edited = root / "edited"
+    edited.mkdir()
+    for image in sorted(refs.glob("*.png")):
+        ImageOps.invert(Image.open(image).convert("RGB")).save(edited / image.name)
+        (edited / image.name).with_suffix(".txt").write_text("invert the colours")
+    return edited, refs
+
+
+def _config(root: Path, model: Path, edited: Path, refs: Path, **extra) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    datasets = [
+        {"id": "edited", "instance_data_dir": str(edited), "caption_strategy": "textfile", "resolution": 32,
+         "aspect_bucket_alignment": 16, "crop": True, "crop_aspect": "square", "conditioning_data": "refs"},
+        {"id": "refs", "dataset_type": "conditioning", "conditioning_type": "reference_strict",
+         "instance_data_dir": str(refs)},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": str(root / "cache" / "text")},
+    ]
+    (root / "multidatabackend.json").write_text(json.dumps(datasets))
+    config = {
+        "--model_family": "qwen_image", "--model_flavour": "edit",
+        "--pretrained_model_name_or_path": str(model),
+        "--output_dir": str(root / "output"), "--cache_dir": str(root / "cache"),
+        "--data_backend_config": str(root / "multidatabackend.json"),
+        "--train_batch_size": 2, "--max_train_steps": 4, "--learning_rate": 5e-2, "--lora_rank": 4,
+        "--mixed_precision": "no", "--seed": 3, "--caption_dropout_probability": 0.3,
+        "--validation_prompt": "invert the colours", "--validation_resolution": "32",
+        "--validation_num_inference_steps": 2, "--validation_on_startup": False,
+        **extra,
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    return root / "config.json"
+
+
+def _edit(model_dir: Path, lora: Path | None, picture: Image.Image) -> np.ndarray:
+    """QwenImageEditPipeline over the tiny checkpoint's components (loaded fresh), LoRA loaded with
+    ``load_lora_weights`` when given."""
+    from tune_models.family import ModelSource, get_family
+
+    family = get_family("qwen_image")
+    pipe = family.validation_pipeline(family.load(ModelSource(str(model_dir)), "edit"))
+    assert type(pipe).__name__ == "QwenImageEditPipeline"
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    out = pipe(
+        image=picture, prompt="invert the colours", negative_prompt=" ", true_cfg_scale=4.0, height=32, width=32,
+        num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+    )
+    return out.images[0]
+
+
+def test_qwen_edit_trains_on_pairs_and_the_lora_changes_the_edit(tmp_path, tiny_edit, edit_pairs, monkeypatch):
+    from tune_models.families.qwen_image.family import QwenImageFamily
+
+    edited, refs = edit_pairs
+    calls: list[dict] = []
+    original_predict = QwenImageFamily.predict
+
+    def spy_predict(self, model, noisy, sigmas, prompts, **kwargs):
+        calls.append({"embeds": prompts["prompt_embeds"].detach().clone(), **kwargs})
+        return original_predict(self, model, noisy, sigmas, prompts, **kwargs)
+
+    monkeypatch.setattr(QwenImageFamily, "predict", spy_predict)
+    loaded = load_config(_config(tmp_path, tiny_edit, edited, refs))
+    trainer = Loop(loaded.train, loaded.datasets, progress=False)
+    trainer.setup()
+    assert trainer.data.prompt_references
+    # One text entry per caption and reference: four references, each with its caption and the
+    # dropped (empty) caption; the one instruction is cached as four different embeddings.
+    dataset = trainer.data.prepared["edited"]
+    samples = sorted((p for images in dataset.buckets.values() for p in images), key=lambda p: p.record.path)
+    keys = {trainer.data.text_entry(dataset, p, "invert the colours") for p in samples}
+    assert len(keys) == 4 and all(dataset.text_cache.has(k) for k in keys)
+    assert all(dataset.text_cache.has(trainer.data.text_entry(dataset, p, "")) for p in samples)
+    first, second = (dataset.text_cache.load(trainer.data.text_entry(dataset, p, "invert the colours")) for p in samples[:2])
+    assert not torch.allclose(first["prompt_embeds"], second["prompt_embeds"])
+
+    result = trainer.train()
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    assert len(calls) == 4 and all(len(call["reference_latents"]) == 1 for call in calls)
+    # Validation edited the first reference (saved beside the images) at the requested size.
+    output = tmp_path / "output"
+    assert (output / "validation" / "input.png").is_file()
+    images = [p for p in (output / "validation").rglob("*.png") if p.name != "input.png"]
+    assert images and Image.open(images[0]).size == (32, 32)
+
+    lora = Path(result.outputs["lora"])
+    picture = Image.open(sorted(refs.glob("*.png"))[0]).convert("RGB")
+    plain = _edit(tiny_edit, None, picture)
+    with_lora = _edit(tiny_edit, lora, picture)
+    assert np.abs(plain - with_lora).max() > 1e-3
+
+
+def test_qwen_base_refuses_edit_pairs(tmp_path, tiny_edit, edit_pairs):
+    from tune_train.config import ConfigError
+
+    edited, refs = edit_pairs
+    loaded = load_config(_config(tmp_path, tiny_edit, edited, refs, **{"--model_flavour": "base"}))
+    with pytest.raises(ConfigError, match=r"model_family 'qwen_image' .* flavour 'base' cannot train with reference"):
+        Loop(loaded.train, loaded.datasets, progress=False).setup()
