@@ -208,3 +208,52 @@ def test_text_embeddings_are_written_by_the_background_writer_and_a_failed_write
     assert data.cache_text(encoder, batch_size=2) == len(captions) - 2 == encoder.captions
     for caption in captions:
         assert torch.equal(cache.load(cache.key(caption, ""))["prompt_embeds"], torch.full((3, 4), float(len(caption))))
+
+
+class EpochEncoder(Encoder):
+    """An encoder whose output moves by 100 each epoch (as a sampling VAE's would differ): a latent
+    read before an epoch-end clear is told apart from the one encoded after it."""
+
+    generation = 0
+
+    def __call__(self, pixels):
+        return super().__call__(pixels) + 100.0 * self.generation
+
+
+@pytest.mark.parametrize("crop_style", ["random", "center"])
+def test_batches_read_ahead_are_the_batches_read_in_place_across_an_epoch_clear(tmp_path, crop_style):
+    # Latents cleared each epoch: what was read ahead of the clear is stale and must not be used
+    # (center crops keep their keys, random crops move); with and without read-ahead the run sees
+    # the same batches, tensors and positions.
+    root = make_shapes_dataset(tmp_path / "data", count=4, size=(96, 64))
+
+    def run(read_ahead):
+        config = DatasetConfig(
+            id="shapes", instance_data_dir=str(root), caption_strategy="textfile", resolution=64,
+            aspect_bucket_alignment=16, crop=True, crop_style=crop_style, crop_aspect="square",
+            vae_cache_clear_each_epoch=True,
+        )
+        cache_root = tmp_path / f"cache{read_ahead}"
+        data = TrainingData([config], cache_root=cache_root, model_identity="tiny", seed=0, progress=False)
+        data.discover()
+        encoder = EpochEncoder()
+        data.cache_latents(encoder, batch_size=4)
+        data.cache_text(PromptEncoder())
+        sampler = data.build_sampler(2, read_ahead=read_ahead)
+        seen = []
+        for step in range(6):  # 2 batches per epoch: three epochs, two clears
+            dataset_id, batch = sampler.next_batch()
+            latents, prompts = data.load_batch(dataset_id, batch, [False, step % 2 == 1], step=step)
+            seen.append(([p.record.path for p in batch], latents, [e["prompt_embeds"] for e in prompts], sampler.state_dict()))
+            if (step + 1) % 2 == 0:
+                data.end_epoch((step + 1) // 2)
+                encoder.generation = (step + 1) // 2
+        return seen
+
+    in_place, ahead = run(0), run(3)
+    for (paths, latents, prompts, state), (paths2, latents2, prompts2, state2) in zip(in_place, ahead):
+        assert paths == paths2 and state == state2
+        assert torch.equal(latents, latents2)
+        assert all(torch.equal(a, b) for a, b in zip(prompts, prompts2))
+    # Each epoch's latents are that epoch's encoding (none read before its clear).
+    assert [round(float(latents.min()) / 100) for _, latents, _, _ in ahead] == [0, 0, 1, 1, 2, 2]

@@ -188,11 +188,16 @@ class TensorCache:
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
         """The tensors of an entry (on the CPU). A missing entry raises ``KeyError`` naming the file."""
-        _, st = _torch_modules()
-        location, _, data = self._read(key)
-        tensors = st.load_file(str(location), device="cpu") if data is None else st.load(data)
+        tensors = self.read(key)
         self.stats.hits += 1
         return tensors
+
+    def read(self, key: str) -> dict[str, torch.Tensor]:
+        """:meth:`load` without counting a hit: for a reader thread reading ahead
+        (:mod:`tune_data.prefetch`), whose user counts the hit when it uses the entry."""
+        _, st = _torch_modules()
+        location, _, data = self._read(key)
+        return st.load_file(str(location), device="cpu") if data is None else st.load(data)
 
     def metadata(self, key: str) -> dict[str, str]:
         """The string metadata stored with an entry."""

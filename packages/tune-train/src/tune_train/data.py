@@ -25,6 +25,7 @@ from tune_data.conditioning import ConditioningIndex, discover_conditioning, pai
 from tune_data.config import DatasetConfig, conditioning_for, text_embeds_for
 from tune_data.discovery import ImageRecord
 from tune_data.discovery import DiscoveryReport, discover
+from tune_data.prefetch import ReadAheadSampler
 from tune_data.sampler import BucketBatchSampler, MultiDatasetSampler, dataset_weights
 from tune_data.storage import StorageProvider, open_storage
 
@@ -142,10 +143,29 @@ class TrainingData:
         self.encode_images = None
         """The family's pixel encoder, kept by :meth:`cache_latents` for on-demand encoding."""
         self.encode_batch_size = 1
-        self.prompt_references = False
-        """Prompt embeddings depend on each sample's references (the family's
-        ``prompts_use_references``): text entries of datasets with conditioning data are then keyed
-        by caption and references (:meth:`text_entry`, :mod:`tune_train.reference_inputs`)."""
+        self.read_ahead: ReadAheadSampler | None = None
+        """The sampler :meth:`build_sampler` returned, which reads the next batches' cache entries
+        on a worker thread; :meth:`load_batch` takes them from it."""
+
+    def _load(self, cache: TensorCache, key: str) -> dict[str, torch.Tensor]:
+        """A cache entry of the batch being trained, read ahead when it was (else read now)."""
+        if self.read_ahead is not None:
+            return self.read_ahead.load(cache, key)
+        return cache.load(key)
+
+    def _batch_reads(self, drawn) -> list[tuple[TensorCache, str]]:
+        """The cache entries one drawn ``(dataset_id, batch)`` will load: latents, captions'
+        embeddings (a dropped caption's empty one is read when used) and reference latents."""
+        dataset_id, batch = drawn
+        dataset = self.prepared[dataset_id]
+        reads = []
+        for planned in batch:
+            current = dataset.current(planned)
+            reads.append((dataset.latent_cache, latent_key(dataset, current)))
+            reads.append((dataset.text_cache, text_key(dataset.text_cache, planned.record.caption)))
+            if dataset.conditioning:
+                reads += [(c.latent_cache, latent_key(c, plan)) for c, plan in self.reference_plans(dataset, current)]
+        return reads
 
     def _text_cache(self, config: DatasetConfig) -> TensorCache:
         """The prompt-embedding cache of the image dataset's text_embeds dataset (or the default)."""
@@ -257,22 +277,10 @@ class TrainingData:
             for conditioning, record in zip(dataset.conditioning, records)
         ]
 
-    def text_entry(self, dataset: PreparedDataset, planned: PlannedImage, caption: str) -> str:
-        """The text cache key of a sample's (possibly dropped) caption: the caption's, or with
-        :attr:`prompt_references` and conditioning data, the caption's with its references'."""
-        if not (self.prompt_references and dataset.conditioning):
-            return text_key(dataset.text_cache, caption)
-        from tune_train.reference_inputs import text_entry_refs
-
-        return dataset.text_cache.key(caption, text_entry_refs(self, dataset, planned))
-
     def captions(self) -> set[str]:
-        """Every caption the run can feed the model (including the empty one for caption dropout);
-        with :attr:`prompt_references`, only those of datasets without conditioning data (the
-        others are encoded with their references)."""
-        plain = [d for d in self.prepared.values() if not (self.prompt_references and d.conditioning)]
-        found = {""} if plain else set()
-        for dataset in plain:
+        """Every caption the run can feed the model (including the empty one for caption dropout)."""
+        found = {""}
+        for dataset in self.prepared.values():
             for images in dataset.buckets.values():
                 found.update(planned.record.caption for planned in images)
         return found
@@ -368,9 +376,7 @@ class TrainingData:
         out = []
         for planned in current:
             plans = self.reference_plans(dataset, planned)
-            out.append(
-                [plans[i][0].latent_cache.load(latent_key(plans[i][0], plans[i][1]))["latents"] for i in chosen]
-            )
+            out.append([self._load(plans[i][0].latent_cache, latent_key(plans[i][0], plans[i][1]))["latents"] for i in chosen])
         return out
 
     def load_masks(self, dataset_id: str, batch: Sequence[PlannedImage], size: tuple[int, int]) -> torch.Tensor | None:
@@ -488,6 +494,8 @@ class TrainingData:
                 for images in dataset.buckets.values():
                     for planned in images:
                         deleted += dataset.latent_cache.delete(latent_key(dataset, dataset.current(planned)))
+            if self.read_ahead is not None:
+                self.read_ahead.forget()  # read before the clear (or of the old crops): not to be used
             dataset.encode_on_demand = True
             if config.crop and config.crop_style == "random" and config.crop_aspect != "random":
                 # New windows in the same bucket (a random crop_aspect would move images between
@@ -522,12 +530,21 @@ class TrainingData:
         return encoded
 
     def build_sampler(
-        self, batch_size: int, *, rank: int = 0, world_size: int = 1, exclude: Collection[str] = ()
-    ) -> MultiDatasetSampler:
+        self,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        exclude: Collection[str] = (),
+        read_ahead: int = 2,
+    ) -> MultiDatasetSampler | ReadAheadSampler:
         """Bucket-homogeneous batches per dataset, mixed by weight (SimpleTuner's auto-weighting).
 
         Datasets named in ``exclude`` (the held-out ``eval_dataset_id``) are cached like the others
-        but never drawn for training."""
+        but never drawn for training. With ``read_ahead`` > 0 (default 2) the next batches' cache
+        entries are read on worker threads while a step trains (:mod:`tune_data.prefetch`): the
+        same batches in the same order, and ``state_dict`` is the position of the batch handed out
+        last; ``0`` reads each batch when it is loaded."""
         training = {dataset_id: d for dataset_id, d in self.prepared.items() if dataset_id not in exclude}
         samplers = {
             dataset_id: BucketBatchSampler(
@@ -551,7 +568,15 @@ class TrainingData:
             mode="auto",
         )
         self.batches_per_epoch = sum(s.batches_per_epoch() for s in samplers.values())
-        return MultiDatasetSampler(samplers, weights, seed=self.seed)
+        sampler = MultiDatasetSampler(samplers, weights, seed=self.seed)
+        if self.read_ahead is not None:
+            self.read_ahead.close()
+        if read_ahead <= 0:
+            self.read_ahead = None
+            return sampler
+        # Two readers: a gzip inflate or an S3 GET releases the GIL, so they overlap each other.
+        self.read_ahead = ReadAheadSampler(sampler, self._batch_reads, depth=read_ahead, workers=2)
+        return self.read_ahead
 
     def load_batch(
         self,
@@ -575,12 +600,12 @@ class TrainingData:
         if dataset.encode_on_demand:
             self._encode_missing(dataset, current)
         latents = torch.stack(
-            [dataset.latent_cache.load(latent_key(dataset, planned))["latents"] for planned in current]
+            [self._load(dataset.latent_cache, latent_key(dataset, planned))["latents"] for planned in current]
         )
         prompts = []
         for planned, drop in zip(batch, drop_caption):
             caption = "" if drop else planned.record.caption
-            prompts.append(dataset.text_cache.load(self.text_entry(dataset, planned, caption)))
+            prompts.append(self._load(dataset.text_cache, text_key(dataset.text_cache, caption)))
         return latents, prompts
 
     def _encode_missing(self, dataset: PreparedDataset, batch: Sequence[PlannedImage]) -> None:
