@@ -143,6 +143,10 @@ class TrainingData:
         self.encode_images = None
         """The family's pixel encoder, kept by :meth:`cache_latents` for on-demand encoding."""
         self.encode_batch_size = 1
+        self.prompt_references = False
+        """Prompt embeddings depend on each sample's references (the family's
+        ``prompts_use_references``): text entries of datasets with conditioning data are then keyed
+        by caption and references (:meth:`text_entry`, :mod:`tune_train.reference_inputs`)."""
         self.read_ahead: ReadAheadSampler | None = None
         """The sampler :meth:`build_sampler` returned, which reads the next batches' cache entries
         on a worker thread; :meth:`load_batch` takes them from it."""
@@ -162,7 +166,7 @@ class TrainingData:
         for planned in batch:
             current = dataset.current(planned)
             reads.append((dataset.latent_cache, latent_key(dataset, current)))
-            reads.append((dataset.text_cache, text_key(dataset.text_cache, planned.record.caption)))
+            reads.append((dataset.text_cache, self.text_entry(dataset, planned, planned.record.caption)))
             if dataset.conditioning:
                 reads += [(c.latent_cache, latent_key(c, plan)) for c, plan in self.reference_plans(dataset, current)]
         return reads
@@ -277,10 +281,22 @@ class TrainingData:
             for conditioning, record in zip(dataset.conditioning, records)
         ]
 
+    def text_entry(self, dataset: PreparedDataset, planned: PlannedImage, caption: str) -> str:
+        """The text cache key of a sample's (possibly dropped) caption: the caption's, or with
+        :attr:`prompt_references` and conditioning data, the caption's with its references'."""
+        if not (self.prompt_references and dataset.conditioning):
+            return text_key(dataset.text_cache, caption)
+        from tune_train.reference_inputs import text_entry_refs
+
+        return dataset.text_cache.key(caption, text_entry_refs(self, dataset, planned))
+
     def captions(self) -> set[str]:
-        """Every caption the run can feed the model (including the empty one for caption dropout)."""
-        found = {""}
-        for dataset in self.prepared.values():
+        """Every caption the run can feed the model (including the empty one for caption dropout);
+        with :attr:`prompt_references`, only those of datasets without conditioning data (the
+        others are encoded with their references)."""
+        plain = [d for d in self.prepared.values() if not (self.prompt_references and d.conditioning)]
+        found = {""} if plain else set()
+        for dataset in plain:
             for images in dataset.buckets.values():
                 found.update(planned.record.caption for planned in images)
         return found
@@ -605,7 +621,7 @@ class TrainingData:
         prompts = []
         for planned, drop in zip(batch, drop_caption):
             caption = "" if drop else planned.record.caption
-            prompts.append(self._load(dataset.text_cache, text_key(dataset.text_cache, caption)))
+            prompts.append(self._load(dataset.text_cache, self.text_entry(dataset, planned, caption)))
         return latents, prompts
 
     def _encode_missing(self, dataset: PreparedDataset, batch: Sequence[PlannedImage]) -> None:
