@@ -173,8 +173,9 @@ def _dataset_section(loaded: LoadedConfig, problems: list[str]) -> list[dict[str
             report = discover(dataset, open_storage(dataset), metadata_dir=None)
             if dataset.conditioning_data:
                 # Images without a pair in every conditioning dataset are dropped, as in training.
-                row["conditioning_data"] = list(dataset.conditioning_data)
                 partners = conditioning_for(dataset, loaded.datasets)
+                row["conditioning_data"] = [c.id for c in partners if c.conditioning_type != "mask"]
+                row["loss_mask"] = [c.id for c in partners if c.conditioning_type == "mask"]
                 report, _ = pair_conditioning(report, [conditioning_index(c) for c in partners])
         except (ValueError, OSError, NotImplementedError) as exc:
             row["error"] = str(exc)
@@ -274,6 +275,10 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
         offload = "model CPU offload" if train.enable_model_cpu_offload else "none"
     if train.offload_checkpointed_activations:
         offload += "; checkpointed activations wait in CPU memory"
+    if train.enable_chunked_feed_forward:
+        from tune_offload.ffn_chunking import DEFAULT_CHUNK_SIZE
+
+        offload += f"; MLPs run over checkpointed {train.feed_forward_chunk_size or DEFAULT_CHUNK_SIZE}-token slices"
     plan["precision"] = {
         "mixed_precision": train.mixed_precision,
         "base_model_precision": train.base_model_precision,
@@ -381,7 +386,10 @@ def _scalar(value: Any) -> str:
 def _dataset_lines(row: dict[str, Any]) -> list[str]:
     head = f"  {row['id']} [{row['type']}, {row['dataset_type']}]"
     if row["dataset_type"] == "conditioning":
-        out = [f"{head} {row.get('path')} ({row.get('conditioning_type')})"]
+        kind = row.get("conditioning_type")
+        if kind == "mask":  # not a model input: say what it does
+            kind = "mask: weights the loss, white = train, black = ignore"
+        out = [f"{head} {row.get('path')} ({kind})"]
         if "error" in row:
             return out + [f"    ERROR: {row['error']}"]
         files = f"    files: {row['seen']} seen, {row['kept']} kept, {row['dropped']} dropped"
@@ -393,6 +401,8 @@ def _dataset_lines(row: dict[str, Any]) -> list[str]:
     out = [f"{head} {row.get('path')}", f"    resolution {row['resolution']}, repeats {row['repeats']}"]
     if row.get("conditioning_data"):
         out.append(f"    paired with conditioning: {', '.join(row['conditioning_data'])}")
+    if row.get("loss_mask"):
+        out.append(f"    loss mask from: {', '.join(row['loss_mask'])} (masked loss)")
     if "error" in row:
         return out + [f"    ERROR: {row['error']}"]
     files = f"    files: {row['seen']} seen, {row['kept']} kept, {row['dropped']} dropped"

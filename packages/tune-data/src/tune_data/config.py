@@ -39,10 +39,11 @@ CROP_ASPECTS = ("square", "preserve", "closest", "random")
 METADATA_BACKENDS = ("discovery", "parquet", "huggingface")
 IMPLEMENTED_DATASET_TYPES = ("image", "text_embeds", "video", "conditioning")
 DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "image_embeds")
-CONDITIONING_TYPES = ("reference_strict", "reference_loose", "controlnet")
-"""How a conditioning image is paired with its target: ``reference_strict`` and ``controlnet``
-take the target's bucket, resize and crop (pixel-aligned pairs); ``reference_loose`` plans the
-reference in its own aspect bucket, at the conditioning dataset's resolution."""
+CONDITIONING_TYPES = ("reference_strict", "reference_loose", "controlnet", "mask")
+"""How a conditioning image is paired with its target: ``reference_strict``, ``controlnet`` and
+``mask`` take the target's bucket, resize and crop (pixel-aligned pairs); ``reference_loose`` plans
+the reference in its own aspect bucket, at the conditioning dataset's resolution. A ``mask`` image
+is not a model input: it weights the training loss (white trains, black is ignored)."""
 VAE_CACHE_SCAN_BEHAVIOURS = ("recreate", "sync")
 SKIP_DISCOVERY_WORDS = ("vae", "aspect", "text", "metadata")
 
@@ -182,7 +183,9 @@ class DatasetConfig:
     (the default) and ``controlnet``: the reference is resized and cropped exactly like its target
     (same bucket, same window), for pixel-aligned pairs; ``reference_loose``: the reference keeps
     its own aspect ratio and gets its own bucket from this dataset's ``resolution`` settings
-    (a reference of another shape than its target)."""
+    (a reference of another shape than its target); ``mask``: a loss mask, cut like
+    ``reference_strict``, whose brightness weights the loss per pixel (white = train, black =
+    ignore, grey = partly; masked loss)."""
     is_regularisation_data: bool = False
     """Marks regularisation (prior-preservation) images, so the trainer can treat them apart.
     Default ``false``."""
@@ -803,6 +806,15 @@ def _check_conditioning(configs: list[DatasetConfig], where: str) -> None:
                 raise DatasetConfigError(
                     f"dataset {config.id!r}: conditioning_data names {name!r}, which is disabled; enable it "
                     "or remove it from conditioning_data"
+                )
+    # A loss mask nobody pairs with would leave the run unmasked without a word.
+    named = {name for c in configs if not c.disabled and c.is_training_data for name in c.conditioning_data or ()}
+    for config in configs:
+        if config.dataset_type == "conditioning" and config.conditioning_type == "mask" and not config.disabled:
+            if config.id not in named:
+                raise DatasetConfigError(
+                    f"dataset {config.id!r} (conditioning_type 'mask') is paired with no image dataset: name it "
+                    f"in the conditioning_data of the dataset whose images it masks, or disable it"
                 )
 
 

@@ -208,6 +208,13 @@ class ModelFamily:
     them). The trainer passes the latents of conditioning datasets (``conditioning_data``) only to
     a family that declares it (for the run's flavour: :meth:`accepts_references`), and refuses such datasets for the others before loading weights."""
 
+    accepts_loss_mask: bool = True
+    """Whether a pixel-space loss mask (a ``conditioning_type: mask`` dataset) can weight this
+    family's loss: true when :meth:`predict` returns the ``B x C x h x w`` latent grid of the image
+    (every image family here; token packing is undone inside ``predict``), so the trainer averages
+    the mask down to ``h x w``. A family whose prediction is not spatially aligned with the pixels
+    sets it false, and the trainer refuses mask datasets before loading weights."""
+
     # What the generic :meth:`load` reads (a diffusers folder); a family that sets no
     # ``transformer_class`` implements :meth:`load` itself.
     transformer_class: str = ""

@@ -168,7 +168,11 @@ class TrainingData:
             reads.append((dataset.latent_cache, latent_key(dataset, current)))
             reads.append((dataset.text_cache, self.text_entry(dataset, planned, planned.record.caption)))
             if dataset.conditioning:
-                reads += [(c.latent_cache, latent_key(c, plan)) for c, plan in self.reference_plans(dataset, current)]
+                reads += [
+                    (c.latent_cache, latent_key(c, plan))
+                    for c, plan in self.reference_plans(dataset, current)
+                    if not c.is_mask  # loss masks have no latent entry (load_masks)
+                ]
         return reads
 
     def _text_cache(self, config: DatasetConfig) -> TensorCache:

@@ -192,21 +192,24 @@ class DDPMScheme:
         target: torch.Tensor,
         timesteps: torch.Tensor,
         noisy: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MSE, per sample weighted by min-SNR when ``snr_gamma`` is set (plain MSE otherwise).
+        """MSE, per sample weighted by min-SNR when ``snr_gamma`` is set (plain MSE otherwise);
+        with a loss ``mask`` (``B x 1 x h x w``, :mod:`tune_train.masks`) the mask-weighted mean.
 
         With ``diff2flow`` the prediction is first converted to the flow velocity, which needs the
         model input ``noisy``; the loss is then the plain MSE to the flow target (min-SNR weights
         are derived for the native targets and do not apply)."""
+        from tune_train.masks import weighted_mse
+
         if self.diff2flow:
             if noisy is None:
                 raise ValueError("diff2flow needs the noisy latents the model saw: pass noisy= to DDPMScheme.loss")
             velocity = self.flow_velocity(prediction, noisy, timesteps)
-            return torch.nn.functional.mse_loss(velocity.float(), target.to(velocity.device).float())
-        prediction, target = prediction.float(), target.to(prediction.device).float()
+            return weighted_mse(velocity, target, mask)
         if not self.snr_gamma:
-            return torch.nn.functional.mse_loss(prediction, target)
-        per_sample = ((prediction - target) ** 2).flatten(1).mean(dim=1)
+            return weighted_mse(prediction, target, mask)
+        per_sample = weighted_mse(prediction, target, mask, per_sample=True)
         weights = min_snr_weights(self.snr(timesteps), self.snr_gamma, self.prediction_type, soft=self.soft_min_snr)
         return (per_sample * weights.to(per_sample.device, per_sample.dtype)).mean()
 

@@ -30,6 +30,7 @@ import torch
 
 from tune_train import flow
 from tune_train.loss_log import StepLog
+from tune_train.masks import weighted_mse
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
             )
             geometry = [SampleGeometry.from_planned(planned) for planned in batch]
             prompt_batch.update(family.batch_conditions(model, geometry, device=device, dtype=dtype))
+            # Masked datasets: the same loss mask training weights these images with.
+            mask = trainer.data.load_masks(dataset_id, batch, tuple(latents.shape[-2:]))
+            mask = mask.to(device) if mask is not None else None
             for k in range(count):
                 noise = noises[k]
                 level = levels[k].expand(len(batch)).clone()
@@ -181,9 +185,9 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
                 with trainer.accelerator.autocast():
                     prediction = family.predict(model, noisy.to(device), level.to(device), prompt_batch, **references)
                 if scheme is not None:
-                    loss = scheme.loss(prediction, target, level, noisy=noisy.to(device))
+                    loss = scheme.loss(prediction, target, level, noisy=noisy.to(device), mask=mask)
                 else:
-                    loss = torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
+                    loss = weighted_mse(prediction, target, mask)
                 total += float(loss) * len(batch)
                 samples += len(batch)
     finally:

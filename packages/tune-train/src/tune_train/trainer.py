@@ -39,7 +39,8 @@ from tune_train import checkpoint as ckpt
 from tune_train import ddpm, evaluation, flow, optim
 from tune_train.artifacts import TrainedAdapter
 from tune_train.config import TrainConfig
-from tune_train.data import TrainingData, check_reference_support, reference_kwargs
+from tune_train.data import TrainingData, check_mask_support, check_reference_support, reference_kwargs
+from tune_train.masks import weighted_mse
 from tune_train.loss_log import LossLog
 from tune_train.registry import lr_schedulers, optimizers
 
@@ -162,6 +163,7 @@ class Trainer:
         )
         self.data.discover()
         check_reference_support(self.data, self.family, self.flavour.name)
+        check_mask_support(self.data, self.family)
         self.sampler = self.data.build_sampler(
             config.train_batch_size,
             rank=self.accelerator.process_index,
@@ -222,7 +224,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def compute_loss(self, dataset_id: str, batch: Sequence[Any], generator: torch.Generator) -> torch.Tensor:
         """Loss of one micro-batch in the family's noise scheme (flow matching, or DDPM epsilon /
-        v-prediction with optional min-SNR weights), every random draw taken from ``generator``."""
+        v-prediction with optional min-SNR weights), every random draw taken from ``generator``;
+        weighted by the batch's loss masks where its dataset has some (:mod:`tune_train.masks`)."""
         from tune_models.family import SampleGeometry
 
         config = self.config
@@ -279,9 +282,12 @@ class Trainer:
                 self.model, noisy.to(device), sigmas.to(device), prompt_batch,
                 **reference_kwargs(references, dataset_id, device),
             )
+        # Loss masks draw nothing from the generator: turning them on leaves the noise unchanged.
+        mask = self.data.load_masks(dataset_id, batch, tuple(latents.shape[-2:]))
+        mask = mask.to(device) if mask is not None else None
         if scheme is not None:
-            return scheme.loss(prediction, target, sigmas, noisy=noisy)
-        return torch.nn.functional.mse_loss(prediction.float(), target.to(device).float())
+            return scheme.loss(prediction, target, sigmas, noisy=noisy, mask=mask)
+        return weighted_mse(prediction, target, mask)
 
     def _prior_weighted(self, dataset_id: str, batch: Sequence[Any], loss: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss with regularisation samples weighted by ``prior_loss_weight``."""
