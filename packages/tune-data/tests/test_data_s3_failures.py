@@ -24,7 +24,7 @@ pytest.importorskip("safetensors")
 from moto.core.authorization import enable_iam_authentication  # noqa: E402
 
 from tune_data import cli  # noqa: E402
-from tune_data.cache import TensorCache  # noqa: E402
+from tune_data.cache import TensorCache, cache_root_for  # noqa: E402
 from tune_data.config import DatasetConfig, DatasetConfigError  # noqa: E402
 from tune_data.discovery import discover  # noqa: E402
 from tune_data.s3 import S3AccessError, S3UnreachableError, s3_storage_options  # noqa: E402
@@ -199,3 +199,53 @@ def test_wrong_credentials_give_one_clear_error_without_the_secret(tmp_path, ser
     printed = out.out + out.err
     assert "refused access" in printed and "Traceback" not in printed
     assert wrong_secret not in printed
+
+
+def test_a_cache_on_s3_with_wrong_credentials_gives_one_clear_error_without_the_secret(tmp_path, server, capsys, monkeypatch):
+    wrong_key, wrong_secret = "AKIANOTAREALKEY00010", "wrong-cache-secret-must-not-leak-31"
+    dataset = dataset_on(server, "", aws_access_key_id=wrong_key, aws_secret_access_key=wrong_secret)
+    root, options = cache_root_for(dataset, "cache/vae")  # a prefix in the dataset's own bucket
+    cache = TensorCache(root, "latents", {"model": "test"}, storage_options=options, dataset=dataset.id)
+
+    def check(error):
+        message = str(error)
+        assert isinstance(error, S3AccessError) and isinstance(error, PermissionError)
+        assert message.startswith(f"dataset 'shapes-s3' cache s3://{BUCKET}/cache/vae: the S3 store refused access")
+        assert f"bucket {BUCKET!r} at {server.endpoint}" in message
+        assert "aws_secret_access_key" in message
+        assert wrong_secret not in message and wrong_key not in message
+        assert error.__cause__ is None and error.__suppress_context__
+
+    with enable_iam_authentication():
+        key = cache.key("a.png", "1-etag")
+        # Looking an entry up is refused too, not answered "absent" (which would re-encode every
+        # image only to fail at the first write).
+        for attempt in (lambda: cache.has(key), lambda: cache.load(key), cache.entries, lambda: cache.delete(key)):
+            with pytest.raises(S3AccessError) as info:
+                attempt()
+            check(info.value)
+        # The background writer hands the same error back, not wrapped in a CacheWriteError.
+        with pytest.raises(S3AccessError) as info:
+            with cache.writer() as writer:
+                writer.put(key, {"latents": torch.ones(4)})
+        check(info.value)
+
+        # tune-data inspect: a local dataset whose cache_dir_vae is on S3 with the environment's
+        # (wrong) credentials reports the cache error and exits 1, printing no secret.
+        images = make_shapes_dataset(tmp_path / "images", count=2, size=(64, 64))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", wrong_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        config = tmp_path / "multidatabackend.json"
+        config.write_text(json.dumps([{
+            "id": "local-shapes", "instance_data_dir": str(images), "caption_strategy": "textfile",
+            "resolution": 64, "aspect_bucket_alignment": 16, "cache_dir_vae": f"s3://{BUCKET}/vae-cache",
+        }]))
+        assert cli.main(["inspect", str(config)]) == 1
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    assert f"latent cache: ERROR dataset 'local-shapes' cache s3://{BUCKET}/vae-cache" in printed
+    assert "refused access" in printed and "Traceback" not in printed
+    assert "2 files seen, 2 kept, 0 dropped" in printed  # the rest of the report is there
+    assert wrong_secret not in printed and wrong_key not in printed

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from tune_data.errors import DatasetConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -93,24 +95,28 @@ class TensorCache:
         *,
         compress_disk_cache: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        dataset: str | None = None,
     ) -> None:
         """``root``: a local folder or an fsspec URL such as ``s3://bucket/prefix``.
 
         ``compress_disk_cache``: write entries gzip-compressed. ``storage_options``: keyword
         arguments for the fsspec filesystem of a URL root (for ``s3://``, default: the ``AWS_*``
-        environment, see :func:`tune_data.s3.s3_storage_options`).
+        environment, see :func:`tune_data.s3.s3_storage_options`). ``dataset``: the id of the
+        dataset the cache belongs to, named in errors (a refused S3 credential says whose).
         """
         if not namespace:
             raise ValueError("TensorCache needs a non-empty namespace (what produced the tensors)")
         self.compress = bool(compress_disk_cache)
+        self.dataset = dataset
         self.fs: Any = None
         self.url: str | None = None
+        self._options: dict[str, Any] = {}
         root_text = os.fspath(root)
         if isinstance(root, os.PathLike) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/[^/]", root_text):
             # Path("s3://b/x") collapses to "s3:/b/x"; a caller that wrapped a URL in Path meant the URL.
             root_text = root_text.replace(":/", "://", 1)
         if "://" in root_text and not root_text.startswith("file://"):
-            self.fs, self.url = _remote_filesystem(root_text, storage_options)
+            self.fs, self.url, self._options = _remote_filesystem(root_text, storage_options)
         elif root_text.startswith("file://"):
             root_text = root_text[len("file://") :]
         self.root = Path(root_text) if self.fs is None else root_text
@@ -162,7 +168,42 @@ class TensorCache:
     def _is_file(self, location: Any) -> bool:
         if self.fs is None:
             return location.is_file()
-        return bool(self.fs.isfile(location))
+        # Not fs.isfile: it answers False for any error, so a refused credential would look like
+        # an empty cache (and every image would be encoded again, to fail at the first write).
+        try:
+            info = self._remote(self.fs.info, location)
+        except FileNotFoundError:
+            return False
+        return info.get("type") == "file"
+
+    def _remote(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on the cache's filesystem; a refused credential or an unreachable store
+        becomes one clear error naming the dataset, bucket and endpoint (never the secret)."""
+        try:
+            return call(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            clear = self._clear_error(exc)
+            if clear is None:
+                raise
+            raise clear from None
+
+    def _clear_error(self, exc: BaseException) -> Exception | None:
+        if not str(self.url).startswith(("s3://", "s3a://")):
+            return None
+        from tune_data.s3 import _secrets, clear_s3_error
+
+        owner = f"dataset {self.dataset!r} cache {self.url}" if self.dataset else f"cache {self.url}"
+        bucket = str(self.url).split("://", 1)[1].split("/", 1)[0]
+        return clear_s3_error(
+            exc,
+            owner=owner,
+            bucket=bucket,
+            endpoint=self._options.get("endpoint_url"),
+            secrets=_secrets(self._options),
+            fs=self.fs,
+        )
 
     def _find(self, key: str) -> tuple[Any, bool] | None:
         """The stored entry of ``key`` and whether it is compressed (the configured form first)."""
@@ -183,7 +224,7 @@ class TensorCache:
         location, compressed = found
         if self.fs is None and not compressed:
             return location, compressed, None  # read in place (memory-mapped by safetensors)
-        data = location.read_bytes() if self.fs is None else self.fs.cat_file(location)
+        data = location.read_bytes() if self.fs is None else self._remote(self.fs.cat_file, location)
         return location, compressed, gzip.decompress(data) if compressed else data
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
@@ -261,7 +302,7 @@ class TensorCache:
         meta = dict(metadata) if metadata else None
         if self.fs is not None:
             data = st.save(ready, metadata=meta)
-            self.fs.pipe_file(path, gzip.compress(data, _GZ_LEVEL) if self.compress else data)
+            self._remote(self.fs.pipe_file, path, gzip.compress(data, _GZ_LEVEL) if self.compress else data)
             self.stats.writes += 1
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +334,7 @@ class TensorCache:
                 if self.fs is None:
                     location.unlink()
                 else:
-                    self.fs.rm_file(location)
+                    self._remote(self.fs.rm_file, location)
                 removed = True
             except FileNotFoundError:
                 pass
@@ -324,7 +365,7 @@ class TensorCache:
             names = [(p.name, size) for p, size in paths]
         else:
             try:
-                listing = self.fs.find(self.directory, detail=True)
+                listing = self._remote(lambda: self.fs.find(self.directory, detail=True))
             except FileNotFoundError:
                 return found
             names = [(path.rsplit("/", 1)[-1], int(info.get("size") or 0)) for path, info in listing.items()]
@@ -407,6 +448,8 @@ class CacheWriter:
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, DatasetConfigError):
+                raise error  # already one clear error naming the dataset (a refused S3 credential)
             raise CacheWriteError(
                 f"writing cache entry {self._failed_key} under {self.cache.directory} failed: "
                 f"{type(error).__name__}: {error}"
@@ -492,8 +535,9 @@ def cache_root_for(dataset: Any, path: str) -> tuple[str, dict[str, Any] | None]
     return f"s3://{str(dataset.aws_bucket_name).strip('/')}/{path.strip('/')}", options
 
 
-def _remote_filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
-    """The fsspec filesystem of a cache URL, and the URL; ``s3://`` gets tune's AWS settings."""
+def _remote_filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str, dict[str, Any]]:
+    """The fsspec filesystem of a cache URL, the URL and the options used; ``s3://`` gets tune's
+    AWS settings."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
@@ -506,4 +550,4 @@ def _remote_filesystem(url: str, storage_options: Mapping[str, Any] | None) -> t
         fs = s3_filesystem(options, f"cache {url}")
     else:
         fs = fsspec.filesystem(protocol, **options)
-    return fs, url
+    return fs, url, options

@@ -73,7 +73,10 @@ def _inspect_dataset(
     if dataset.is_video:
         frames = [record.frames for record in report.kept]
         info["video_frames"] = {"min": min(frames), "mean": round(statistics.fmean(frames), 1), "max": max(frames)}
-    info["latent_cache"] = _latent_cache(dataset, buckets, args)
+    try:
+        info["latent_cache"] = _latent_cache(dataset, buckets, args)
+    except (ValueError, ConnectionError) as exc:  # a refused S3 credential: say so, report the rest
+        info["latent_cache"] = {"location": None, "error": str(exc)}
     return info
 
 
@@ -116,7 +119,7 @@ def _latent_cache(dataset: DatasetConfig, buckets: dict, args: argparse.Namespac
         root, options = f"{str(args.cache_dir).rstrip('/')}/vae/{dataset.id}", None
     else:
         return {"location": None}
-    cache = TensorCache(root, "latents", {}, storage_options=options)
+    cache = TensorCache(root, "latents", {}, storage_options=options, dataset=dataset.id)
     wanted = {
         (planned.cache_item_id, planned.record.identity)
         for images in buckets.values()
@@ -208,7 +211,9 @@ def _print_text(results: list[dict[str, Any]]) -> None:
             frames = info["video_frames"]
             print(f"  video frames: min {frames['min']}, mean {frames['mean']}, max {frames['max']}")
         cache = info.get("latent_cache") or {}
-        if not cache.get("location"):
+        if cache.get("error"):
+            print(f"  latent cache: ERROR {cache['error']}")
+        elif not cache.get("location"):
             print("  latent cache: not configured (set cache_dir_vae, or pass --cache-dir / --config)")
         else:
             print(
@@ -236,7 +241,8 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         _print_text(results)
-    return 1 if any("error" in info for info in results) else 0
+    failed = any("error" in info or "error" in (info.get("latent_cache") or {}) for info in results)
+    return 1 if failed else 0
 
 
 def _option(text: str) -> tuple[str, Any]:

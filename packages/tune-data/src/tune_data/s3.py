@@ -36,6 +36,7 @@ from tune_data.errors import DatasetConfigError
 from tune_data.storage import FsspecStorage, normalise_extensions
 
 __all__ = [
+    "clear_s3_error",
     "S3Storage",
     "S3AccessError",
     "S3UnreachableError",
@@ -226,13 +227,19 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, BotoConnectionError)
 
 
-def _translated(storage: S3Storage, exc: Exception) -> Exception | None:
-    """A clear error for a refused credential or an endpoint down past every retry, else None."""
-    dataset = storage.dataset.id
-    where = f"bucket {storage.bucket!r} at {storage.endpoint_url or 'the AWS default endpoint'}"
+def clear_s3_error(
+    exc: BaseException, *, owner: str, bucket: str, endpoint: str | None, secrets: Iterable[str], fs: Any = None
+) -> Exception | None:
+    """A clear error for a refused credential or an endpoint down past every retry, else None.
+
+    ``owner`` starts the message (``dataset 'pets'``, ``dataset 'pets' cache s3://b/c``); the
+    bucket and endpoint are named, the credentials never (``secrets`` are scrubbed from the
+    server's text). ``fs``: the filesystem, whose retry monitor knows how many attempts were made.
+    """
+    where = f"bucket {bucket!r} at {endpoint or 'the AWS default endpoint'}"
     code = _error_code(exc)
     if code in _ACCESS_CODES or code in ("NoCredentialsError", "PartialCredentialsError"):
-        server = scrub_secrets(str(exc).replace("\n", " "), storage._secrets)
+        server = scrub_secrets(str(exc).replace("\n", " "), secrets)
         if code in ("NoCredentialsError", "PartialCredentialsError"):
             cause = "no complete credentials were found"
         elif code == "AccessDenied":
@@ -240,17 +247,28 @@ def _translated(storage: S3Storage, exc: Exception) -> Exception | None:
         else:
             cause = "the access key id or the secret access key is wrong (or the session token expired)"
         return S3AccessError(
-            f"dataset {dataset!r}: the S3 store refused access to {where}: {code} ({server}). "
+            f"{owner}: the S3 store refused access to {where}: {code} ({server}). "
             f"Likely cause: {cause}; check aws_access_key_id and aws_secret_access_key in the dataset "
             "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the environment)."
         )
     if _is_unreachable(exc):
-        attempts = getattr(getattr(storage.fs, "tune_retry_monitor", None), "max_attempts", "?")
+        attempts = getattr(getattr(fs, "tune_retry_monitor", None), "max_attempts", "?")
         return S3UnreachableError(
-            f"dataset {dataset!r}: cannot reach the S3 store for {where} after {attempts} attempts "
-            f"({scrub_secrets(str(exc), storage._secrets)}); raise aws_max_attempts to wait longer"
+            f"{owner}: cannot reach the S3 store for {where} after {attempts} attempts "
+            f"({scrub_secrets(str(exc), secrets)}); raise aws_max_attempts to wait longer"
         )
     return None
+
+
+def _translated(storage: S3Storage, exc: Exception) -> Exception | None:
+    return clear_s3_error(
+        exc,
+        owner=f"dataset {storage.dataset.id!r}",
+        bucket=storage.bucket,
+        endpoint=storage.endpoint_url,
+        secrets=storage._secrets,
+        fs=storage.fs,
+    )
 
 
 def _scrubbed(method: _F) -> _F:

@@ -183,7 +183,13 @@ class TrainingData:
             if text is not None and text.cache_dir
             else (str(self.cache_root / "text"), None)
         )
-        return TensorCache(root, "text", {"model": self.model_identity}, storage_options=storage_options)
+        return TensorCache(
+            root,
+            "text",
+            {"model": self.model_identity},
+            storage_options=storage_options,
+            dataset=text.id if text is not None else None,
+        )
 
     def discover(self) -> None:
         """Find, caption and bucket every image dataset (no model needed); with
@@ -244,6 +250,7 @@ class TrainingData:
             "latents",
             {"model": self.model_identity, **config.cache_settings()},
             storage_options=storage_options,
+            dataset=config.id,
         )
 
     def _prepare_conditioning(self, config: DatasetConfig) -> PreparedConditioning:
