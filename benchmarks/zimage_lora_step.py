@@ -18,6 +18,10 @@ Rows:
   ...:lora-bf16    LoRA weights (and AdamW states) in bf16 instead of the trainer's fp32
   ...:act-offload  checkpointed block inputs wait in pinned CPU memory
                    (tune_offload.activations.offloaded_checkpoint)
+  ...:ffn-chunk[N] each block's MLP runs over checkpointed N-token slices (default 1024;
+                   tune_offload.ffn_chunking, enable_chunked_feed_forward)
+  ...:side-alloc   block swap allocates its copies on the side stream (the first design)
+  P+ramtorch       preset P, frozen linears resident in pinned CPU memory (ramtorch strategy)
 
 Run (on a CUDA machine, from the repo root):
   PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python benchmarks/zimage_lora_step.py \\
@@ -99,16 +103,26 @@ def build_transformer():
     return model
 
 
-def parse_row(row: str) -> tuple[str, int, torch.dtype, bool]:
-    """``preset[+swapN][:lora-bf16][:act-offload]`` -> (preset, blocks to swap, LoRA weight
-    dtype, whether checkpointed block inputs wait in CPU memory)."""
+def parse_row(row: str) -> dict:
+    """``preset[+swapN|+ramtorch][:lora-bf16][:act-offload][:ffn-chunk[N]][:side-alloc]`` -> the
+    row's settings: preset, blocks to swap, ramtorch, LoRA weight dtype, whether checkpointed
+    block inputs wait in CPU memory, the MLP chunk size (0 = off), and whether block swap
+    allocates its copies on the side stream (the first design) instead of stream-ordered."""
     row, *options = row.split(":")
-    unknown = set(options) - {"lora-bf16", "act-offload"}
+    chunk = 0
+    for option in options:
+        if option.startswith("ffn-chunk"):
+            chunk = int(option[len("ffn-chunk"):] or 1024)
+    unknown = {o for o in options if not o.startswith("ffn-chunk")} - {"lora-bf16", "act-offload", "side-alloc"}
     if unknown:
-        raise ValueError(f"unknown row options {sorted(unknown)} (known: lora-bf16, act-offload)")
-    preset, _, swap = row.partition("+swap")
-    lora_dtype = torch.bfloat16 if "lora-bf16" in options else torch.float32
-    return preset, int(swap) if swap else 0, lora_dtype, "act-offload" in options
+        raise ValueError(f"unknown row options {sorted(unknown)} "
+                         "(known: lora-bf16, act-offload, ffn-chunk[N], side-alloc)")
+    ramtorch = row.endswith("+ramtorch")
+    preset, _, swap = row.removesuffix("+ramtorch").partition("+swap")
+    return dict(preset=preset, blocks_to_swap=int(swap) if swap else 0, ramtorch=ramtorch,
+                lora_dtype=torch.bfloat16 if "lora-bf16" in options else torch.float32,
+                act_offload="act-offload" in options, ffn_chunk=chunk,
+                stream_ordered="side-alloc" not in options)
 
 
 def setup(row: str):
@@ -117,7 +131,9 @@ def setup(row: str):
     from tune_models.families.zimage.family import ZImageFamily
     from tune_models.family import LoadedModel
 
-    preset, blocks_to_swap, lora_dtype, act_offload = parse_row(row)
+    settings = parse_row(row)
+    preset, blocks_to_swap, lora_dtype = settings["preset"], settings["blocks_to_swap"], settings["lora_dtype"]
+    act_offload = settings["act_offload"]
     family = ZImageFamily()
     transformer = build_transformer()
     transformer.requires_grad_(False)
@@ -131,6 +147,10 @@ def setup(row: str):
         transformer.enable_gradient_checkpointing(offloaded_checkpoint)
     else:
         transformer.enable_gradient_checkpointing()
+    if settings["ffn_chunk"]:
+        from tune_offload.ffn_chunking import chunk_feed_forward
+
+        chunk_feed_forward(transformer, settings["ffn_chunk"])
     model = LoadedModel(family=family, flavour=family.flavours[family.default_flavour],
                         transformer=transformer, vae=None, text_encoder=None, tokenizer=None,
                         scheduler=None)
@@ -144,12 +164,16 @@ def setup(row: str):
         params = add_training_lora(model, rank=16, alpha=16, target="all", param_dtype=lora_dtype)
     swapper = None
     if blocks_to_swap:
-        from tune_offload import OffloadSettings, apply_offload
-        from tune_offload.block_swap import block_swapper
+        from tune_offload.block_swap import BlockSwapper
 
-        apply_offload(transformer, OffloadSettings(musubi_blocks_to_swap=blocks_to_swap),
-                      onload_device=DEVICE)
-        swapper = block_swapper(transformer)
+        # What apply_offload(OffloadSettings(musubi_blocks_to_swap=N)) builds, with the
+        # allocation mode exposed for the side-alloc comparison rows.
+        swapper = BlockSwapper(transformer, blocks_to_swap, onload_device=DEVICE,
+                               stream_ordered=settings["stream_ordered"])
+    elif settings["ramtorch"]:
+        from tune_offload import OffloadSettings, apply_offload
+
+        apply_offload(transformer, OffloadSettings(ramtorch=True), onload_device=DEVICE)
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda" or None)
     return model, params, optimizer, swapper, preset

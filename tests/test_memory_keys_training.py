@@ -1,4 +1,5 @@
-"""The trainer's wiring of gradient_checkpointing_interval and quantize_via: accelerator."""
+"""The trainer's wiring of gradient_checkpointing_interval, enable_chunked_feed_forward and
+quantize_via: accelerator."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def test_checkpointing_every_second_block_trains_the_same_lora(tmp_path, tiny_zi
                 if getattr(m, "_gradient_checkpointing_func", None) is not None)
     assert isinstance(func, EveryNthCheckpoint) and func.interval == 2
     assert second.losses == pytest.approx(every.losses, rel=1e-5)
+
+
+def test_chunked_feed_forward_trains_the_same_lora_and_the_plan_says_so(tmp_path, tiny_zimage, shapes_dir, write_run):
+    from tune.config import load_config
+    from tune.plan import build_plan
+
+    _, plain = _run(tmp_path / "plain", write_run, tiny_zimage, shapes_dir)
+    chunked_keys = {"--enable_chunked_feed_forward": True, "--feed_forward_chunk_size": 5}
+    trainer, chunked = _run(tmp_path / "chunked", write_run, tiny_zimage, shapes_dir, **chunked_keys)
+    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    sizes = {m._tune_ffn_chunk_size for m in transformer.modules() if "_tune_ffn_chunk_size" in m.__dict__}
+    assert sizes == {5}  # every MLP runs its tokens as 5-token slices
+    assert chunked.losses == pytest.approx(plain.losses, rel=1e-5)
+    config = write_run(tmp_path / "plan", model=tiny_zimage, data=shapes_dir, steps=1, extra=chunked_keys)
+    assert "checkpointed 5-token slices" in build_plan(load_config(config))["precision"]["offload"]
 
 
 @pytest.mark.gpu

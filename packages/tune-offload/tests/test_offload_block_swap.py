@@ -268,6 +268,40 @@ def test_block_swap_on_gpu_matches_the_plain_module(preset):
     assert slot.current() is slot.offloaded and not swapper.resident
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stream_ordered", [True, False], ids=["stream-ordered", "side-stream"])
+def test_at_most_two_swapped_blocks_are_on_the_gpu_at_once(stream_ordered):
+    """The released block's memory feeds the next copy at once (stream-ordered), so a forward and
+    a checkpointed backward through 10 swapped blocks never hold a third block's weights; both
+    allocation modes give the plain model's gradients."""
+    torch.manual_seed(0)
+    width = 2048  # 8 MiB of bf16 weight per block: far above the activations of 16 tokens
+    plain = Model(width=width, depth=10).to(torch.bfloat16)
+    plain.proj_in = nn.Linear(8, width).to(torch.bfloat16)
+    plain.gradient_checkpointing = True
+    model = copy.deepcopy(plain)
+    plain.cuda()
+    swapper = BlockSwapper(model, 10, onload_device="cuda", stream_ordered=stream_ordered)
+    block_bytes = sum(t.numel() * t.element_size() for s in swapper.slots[swapper.swapped[0]]
+                      for t in s.cpu_leaves)
+    x = torch.randn(16, 8, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    got = model(x)
+    got.float().square().mean().backward()
+    torch.cuda.synchronize()
+    in_flight = (torch.cuda.max_memory_allocated() - before) / block_bytes
+    expected = plain(x)
+    expected.float().square().mean().backward()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for name, grad in grads(plain).items():
+        torch.testing.assert_close(grads(model)[name], grad, rtol=0, atol=0, msg=name)
+    if stream_ordered:
+        assert in_flight < 2.5, f"{in_flight:.2f} blocks' worth of memory in flight"
+
+
 # ------------------------------------------------------------- offloaded checkpointing
 def _offloaded(model: Model, **kwargs):
     from tune_offload.activations import offloaded_checkpoint

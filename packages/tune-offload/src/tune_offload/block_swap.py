@@ -27,9 +27,17 @@ Design decisions, and why:
   blocks that are neither running nor prefetched; the post-hook releases eagerly when it runs.
 - **Direction from autograd.** Inside backward (``torch._C._current_graph_task_id() != -1``)
   blocks run last to first, so the block *before* is prefetched; otherwise the block after.
-- **Allocator safety.** Accelerator copies are allocated on the side stream and marked
-  (``record_stream``) as used by the compute stream, so the caching allocator does not reuse
-  their memory while a kernel may still read them.
+- **Copies live in the compute stream's memory (stream-ordered).** A block's accelerator copy
+  is allocated on the compute stream, and the side stream waits for the compute stream's work
+  queued so far before it writes. So the memory of the block released a moment ago (its last
+  kernels are queued, perhaps not yet run) is reused at once for the next copy, the way
+  activations reuse each other's memory, and two blocks are in flight, not three. Measured
+  alternatives (docs/benchmarks.md): copies allocated on the side stream and marked with
+  ``record_stream`` (the first version) could not reuse a released block until the GPU had
+  caught up with the CPU, which it rarely had, so a third block's copy was alive at the peak;
+  two preallocated buffer sets (tried before) sat beside the activations' memory instead of
+  sharing it. The price: a copy starts only when the block before the one it feeds starts, so
+  its transfer overlaps one block's compute (as musubi-tuner's does).
 
 On a CPU-only run the :class:`BlockSwapStrategy` is a logged no-op (there is no accelerator
 memory to save; the same config still trains). :class:`BlockSwapper` itself also runs with a
@@ -48,6 +56,8 @@ if TYPE_CHECKING:
     from tune_offload.strategies import OffloadSettings
 
 log = logging.getLogger(__name__)
+
+_ABSENT = object()
 
 BLOCK_LIST_NAMES = ("noise_refiner", "context_refiner", "layers", "transformer_blocks",
                     "single_transformer_blocks", "blocks")
@@ -152,7 +162,8 @@ class BlockSwapper:
 
     ``module`` must already have its trainable parameters (LoRA) in place. Everything that is
     not swapped is moved to ``onload_device``; the swapped blocks' frozen tensors go to pinned
-    ``offload_device`` memory. :attr:`trace` records ``(event, block index)`` when
+    ``offload_device`` memory. ``stream_ordered=False`` allocates the copies on the side stream
+    instead (the first design, kept to measure against). :attr:`trace` records ``(event, block index)`` when
     ``record=True`` (``onload``, ``prefetch``, ``release``) for tests and debugging.
     """
 
@@ -167,6 +178,7 @@ class BlockSwapper:
         prefetch: int = 1,
         pin_memory: bool | None = None,
         use_stream: bool | None = None,
+        stream_ordered: bool = True,
         record: bool = False,
     ) -> None:
         import torch
@@ -195,6 +207,7 @@ class BlockSwapper:
         if prefetch < 0:
             raise OffloadConfigError(f"block swap prefetch must be >= 0, got {prefetch}")
         self.prefetch_depth = prefetch
+        self.stream_ordered = stream_ordered
         self.first_swapped = len(self.blocks) - blocks_to_swap
         self.swapped = list(range(self.first_swapped, len(self.blocks)))
         self.trace: list[tuple[str, int]] | None = [] if record else None
@@ -247,10 +260,23 @@ class BlockSwapper:
         self._record("prefetch" if prefetch else "onload", index)
         slots = self.slots[index]
         compute = torch.cuda.current_stream(self.onload_device) if self.use_stream else None
-        if self.stream is not None:
-            # No wait on the compute stream: the copies only read pinned CPU memory, and the
-            # allocator will not hand out memory a compute kernel may still read (record_stream
-            # below marks every copy as used by the compute stream).
+        if self.stream is not None and self.stream_ordered:
+            # Allocated on the compute stream (see "stream-ordered" above): the allocator may hand
+            # out memory that kernels queued on the compute stream still read, so the side stream
+            # waits for them before writing.
+            copies = [[torch.empty_like(leaf, device=self.onload_device) for leaf in slot.cpu_leaves]
+                      for slot in slots]
+            self.stream.wait_stream(compute)
+            with torch.cuda.stream(self.stream):
+                for slot, leaves in zip(slots, copies):
+                    for leaf, source in zip(leaves, slot.cpu_leaves):
+                        leaf.copy_(source, non_blocking=True)
+                    slot.put(slot._wrap(_rebuild(slot.recipe, leaves)))
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        elif self.stream is not None:
+            # Side-stream allocation (``stream_ordered=False``, kept for comparison): no wait, but
+            # a released copy's memory comes back only once the GPU has passed its last use.
             with torch.cuda.stream(self.stream):
                 for slot in slots:
                     leaves = [leaf.to(self.onload_device, non_blocking=True) for leaf in slot.cpu_leaves]
@@ -267,9 +293,16 @@ class BlockSwapper:
         self.resident[index] = event
 
     def _release(self, index: int) -> None:
-        if self.resident.pop(index, "absent") == "absent":
+        event = self.resident.pop(index, _ABSENT)
+        if event is _ABSENT:
             return
         self._record("release", index)
+        if event is not None and self.stream_ordered:
+            # A prefetched copy may be dropped before any kernel waited for it: order the free
+            # (on the compute stream) after the copy, or the memory could be reused mid-copy.
+            import torch
+
+            torch.cuda.current_stream(self.onload_device).wait_event(event)
         for slot in self.slots[index]:
             if slot.offloaded.device != self.offload_device:  # someone called module.to(...)
                 slot.offloaded = slot._wrap(_rebuild(slot.recipe, slot.cpu_leaves))

@@ -203,6 +203,10 @@ class TrainConfig:
     """Recompute activations in the backward pass: much less memory, about 40 % slower. Default false."""
     gradient_checkpointing_interval: int | None = _field(None, _at_least_one, converter=_zero_is_none)
     """With gradient_checkpointing, checkpoint only every Nth transformer block (in execution order, the first included); the others keep their activations: faster, more memory. 1 is the same as unset. Default: every block."""
+    enable_chunked_feed_forward: bool = False
+    """Run each transformer block's MLP over slices of ``feed_forward_chunk_size`` tokens, each slice checkpointed, so only one slice's hidden activations exist during backward (measured on Z-Image at 1024 px in docs/benchmarks.md; costs one more MLP forward per step). Every family whose MLPs act per token (all but Sana). Default false."""
+    feed_forward_chunk_size: int | None = _field(None, _at_least_one)
+    """Tokens per slice with enable_chunked_feed_forward; smaller saves more memory and adds launches. Default 1024."""
     seed: int = 42
     """Random seed for noise, timesteps, dropout and data order. Default 42."""
     ignore_final_epochs: bool = False

@@ -109,6 +109,10 @@ def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch
 
             checkpoint_func = every_nth_checkpoint(transformer, config.gradient_checkpointing_interval, checkpoint_func)
         transformer.enable_gradient_checkpointing(checkpoint_func)
+    if config.enable_chunked_feed_forward:
+        from tune_offload.ffn_chunking import chunk_feed_forward
+
+        chunk_feed_forward(transformer, config.feed_forward_chunk_size)
     return offload
 
 
