@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,21 +209,30 @@ def test_kohya_init_lora_and_comfyui_export(tmp_path, tiny_sdxl, shapes_dir, wri
     pipe.load_lora_weights(str(exported.parent), weight_name=exported.name)
 
 
-def test_refiner_trains_its_low_noise_range_and_skips_validation(tmp_path, shapes_dir, write_run, caplog):
+def test_refiner_trains_its_low_noise_range_and_validates_by_refining_a_training_image(tmp_path, shapes_dir, write_run):
+    from PIL import Image
     from tune_models.families.sdxl.tiny import build_tiny_refiner
 
     refiner = build_tiny_refiner(tmp_path / "refiner")
     config = _sdxl_run(
         write_run, tmp_path / "run", refiner, shapes_dir, 2,
         **{"--model_flavour": "refiner", "--refiner_training": True, "--validation_disable": False,
-           "--validation_prompt": "a cat", "--validation_resolution": "32"},
+           "--validation_prompt": "a cat", "--validation_resolution": "32", "--sdxl_aesthetic_score": 7.0},
     )
     loop = _loop(config)
-    with caplog.at_level("WARNING"):
-        result = loop.train()
+    result = loop.train()
     assert loop.ddpm.max_timestep == 200 and len(result.losses) == 2
+    assert loop.model.extras["aesthetic_score"] == 7.0
     assert Path(result.outputs["lora"]).is_file()
-    assert sum("no validation images" in r.getMessage() for r in caplog.records) == 1
+    validation = tmp_path / "run" / "output" / "validation"
+    # The input is a training image as training sees it (its 64 px bucket here, from 32 px files).
+    given = Image.open(validation / "input.png")
+    assert given.size in loop.data.prepared["shapes"].buckets
+    small = np.asarray(given.resize((32, 32), Image.LANCZOS)).astype(int)
+    sources = [np.asarray(Image.open(p).convert("RGB")).astype(int) for p in shapes_dir.rglob("*.png")]
+    assert min(np.abs(small - source).mean() for source in sources) < 8
+    refined = [p for p in validation.rglob("*.png") if p.name != "input.png"]
+    assert refined and all(Image.open(p).size == (32, 32) for p in refined)
 
 
 def test_full_fine_tune_of_a_unet_exports_a_unet_folder_the_pipeline_takes(tmp_path, tiny_sdxl, shapes_dir, write_run):

@@ -5,6 +5,7 @@ One tiny SDXL is built per session (``sdxl_path``) and shared by every test here
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,5 +179,54 @@ def test_refiner_loads_with_clip_g_only_and_aesthetic_time_ids(sdxl, tmp_path):
     with torch.no_grad():
         assert sdxl.predict(model, latents, torch.tensor([100]), {**cond, "add_time_ids": ids}).shape == latents.shape
         assert sdxl.predict(model, latents, torch.tensor([100]), cond).shape == latents.shape
-    with pytest.raises(NotImplementedError, match="validation_disable"):
-        sdxl.validation_pipeline(model)
+
+
+@pytest.fixture(scope="module")
+def refiner_path(tmp_path_factory):
+    from tune_models.families.sdxl.tiny import build_tiny_refiner
+
+    return build_tiny_refiner(tmp_path_factory.mktemp("refiner"))
+
+
+def _unet_time_ids(pipe) -> list[torch.Tensor]:
+    """Every ``time_ids`` the pipeline's UNet is called with (CFG batches negative first)."""
+    seen: list[torch.Tensor] = []
+    forward = pipe.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone())
+        return forward(*args, **kwargs)
+
+    pipe.unet.forward = spy
+    return seen
+
+
+def test_refiner_validation_refines_an_image_with_the_trained_aesthetic_score(sdxl, refiner_path):
+    """The refiner validates through StableDiffusionXLImg2ImgPipeline on an input image; its UNet
+    sees the same aesthetic micro-conditioning training uses (``sdxl_aesthetic_score``), the
+    negative prompt the negative score, and the image comes back at the validation size."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    assert sdxl.validation_input("refiner") == "image" and sdxl.validation_input("base") is None
+    model = sdxl.load(ModelSource(pretrained_model_name_or_path=str(refiner_path)), "refiner")
+    sdxl.configure_training(model, {"sdxl_aesthetic_score": 7.5})
+    pipe = sdxl.validation_pipeline(model)
+    assert isinstance(pipe, StableDiffusionXLImg2ImgPipeline) and pipe.config.requires_aesthetics_score
+    seen = _unet_time_ids(pipe)
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    kwargs = dict(width=32, height=32, steps=4, guidance=3.0, seed=0)
+    out = sdxl.generate(pipe, "a cat", image=picture, **kwargs)
+    assert out.size == (32, 32)
+    geometry = SampleGeometry(original_size=(32, 32), crop_top_left=(0, 0), target_size=(32, 32))
+    trained = sdxl.batch_conditions(model, [geometry], device="cpu", dtype=torch.float32)["add_time_ids"]
+    assert trained.tolist() == [[32, 32, 0, 0, 7.5]]
+    # strength 0.3 of 4 steps: one UNet call, CFG batch [negative, positive].
+    assert len(seen) == 1 and seen[0].tolist() == [[32, 32, 0, 0, 2.5], *trained.tolist()]
+    other = sdxl.generate(pipe, "a cat", image=picture.transpose(Image.FLIP_LEFT_RIGHT), **kwargs)
+    assert np.asarray(out).tolist() != np.asarray(other).tolist()  # it refines the given image
+    with pytest.raises(ValueError, match="refines an image"):
+        sdxl.generate(pipe, "a cat", **kwargs)
+    with pytest.raises(ValueError, match="sdxl_refiner_strength must be in"):
+        sdxl.configure_training(model, {"sdxl_refiner_strength": 0})

@@ -15,13 +15,21 @@ What is particular to SDXL, read off diffusers' ``StableDiffusionXLPipeline`` an
   (``text_embeds``, 1280) as ``pooled_prompt_embeds``. The refiner has only OpenCLIP-G.
 - micro-conditioning: ``add_time_ids`` = original size (h, w) + crop top-left (top, left) +
   target size (h, w), per sample, from the bucket planner's geometry
-  (:meth:`SDXLFamily.batch_conditions`); the refiner replaces the target size with an aesthetic
-  score (6.0, the pipeline's default). Without geometry (a caller that has none) ``predict`` uses
+  (:meth:`SDXLFamily.batch_conditions`); the refiner (its ``model_index.json`` says
+  ``requires_aesthetics_score``) replaces the target size with an aesthetic score:
+  ``sdxl_aesthetic_score``, default 6.0 (the img2img pipeline's default, so validation and
+  inference see what training taught). Without geometry (a caller that has none) ``predict`` uses
   the latents' own size, no crop: what the pipeline does at inference.
 - latents: ``vae_latent * scaling_factor`` (0.13025), no shift; 4 channels at 1/8 of the pixels.
 - validation: ``StableDiffusionXLPipeline`` with classifier-free guidance against the negative
   prompt (``force_zeros_for_empty_prompt`` when none), an Euler scheduler with the trained
-  prediction type.
+  prediction type. The refiner refines an image (``StableDiffusionXLImg2ImgPipeline``): the
+  trainer passes a training image (the held-out eval dataset's first, else the first by path;
+  :meth:`SDXLFamily.validation_input`), resized to the validation size, denoised from
+  ``sdxl_refiner_strength`` (default 0.3, the pipeline's) of the schedule, with the aesthetic
+  score above and ``sdxl_negative_aesthetic_score`` (2.5) for the negative prompt. A training
+  image rather than a base-model render: the run has no base model loaded, and refining a known
+  image shows what the LoRA changes without a second 2.6 B UNet on the card.
 """
 
 from __future__ import annotations
@@ -38,7 +46,18 @@ from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, S
 _ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 _FFS = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 AESTHETIC_SCORE = 6.0
-"""The refiner's aesthetic-score conditioning for training and validation (the pipeline's default)."""
+"""The refiner's default aesthetic-score conditioning for training and validation
+(``StableDiffusionXLImg2ImgPipeline``'s ``aesthetic_score`` default)."""
+NEGATIVE_AESTHETIC_SCORE = 2.5
+"""The img2img pipeline's ``negative_aesthetic_score`` default (the negative prompt's score)."""
+REFINER_STRENGTH = 0.3
+"""The img2img pipeline's ``strength`` default: validation re-noises the input to 30 % of the schedule."""
+REFINER_OPTIONS = {
+    "sdxl_aesthetic_score": ("aesthetic_score", AESTHETIC_SCORE),
+    "sdxl_negative_aesthetic_score": ("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE),
+    "sdxl_refiner_strength": ("strength", REFINER_STRENGTH),
+}
+"""Config key -> (``LoadedModel.extras`` key and img2img pipeline argument, default)."""
 
 
 class SDXLFamily(ModelFamily):
@@ -60,6 +79,22 @@ class SDXLFamily(ModelFamily):
     comfyui_key_prefix = "lora_unet_"
     """kohya / ComfyUI files (``lora_unet_...``) are read by :mod:`.lora_keys`, diffusers files by diffusers."""
     tiny_module = "tune_models.families.sdxl.tiny"
+
+    def validation_input(self, flavour: str | None) -> str | None:
+        """The refiner validates by refining a training image; base makes images from text."""
+        return "image" if flavour == "refiner" else None
+
+    def configure_training(self, model: LoadedModel, options: Any) -> None:
+        """The refiner's options (:data:`REFINER_OPTIONS`): ``sdxl_aesthetic_score`` (training and
+        validation), ``sdxl_negative_aesthetic_score`` and ``sdxl_refiner_strength`` (validation).
+        Each must be a number; the strength in (0, 1]."""
+        for key, (extra, default) in REFINER_OPTIONS.items():
+            value = options.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
+            if key == "sdxl_refiner_strength" and not 0 < value <= 1:
+                raise ValueError(f"sdxl_refiner_strength must be in (0, 1], got {value}")
+            model.extras[extra] = float(value)
 
     # ----------------------------------------------------------------- loading
     def pipeline_class(self) -> type:
@@ -177,7 +212,8 @@ class SDXLFamily(ModelFamily):
         """``add_time_ids`` ``[B, 6]`` (refiner ``[B, 5]``), float32, as the pipeline builds them."""
         rows = []
         for item in geometry:
-            tail = (AESTHETIC_SCORE,) if model.extras.get("requires_aesthetics_score") else tuple(item.target_size)
+            score = model.extras.get("aesthetic_score", AESTHETIC_SCORE)
+            tail = (score,) if model.extras.get("requires_aesthetics_score") else tuple(item.target_size)
             rows.append([*item.original_size, *item.crop_top_left, *tail])
         return torch.tensor(rows, dtype=torch.float32)
 
@@ -227,15 +263,28 @@ class SDXLFamily(ModelFamily):
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
         """``StableDiffusionXLPipeline`` over ``model``'s components, with its own Euler scheduler
-        set to the trained prediction type."""
-        from diffusers import EulerDiscreteScheduler
+        set to the trained prediction type; for the refiner (no CLIP-L, aesthetic scores) the
+        ``StableDiffusionXLImg2ImgPipeline`` :meth:`generate` gives an input image."""
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-        if model.text_encoder is None:
-            raise NotImplementedError(
-                "validation images for the SDXL refiner need an input image (img2img), which tune "
-                "does not make yet; set validation_disable: true"
-            )
         scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config, prediction_type=self.prediction_type(model))
+        if model.text_encoder is None or model.extras.get("requires_aesthetics_score"):
+            pipeline = StableDiffusionXLImg2ImgPipeline(
+                vae=model.vae,
+                text_encoder=model.text_encoder,
+                text_encoder_2=model.text_encoder_2,
+                tokenizer=model.tokenizer,
+                tokenizer_2=model.tokenizer_2,
+                unet=model.transformer,
+                scheduler=scheduler,
+                requires_aesthetics_score=bool(model.extras.get("requires_aesthetics_score")),
+            )
+            # What generate passes besides the prompt (the pipeline call takes them, not the model).
+            pipeline.tune_refiner_kwargs = {
+                extra: model.extras.get(extra, default) for extra, default in REFINER_OPTIONS.values()
+            }
+            pipeline.set_progress_bar_config(disable=True)
+            return pipeline
         pipeline = self.pipeline_class()(
             vae=model.vae,
             text_encoder=model.text_encoder,
@@ -252,5 +301,55 @@ class SDXLFamily(ModelFamily):
         """Classifier-free guidance ``guidance`` (> 1 enables it) against ``negative_prompt``."""
         return {"negative_prompt": negative_prompt}
 
+    def generate(
+        self,
+        pipeline: Any,
+        prompt: str,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        seed: int,
+        negative_prompt: str | None = None,
+        options: Any = None,
+        image: Any = None,
+    ) -> Any:
+        """The base class's for text to image. The refiner's img2img pipeline refines ``image``
+        (resized to ``width`` x ``height``: the img2img call takes no size, it keeps its input's)
+        with the strength and aesthetic scores :meth:`validation_pipeline` recorded; deterministic
+        for a seed, the UNet in eval mode and put back as it was."""
+        refiner = getattr(pipeline, "tune_refiner_kwargs", None)
+        if refiner is None:
+            return super().generate(
+                pipeline, prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+                negative_prompt=negative_prompt, options=options, image=image,
+            )
+        if image is None:
+            raise ValueError(
+                "the SDXL refiner refines an image: generate needs image= (in a training run, model_flavour "
+                "'refiner' makes the trainer pass a training image)"
+            )
+        from PIL import Image
+
+        extra = self.validation_call_options(pipeline, options, guidance=guidance)
+        unet = pipeline.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            result = pipeline(
+                prompt=prompt,
+                image=image.convert("RGB").resize((width, height), Image.LANCZOS),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                negative_prompt=negative_prompt,
+                generator=torch.Generator("cpu").manual_seed(int(seed)),
+                output_type="pil",
+                **refiner,
+                **extra,
+            )
+        finally:
+            unet.train(was_training)
+        return result.images[0]
 
 FAMILY = SDXLFamily()
