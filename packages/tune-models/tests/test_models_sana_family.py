@@ -190,3 +190,33 @@ def test_text_encoder_override(sana, sana_path, tmp_path):
     model = load(sana, sana_path, pretrained_text_encoder_model_name_or_path=str(tmp_path / "gemma"))
     assert all(torch.equal(a, b) for a, b in zip(model.text_encoder.parameters(), other.parameters()))
     assert not any(p.requires_grad for p in model.text_encoder.parameters())
+
+
+def test_512_px_flavours(sana, sana_path, caplog, monkeypatch):
+    """The published 512 px checkpoints: their repositories, Sana's sampling defaults (20 steps,
+    CFG 4.5, fixed shift 3 used as is for training at any size) and their training size; loading a
+    transformer made for another size than the flavour's warns."""
+    from tune_models.families.sana import family as module
+    from tune_models.families.sana.flavours import SANA_SAMPLE_SIZES
+
+    expected = {
+        "sana-1.6b-512": "Efficient-Large-Model/Sana_1600M_512px_diffusers",
+        "sana-1.6b-512-multiling": "Efficient-Large-Model/Sana_1600M_512px_MultiLing_diffusers",
+        "sana-600m-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
+    }
+    for name, repo in expected.items():
+        flavour = sana.flavour(name)
+        assert (flavour.pretrained, flavour.inference_steps, flavour.guidance, flavour.shift) == (repo, 20, 4.5, 3.0)
+        assert SANA_SAMPLE_SIZES[name] == 512
+        assert sana.flow_shift(512, 512, shift=flavour.shift, auto_shift=False) == 3.0
+    assert {SANA_SAMPLE_SIZES[n] for n in sana.flavours if n not in expected and n != "tiny"} == {1024}
+
+    with caplog.at_level("WARNING"):
+        model = load(sana, sana_path, flavour="sana-600m-512")
+    made_for = model.transformer.config.sample_size * sana._vae_scale(model.vae)
+    assert f"'sana-600m-512' is a 512 px Sana, but the loaded transformer was made for {made_for} px" in caplog.text
+    caplog.clear()
+    monkeypatch.setitem(module.SANA_SAMPLE_SIZES, "sana-600m-512", made_for)
+    with caplog.at_level("WARNING"):
+        load(sana, sana_path, flavour="sana-600m-512")
+    assert "was made for" not in caplog.text

@@ -17,7 +17,11 @@ the 32x deep-compression autoencoder (DC-AE), read off diffusers' ``SanaPipeline
   with ``prediction_type="flow_prediction"``) takes the model output as the velocity ``noise - x0``
   and the transformer gets ``timestep = 1000 sigma`` (times its ``timestep_scale``, 1 for these
   checkpoints; at inference the scheduler rounds it down to an integer, training uses it
-  continuous): no sign flip, no time reversal. Fixed flow shift 3 for the 1024 px checkpoints.
+  continuous): no sign flip, no time reversal. Fixed flow shift 3 for every checkpoint, 512 px
+  and 1024 px (their scheduler configs and NVlabs' training configs agree).
+- flavours: 1024 px (SANA 1.5 1.6B/4.8B, Sana 1.6B, 0.6B) and 512 px (Sana 1.6B, its multilingual
+  variant, 0.6B); the sizes are in ``SANA_SAMPLE_SIZES`` and :meth:`SanaFamily.load` warns when the
+  loaded transformer was made for another size than its flavour's.
 - validation: CFG (guidance 4.5) with a negative prompt (``""`` unless given, encoded without the
   instruction, as the pipeline does), at exactly the requested size
   (``use_resolution_binning=False``: the pipeline would otherwise snap to its aspect-ratio bins).
@@ -26,18 +30,21 @@ the 32x deep-compression autoencoder (DC-AE), read off diffusers' ``SanaPipeline
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from tune_models.families import _gemma, _shared
-from tune_models.families.sana.flavours import SANA_FLAVOURS
+from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_SAMPLE_SIZES
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
 
 _SELF = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
 _CROSS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 _FFS = ["ff.conv_inverted", "ff.conv_point"]
+
+_log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 300
 """Prompt tokens the pipeline keeps (``SanaPipeline(max_sequence_length=300)``)."""
@@ -89,7 +96,29 @@ class SanaFamily(ModelFamily):
         return SanaPipeline
 
     # ----------------------------------------------------------------- loading
-    # ``load`` is the base class's (no flavour has an assistant adapter), with Sana's own components below.
+    def load(
+        self,
+        source: ModelSource,
+        flavour: str | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LoadedModel:
+        """The base class's load (Sana's own components below), warning when the transformer was
+        made for another image size than the flavour's (``sample_size`` x the VAE's scale)."""
+        model = super().load(source, flavour, dtype=dtype, device=device)
+        expected = SANA_SAMPLE_SIZES.get(model.flavour.name)
+        sample_size = model.transformer.config.get("sample_size")
+        if expected and sample_size:
+            made_for = int(sample_size) * self._vae_scale(model.vae)
+            if made_for != expected:
+                _log.warning(
+                    "model_flavour %r is a %d px Sana, but the loaded transformer was made for %d px "
+                    "(sample_size %d): choose the flavour of that checkpoint, and train and validate at its size",
+                    model.flavour.name, expected, made_for, int(sample_size),
+                )
+        return model
+
     @staticmethod
     def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
         """Components from a Sana diffusers folder (``AutoencoderDC``, Gemma-2, the checkpoint's own
