@@ -257,3 +257,27 @@ def test_batches_read_ahead_are_the_batches_read_in_place_across_an_epoch_clear(
         assert all(torch.equal(a, b) for a, b in zip(prompts, prompts2))
     # Each epoch's latents are that epoch's encoding (none read before its clear).
     assert [round(float(latents.min()) / 100) for _, latents, _, _ in ahead] == [0, 0, 1, 1, 2, 2]
+
+
+def test_compress_disk_cache_writes_gzip_entries_that_train_the_same(tmp_path):
+    # The same dataset cached plain and compressed: .safetensors.gz entries, identical batches.
+    root = make_shapes_dataset(tmp_path / "data", count=4, size=(64, 64))
+    loaded = {}
+    for compress in (False, True):
+        config = DatasetConfig.from_dict(
+            {"id": "shapes", "instance_data_dir": str(root), "caption_strategy": "textfile", "resolution": 64,
+             "aspect_bucket_alignment": 16},
+            defaults={"compress_disk_cache": compress},  # config.json's key reaches every dataset
+        )
+        data = TrainingData([config], cache_root=tmp_path / f"cache-{compress}", model_identity="tiny", seed=0,
+                            progress=False)
+        data.discover()
+        data.cache_latents(Encoder(), batch_size=4)
+        data.cache_text(PromptEncoder())
+        dataset = data.prepared["shapes"]
+        names = [p.name for p in (tmp_path / f"cache-{compress}").rglob("*.safetensors*")]
+        suffix = ".safetensors.gz" if compress else ".safetensors"
+        assert names and all(name.endswith(suffix) for name in names)
+        sampler = data.build_sampler(2)
+        loaded[compress] = [data.load_batch(*sampler.next_batch(), [False, False])[0] for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(loaded[False], loaded[True]))

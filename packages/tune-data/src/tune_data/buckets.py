@@ -12,6 +12,10 @@ SimpleTuner's meaning of the keys is kept:
   ``preserve`` keeps the aspect as without cropping; ``closest`` uses the ``crop_aspect_buckets``
   aspect nearest the image's, ``random`` one of them chosen from a hash of ``(seed, path)``.
 
+``max_upscale_threshold`` limits how much an image may be enlarged to cover its bucket
+(:func:`upscale_factor`): with ``closest`` / ``random`` only the aspects within it are chosen from;
+discovery drops an image no allowed bucket fits (:func:`too_much_upscaling`).
+
 The image is always scaled (LANCZOS) to the smallest size that covers its bucket, then cropped to
 it: without ``crop`` only the few pixels the alignment rounding adds are trimmed, centred; with
 ``crop`` the window follows ``crop_style``. Because the whole image is first scaled to cover the
@@ -40,7 +44,15 @@ from tune_data.errors import DataWarning
 from tune_data.images import open_rgb
 from tune_data.storage import StorageProvider
 
-__all__ = ["PlannedImage", "bucket_size", "plan_image", "plan_buckets", "load_training_image"]
+__all__ = [
+    "PlannedImage",
+    "bucket_size",
+    "plan_image",
+    "plan_buckets",
+    "load_training_image",
+    "upscale_factor",
+    "too_much_upscaling",
+]
 
 Size = tuple[int, int]
 
@@ -86,8 +98,13 @@ def _rng(seed: int, dataset: DatasetConfig, path: str, purpose: str = "") -> ran
 
 
 def _chosen_aspect(width: int, height: int, dataset: DatasetConfig, path: str, seed: int) -> float:
-    """The ``crop_aspect_buckets`` entry an image is cropped to (``closest`` or ``random``)."""
+    """The ``crop_aspect_buckets`` entry an image is cropped to (``closest`` or ``random``), among
+    those within ``max_upscale_threshold`` when it is set (all of them when none is: discovery has
+    dropped such an image already; a caller planning it anyway gets the usual choice)."""
     choices = dataset.crop_aspect_buckets or (1.0,)
+    if dataset.max_upscale_threshold is not None:
+        allowed = tuple(a for a in choices if _within_threshold(width, height, _aspect_bucket(a, dataset), dataset))
+        choices = allowed or choices
     if dataset.crop_aspect == "random":
         return _rng(seed, dataset, path, "\0aspect").choice(choices)
     own = math.log(width / height)  # nearest in log space: 2:1 and 1:2 are equally far from 1:1
@@ -104,10 +121,16 @@ def bucket_size(width: int, height: int, dataset: DatasetConfig, *, path: str = 
         side = math.sqrt(_target_area(dataset))
         edge = _align(side, alignment)
         return edge, edge
-    rounding = dataset.aspect_bucket_rounding
     if dataset.crop and dataset.crop_aspect in ("closest", "random"):
-        width, height = _chosen_aspect(width, height, dataset, path, seed), 1.0
-    aspect = max(round(width / height, rounding), 10.0**-rounding)
+        return _aspect_bucket(_chosen_aspect(width, height, dataset, path, seed), dataset)
+    return _aspect_bucket(width / height, dataset)
+
+
+def _aspect_bucket(aspect: float, dataset: DatasetConfig) -> Size:
+    """The bucket of an aspect ratio (width / height) at the dataset's resolution."""
+    alignment = dataset.aspect_bucket_alignment
+    rounding = dataset.aspect_bucket_rounding
+    aspect = max(round(aspect, rounding), 10.0**-rounding)
     if dataset.resolution_type == "pixel":
         short = dataset.resolution
         if aspect >= 1:
@@ -115,6 +138,39 @@ def bucket_size(width: int, height: int, dataset: DatasetConfig, *, path: str = 
         return _align(short, alignment), _align(short / aspect, alignment)
     area = _target_area(dataset)
     return _align(math.sqrt(area * aspect), alignment), _align(math.sqrt(area / aspect), alignment)
+
+
+def upscale_factor(width: int, height: int, bucket: Size) -> float:
+    """How much an image of this size is enlarged to cover ``bucket`` (``1.0`` or less: not at all)."""
+    return max(bucket[0] / width, bucket[1] / height)
+
+
+def _within_threshold(width: int, height: int, bucket: Size, dataset: DatasetConfig) -> bool:
+    limit = dataset.max_upscale_threshold
+    # A hair of tolerance: 0.2 must allow exactly 1.2x despite float rounding.
+    return limit is None or upscale_factor(width, height, bucket) <= 1.0 + limit + 1e-9
+
+
+def too_much_upscaling(width: int, height: int, dataset: DatasetConfig) -> str | None:
+    """Why an image of this size needs more enlargement than ``max_upscale_threshold`` allows, or
+    ``None`` when it fits (or no threshold is set). The same for every seed: with ``closest`` /
+    ``random`` the image is kept when any of ``crop_aspect_buckets`` fits it."""
+    limit = dataset.max_upscale_threshold
+    if limit is None:
+        return None
+    if dataset.crop and dataset.crop_aspect in ("closest", "random"):
+        candidates = [_aspect_bucket(a, dataset) for a in dataset.crop_aspect_buckets or (1.0,)]
+    else:
+        candidates = [bucket_size(width, height, dataset)]
+    best = min(candidates, key=lambda bucket: upscale_factor(width, height, bucket))
+    if _within_threshold(width, height, best, dataset):
+        return None
+    factor = upscale_factor(width, height, best)
+    which = "its smallest-upscale bucket" if len(candidates) > 1 else "its bucket"
+    return (
+        f"{width}x{height} needs {factor:.2f}x upscaling to cover {which} {best[0]}x{best[1]}; "
+        f"max_upscale_threshold {limit:g} allows {1 + limit:.2f}x"
+    )
 
 
 def _crop_offsets(free_x: int, free_y: int, dataset: DatasetConfig, path: str, seed: int) -> tuple[int, int]:

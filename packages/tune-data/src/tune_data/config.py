@@ -93,6 +93,12 @@ class DatasetConfig:
     to just cover its bucket before cropping, so it does not change the result. Default none."""
     target_downsample_size: float | None = None
     """Accepted for SimpleTuner compatibility with ``maximum_image_size``; see there. Default none."""
+    max_upscale_threshold: float | None = None
+    """How much an image may be enlarged to cover its bucket, as a fraction: ``0.2`` allows up to
+    1.2x. An image that would need more is dropped at discovery with reason ``too much
+    upscaling`` (shown by ``tune-data inspect``). With ``crop_aspect`` ``closest`` or ``random``,
+    only the ``crop_aspect_buckets`` within the limit are chosen from, and the image is dropped
+    only when none is. Default none (any enlargement)."""
     crop: bool = False
     """Crop to the bucket instead of only trimming the alignment remainder; with ``crop_aspect:
     square`` every bucket becomes square. Default ``false``."""
@@ -119,6 +125,12 @@ class DatasetConfig:
     """Weight of this dataset when a step picks which dataset to draw from (0 to 1). Default 1."""
     cache_dir_vae: str | None = None
     """Folder for this dataset's latent cache. Default none (the trainer chooses)."""
+    compress_disk_cache: bool = False
+    """Write this dataset's cache entries (latents; text embeddings for a ``text_embeds`` dataset)
+    gzip-compressed, ``<key>.safetensors.gz``: 7-12 % smaller for float32 latents, 20-37 % for
+    bfloat16, for ~5 ms of CPU per MiB to read (the trainer reads batches ahead, off the step).
+    Entries of either form are read whatever the setting, so switching it re-encodes nothing.
+    Trainer-level in SimpleTuner; a config.json value applies to every dataset. Default ``false``."""
     cache_dir: str | None = None
     """For ``text_embeds`` datasets: folder for the text-embed cache. Default none."""
     text_embeds: str | None = None
@@ -311,7 +323,7 @@ class DatasetConfig:
             )
         if self.resolution <= 0:
             raise self._error("resolution", f"must be > 0, got {self.resolution!r}")
-        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size"):
+        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size", "max_upscale_threshold"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise self._error(key, f"must be >= 0, got {value!r}")
@@ -611,6 +623,7 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "minimum_image_size": _as_number(float, True),
     "maximum_image_size": _as_number(float, True),
     "target_downsample_size": _as_number(float, True),
+    "max_upscale_threshold": _as_number(float, True),
     "crop": _as_bool,
     "crop_style": _as_str(False),
     "crop_aspect": _as_str(False),
@@ -633,6 +646,7 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "repeats": _as_number(int, False),
     "probability": _as_number(float, False),
     "cache_dir_vae": _as_str(True),
+    "compress_disk_cache": _as_bool,
     "cache_dir": _as_str(True),
     "text_embeds": _as_str(True),
     "skip_file_discovery": _as_str(False),
@@ -675,6 +689,8 @@ INHERITABLE_KEYS = frozenset(
         "minimum_image_size",
         "maximum_image_size",
         "target_downsample_size",
+        "max_upscale_threshold",  # trainer-level in SimpleTuner; per dataset here, inherited
+        "compress_disk_cache",  # likewise
         "crop",
         "crop_style",
         "crop_aspect",

@@ -40,6 +40,7 @@ __all__ = [
     "UNDECODABLE",
     "MISSING_CAPTION",
     "TOO_SMALL",
+    "TOO_MUCH_UPSCALING",
     "UNSUPPORTED_EXTENSION",
     "MISSING_FILE",
 ]
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 UNDECODABLE = "undecodable"
 MISSING_CAPTION = "missing caption"
 TOO_SMALL = "too small"
+TOO_MUCH_UPSCALING = "too much upscaling"
 UNSUPPORTED_EXTENSION = "unsupported extension"
 TOO_SHORT = "too short"
 TOO_LONG = "too long"
@@ -91,7 +93,8 @@ class DroppedFile:
     path: str
     """Path relative to the storage root."""
     reason: str
-    """One of ``undecodable``, ``missing caption``, ``too small``, ``unsupported extension``,
+    """One of ``undecodable``, ``missing caption``, ``too small``, ``too much upscaling`` (beyond
+    ``max_upscale_threshold``), ``unsupported extension``,
     ``too short`` / ``too long`` (videos against ``video.min_frames`` / ``max_frames``),
     ``missing file`` (listed by the source, e.g. a CSV row, but absent or not downloadable)."""
     detail: str = ""
@@ -238,6 +241,12 @@ class _Examiner:
         too_small = _too_small(dataset, rel, width, height)
         if too_small is not None:
             return too_small, None
+        if dataset.max_upscale_threshold is not None:
+            from tune_data.buckets import too_much_upscaling  # buckets imports this module
+
+            why = too_much_upscaling(width, height, dataset)
+            if why is not None:
+                return DroppedFile(rel, TOO_MUCH_UPSCALING, why), None
         caption = self._caption(rel)
         if caption is None:
             return (

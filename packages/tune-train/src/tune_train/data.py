@@ -189,6 +189,7 @@ class TrainingData:
             {"model": self.model_identity},
             storage_options=storage_options,
             dataset=text.id if text is not None else None,
+            compress_disk_cache=(text or config).compress_disk_cache,
         )
 
     def discover(self) -> None:
@@ -251,6 +252,7 @@ class TrainingData:
             {"model": self.model_identity, **config.cache_settings()},
             storage_options=storage_options,
             dataset=config.id,
+            compress_disk_cache=config.compress_disk_cache,
         )
 
     def _prepare_conditioning(self, config: DatasetConfig) -> PreparedConditioning:
