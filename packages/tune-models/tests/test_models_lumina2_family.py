@@ -194,3 +194,43 @@ def test_text_encoder_override(lumina, lumina_path, tmp_path):
     same = load(lumina, lumina_path, pretrained_text_encoder_model_name_or_path=str(lumina_path))
     base = load(lumina, lumina_path)
     assert all(torch.equal(a, b) for a, b in zip(same.text_encoder.parameters(), base.text_encoder.parameters()))
+
+
+@pytest.mark.parametrize("size", [512, 1024, 1536])
+def test_training_shift_is_the_one_lumina2pipeline_samples_with(lumina, size):
+    """With the published scheduler config (fixed shift 6, no dynamic shifting) Lumina2Pipeline
+    ignores the ``mu`` it computes and moves every sigma by shift 6 at any size; the ``base``
+    flavour trains at that shift."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.lumina2.pipeline_lumina2 import calculate_shift, retrieve_timesteps
+
+    from tune_models.families.lumina2.flavours import PUBLISHED_SCHEDULER
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**PUBLISHED_SCHEDULER)
+    tokens = (size // 16) ** 2  # 8x VAE, 2x2 patches
+    mu = calculate_shift(tokens, scheduler.config.base_image_seq_len, scheduler.config.max_image_seq_len,
+                         scheduler.config.base_shift, scheduler.config.max_shift)
+    sigmas = np.linspace(1.0, 1 / 8, 8)
+    retrieve_timesteps(scheduler, 8, "cpu", sigmas=sigmas, mu=mu)  # what the pipeline calls
+    trained = lumina.flow_shift(size, size, shift=lumina.flavour("base").shift, auto_shift=False)
+    assert trained == 6.0
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), torch.as_tensor(lumina.shift_sigmas(sigmas, trained)))
+
+
+def test_auto_shift_warns_that_the_pipeline_samples_at_a_fixed_shift(lumina, lumina_path, caplog, monkeypatch):
+    from tune_models.families.lumina2.family import Lumina2Family
+    from tune_models.families.lumina2.tiny import TINY_SCHEDULER
+    from tune_models.families.lumina2.flavours import PUBLISHED_SCHEDULER
+
+    assert TINY_SCHEDULER == PUBLISHED_SCHEDULER
+    model = load(lumina, lumina_path)
+    assert model.scheduler.config.shift == 6.0 and not model.scheduler.config.use_dynamic_shifting
+    monkeypatch.setattr(Lumina2Family, "_warned_auto_shift", False)
+    with caplog.at_level("WARNING"):
+        assert lumina.flow_shift(64, 64, shift=6.0, auto_shift=False, model=model) == 6.0
+        assert "fixed shift" not in caplog.text
+        auto = lumina.flow_shift(64, 64, shift=6.0, auto_shift=True, model=model)
+        lumina.flow_shift(64, 64, shift=6.0, auto_shift=True, model=model)
+    assert auto != 6.0
+    assert caplog.text.count("samples with its scheduler's fixed shift 6.0") == 1

@@ -19,11 +19,17 @@ Gemma-2-2B text encoder and the 16-channel Flux VAE, read off diffusers' ``Lumin
 - validation: CFG with a negative prompt (``""`` when none is given, as the pipeline) above
   guidance 1, norm-rescaled (``cfg_normalization``) and, as the model card's example, applied only
   in the first quarter of the steps (``cfg_trunc_ratio = 0.25``).
-- shift: the model was trained and is sampled with a fixed time shift of 6.
+- shift: the model was trained and is sampled with a fixed time shift of 6: the published
+  scheduler config says ``shift: 6.0`` with ``use_dynamic_shifting: false``
+  (:data:`~tune_models.families.lumina2.flavours.PUBLISHED_SCHEDULER` gives the sources), so
+  ``Lumina2Pipeline`` samples every image size at 6 and training does the same. With
+  ``flow_schedule_auto_shift`` the training shift follows the image size instead;
+  :meth:`Lumina2Family.flow_shift` warns once that inference will not.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -40,6 +46,8 @@ SYSTEM_PROMPT = (
     "alignment based on textual prompts or user prompts."
 )
 """``Lumina2Pipeline.system_prompt`` (a test checks they agree)."""
+_log = logging.getLogger(__name__)
+
 PROMPT_SEPARATOR = " <Prompt Start> "
 """What ``Lumina2Pipeline.encode_prompt`` puts between the system prompt and the user's prompt."""
 
@@ -71,6 +79,31 @@ class Lumina2Family(ModelFamily):
     comfyui_key_prefix = "diffusion_model."
     comfyui_key_suffix = ".lora_down.weight"
     tiny_module = "tune_models.families.lumina2.tiny"
+
+    def flow_shift(
+        self,
+        height: int,
+        width: int,
+        *,
+        shift: float | None,
+        auto_shift: bool,
+        model: LoadedModel | None = None,
+    ) -> float:
+        """The base class's shift; warns once when ``auto_shift`` asks for a size-dependent shift
+        while the checkpoint's scheduler samples at a fixed one (``use_dynamic_shifting`` false,
+        as published): training and validation/inference would then see different noise levels."""
+        config = dict(getattr(getattr(model, "scheduler", None), "config", {}) or {})
+        if auto_shift and model is not None and not config.get("use_dynamic_shifting", False) and not self._warned_auto_shift:
+            type(self)._warned_auto_shift = True
+            _log.warning(
+                "flow_schedule_auto_shift: %s samples with its scheduler's fixed shift %s at every size "
+                "(use_dynamic_shifting is false); training with a size-dependent shift will not match it. "
+                "Leave flow_schedule_auto_shift off to train at the checkpoint's shift.",
+                self.label, config.get("shift"),
+            )
+        return super().flow_shift(height, width, shift=shift, auto_shift=auto_shift, model=model)
+
+    _warned_auto_shift = False
 
     def pipeline_class(self) -> type:
         from diffusers import Lumina2Pipeline

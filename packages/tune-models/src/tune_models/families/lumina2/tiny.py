@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from tune_models.families import _gemma, _shared
+from tune_models.families.lumina2.flavours import PUBLISHED_SCHEDULER
 
 TINY_TRANSFORMER = dict(
     sample_size=8,
@@ -43,7 +44,8 @@ TINY_VAE = dict(
     up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(8, 8, 16, 16),
 )
-TINY_SCHEDULER = dict(num_train_timesteps=1000, shift=6.0)
+TINY_SCHEDULER = dict(PUBLISHED_SCHEDULER)
+"""The published checkpoint's scheduler settings (fixed shift 6, no dynamic shifting)."""
 
 
 def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 40) -> Path:
