@@ -57,8 +57,8 @@ class EditStyle:
             if self.max_references is not None and len(refs) > self.max_references:
                 raise ValueError(
                     f"{self.pipeline} takes {self.max_references} reference image(s) per prompt, got {len(refs)}: "
-                    "give the image dataset one conditioning dataset, set conditioning_multidataset_sampling "
-                    "'random', or use model_flavour 'edit-plus'"
+                    "give the image dataset one conditioning dataset, or use model_flavour 'edit-plus' (several "
+                    "references per edit)"
                 )
             prefix = "".join(self.picture_prefix.format(i + 1) for i in range(len(refs))) if self.picture_prefix else ""
             texts.append(self.template.format(prefix + prompt))
