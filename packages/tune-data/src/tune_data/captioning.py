@@ -136,9 +136,12 @@ class TransformersCaptioner:
         extra = {"trust_remote_code": bool(options.get("trust_remote_code", False))}
         if options.get("revision"):
             extra["revision"] = options["revision"]
-        self.processor = transformers.AutoProcessor.from_pretrained(self.model_name, **extra)
+        self.processor = self._load_processor(transformers, extra)
         self.model = self._load_model(transformers, extra)
         self.model.to(self.device).eval()
+
+    def _load_processor(self, transformers: Any, extra: dict[str, Any]) -> Any:
+        return transformers.AutoProcessor.from_pretrained(self.model_name, **extra)
 
     def _load_model(self, transformers: Any, extra: dict[str, Any]) -> Any:
         last: Exception | None = None
@@ -212,6 +215,16 @@ class QwenVLCaptioner(TransformersCaptioner):
     default_max_new_tokens = 200
     model_classes = ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
 
+    def _load_processor(self, transformers: Any, extra: dict[str, Any]) -> Any:
+        try:
+            return super()._load_processor(transformers, extra)
+        except ImportError as exc:
+            if "torchvision" not in str(exc).lower():
+                raise
+        # transformers 5 builds Qwen's video processor with the rest, and it needs torchvision;
+        # captions need images only, so build the processor without it.
+        return _image_only_qwen_processor(transformers, self.model_name, extra)
+
     def _inputs(self, images: list[Image.Image]) -> Any:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -223,3 +236,24 @@ class QwenVLCaptioner(TransformersCaptioner):
         new_tokens = generated[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]
+
+
+def _image_only_qwen_processor(transformers: Any, model_name: str, extra: dict[str, Any]) -> Any:
+    """A Qwen2.5-VL processor (tokenizer, image processor, chat template) without its video
+    processor, so that captioning works where torchvision is not installed."""
+    base = getattr(transformers, "Qwen2_5_VLProcessor", None) or transformers.Qwen2VLProcessor
+
+    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_name, **extra)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(model_name, **extra)
+    return ImageOnlyProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
