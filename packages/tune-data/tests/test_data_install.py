@@ -1,5 +1,6 @@
-"""tune-data installs alone, without torch: its data pipeline imports, and `tune-data caption` runs
-(the ``filename`` captioner, and a stub captioner plugin found by entry point) without torch."""
+"""tune-data installs alone, without torch: its data pipeline imports, `tune-data inspect` reports a
+local dataset, and `tune-data caption` runs (the ``filename`` captioner, and a stub captioner plugin
+found by entry point), all without importing torch."""
 
 from __future__ import annotations
 
@@ -72,4 +73,24 @@ def test_installs_and_imports_without_torch(tmp_path):
     )
     run(str(python), "-c", script)
     assert (images / "red_square.txt").read_text() == "red square\n"
+
+    # Inspecting that local dataset (its cache folder empty), still without torch.
+    config = tmp_path / "multidatabackend.json"
+    config.write_text(
+        '[{"id": "shapes", "instance_data_dir": ' + repr(str(images)).replace("'", '"')
+        + ', "caption_strategy": "textfile", "resolution": 16, "aspect_bucket_alignment": 8}]'
+    )
+    script = (
+        "import io, json, sys, contextlib; from tune_data.cli import main; out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        f"    code = main(['inspect', {str(config)!r}, '--json', '--cache-dir', {str(tmp_path / 'cache')!r}])\n"
+        "assert code == 0, out.getvalue()\n"
+        "(info,) = json.loads(out.getvalue())\n"
+        "assert (info['seen'], info['kept'], info['buckets']) == (3, 2, {'16x16': 2}), info\n"
+        # The stub's captions.jsonl sits among the images: reported, with its reason.
+        "assert info['dropped'] == {'unsupported extension': ['captions.jsonl']}, info\n"
+        "assert info['latent_cache']['missing'] == 2, info\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    run(str(python), "-c", script)
     assert '"caption": "stub blue_circle.png"' in (images / "captions.jsonl").read_text()
