@@ -159,3 +159,61 @@ def test_transparency_becomes_white_and_exif_rotation_is_applied(tmp_path):
     top, bottom = rotated[2, rotated.shape[1] // 2], rotated[-3, rotated.shape[1] // 2]
     assert top[0] > 200 and top[2] < 60  # red
     assert bottom[2] > 200 and bottom[0] < 60  # blue
+
+
+MODES = [
+    dict(resolution=1024),
+    dict(resolution=512, resolution_type="pixel"),
+    dict(resolution=1.0, resolution_type="area"),
+    dict(resolution=512, crop=True),
+    dict(resolution=512, crop=True, crop_style="random"),
+    dict(resolution=512, crop=True, crop_style="corner", crop_aspect="preserve"),
+    dict(resolution=768, resolution_type="pixel", crop=True, crop_style="random", crop_aspect="closest",
+         crop_aspect_buckets=[0.75, 1.0, 1.5]),
+    dict(resolution=0.5, resolution_type="area", crop=True, crop_style="random", crop_aspect="random",
+         crop_aspect_buckets=[0.5, 1.0, 2.0], aspect_bucket_alignment=32),
+]
+
+
+@pytest.mark.parametrize("settings", MODES)
+def test_every_crop_lies_inside_its_resized_image_and_is_exactly_the_bucket(settings):
+    dataset = ds(**settings)
+    sizes = [(w, h) for w in (97, 300, 512, 777, 1024, 1920, 4000) for h in (64, 333, 512, 1080, 2999)]
+    for index, (width, height) in enumerate(sizes):
+        planned = plan_image(record(width, height, path=f"{index}.png"), dataset, seed=index)
+        (bucket_w, bucket_h), (resized_w, resized_h) = planned.bucket, planned.resize
+        left, top, right, bottom = planned.crop_box
+        assert 0 <= left and 0 <= top and right <= resized_w and bottom <= resized_h, (width, height, planned)
+        assert (right - left, bottom - top) == (bucket_w, bucket_h)
+        assert bucket_w % dataset.aspect_bucket_alignment == 0 and bucket_h % dataset.aspect_bucket_alignment == 0
+        # The resize keeps the image's aspect (to a pixel) and is the smallest that covers the bucket.
+        scale = max(bucket_w / width, bucket_h / height)
+        assert abs(resized_w - width * scale) <= 1 and abs(resized_h - height * scale) <= 1
+
+
+def test_no_image_is_dropped_without_a_reason_in_the_report(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name, size in {"ok_a": (80, 64), "ok_b": (64, 96), "small": (12, 12), "blurry_upscale": (40, 40)}.items():
+        Image.new("RGB", size, (90, 90, 90)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(name.replace("_", " "))
+    Image.new("RGB", (64, 64)).save(folder / "uncaptioned.png")  # no .txt beside it
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.md").write_text("not an image")
+    dataset = DatasetConfig(
+        id="mixed", instance_data_dir=str(folder), caption_strategy="textfile", resolution=64,
+        aspect_bucket_alignment=16, minimum_image_size=16, max_upscale_threshold=0.5,
+    )
+    with pytest.warns(UserWarning):
+        report = discover(dataset, LocalStorage(dataset))
+    assert report.seen == len(report.kept) + len(report.dropped) == 7
+    assert {d.path: d.reason for d in report.dropped} == {
+        "small.png": "too small",
+        "blurry_upscale.png": "too much upscaling",
+        "uncaptioned.png": "missing caption",
+        "broken.png": "undecodable",
+        "notes.md": "unsupported extension",
+    }
+    assert all(d.detail for d in report.dropped)  # each says why in the user's terms
+    buckets = plan_buckets(report.kept, dataset)
+    assert sorted(p.record.path for items in buckets.values() for p in items) == ["ok_a.png", "ok_b.png"]
