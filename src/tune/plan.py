@@ -85,9 +85,16 @@ def _family_section(loaded: LoadedConfig, problems: list[str]) -> tuple[dict[str
 
 
 def _components(loaded: LoadedConfig, facts: dict[str, Any]) -> dict[str, Any]:
+    from tune_models.sources import base_checkpoint
+
     train = loaded.train
     base = train.pretrained_model_name_or_path
-    if base:
+    # A single file there is the transformer; the other components come from the flavour's repository.
+    single_file = base_checkpoint(base, facts["pretrained"]).transformer_file if facts.get("pretrained") else None
+    if single_file:
+        base_text = facts["pretrained"]
+        base_label = f"{base_text} [flavour default; pretrained_model_name_or_path is a single transformer file]"
+    elif base:
         base_text, base_label = base, f"{base} [config]"
     elif facts.get("pretrained"):
         base_text = facts["pretrained"]
@@ -114,7 +121,7 @@ def _components(loaded: LoadedConfig, facts: dict[str, Any]) -> dict[str, Any]:
         assistant = "the flavour's, if it has one"
     return {
         "base": base_label,
-        "transformer": f"{transformer} / {subfolder_text}",
+        "transformer": f"{single_file} [single file]" if single_file else f"{transformer} / {subfolder_text}",
         "vae": train.pretrained_vae_model_name_or_path or f"{base_text} / vae",
         "revision": train.revision or "default branch",
         "variant": train.variant or "default weights",

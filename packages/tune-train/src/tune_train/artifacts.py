@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+from tune_models.sources import base_checkpoint
 
 if TYPE_CHECKING:
     from tune_train.trainer import Trainer
@@ -67,6 +68,10 @@ def trained_adapter(trainer: Trainer) -> TrainedAdapter:
     to_comfyui = functools.partial(trainer.family.to_comfyui, alpha=config.lora_scale_alpha())
     with trainer._eval_weights():
         state_dict = trainer._lora_state_dict()
+    # A single-file pretrained_model_name_or_path is the transformer: the card names the repository
+    # the pipeline (and its loading snippet) comes from, and the file as a setting.
+    base = base_checkpoint(config.pretrained_model_name_or_path, trainer.flavour.pretrained)
+    file_setting = {"transformer_file": base.transformer_file} if base.transformer_file else {}
     return TrainedAdapter(
         state_dict=state_dict,
         ema_state_dict=trainer.ema_lora_state_dict(),
@@ -74,7 +79,7 @@ def trained_adapter(trainer: Trainer) -> TrainedAdapter:
         output_dir=trainer.output_dir,
         family=trainer.family.name,
         flavour=trainer.flavour.name,
-        base_model=config.pretrained_model_name_or_path or trainer.flavour.pretrained,
+        base_model=base.base,
         lora_format=config.lora_format,
         to_comfyui=to_comfyui,
         step=trainer.global_step,
@@ -93,6 +98,7 @@ def trained_adapter(trainer: Trainer) -> TrainedAdapter:
             "optimizer": config.optimizer,
             "lora_format": config.lora_format,
             "final_loss": round(trainer.losses[-1], 6) if trainer.losses else None,
+            **file_setting,
         },
         validation_images=trainer._card_images(),
     )

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tune_models.family import ModelSource
+from tune_models.sources import SINGLE_FILE_SUFFIXES, is_single_file  # noqa: F401  (families use them from here)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -69,18 +70,6 @@ def load_text_encoder(encoder_class: Any, location: str, *, dtype: torch.dtype) 
         return encoder, AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
     except OSError:  # the encoder's own repository
         return encoder_class.from_pretrained(location, dtype=dtype), AutoTokenizer.from_pretrained(location)
-
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt")
-"""File names diffusers' ``from_single_file`` reads (a local file or a hub file URL)."""
-
-
-def is_single_file(location: str | None) -> bool:
-    """Whether ``location`` names one checkpoint file rather than a folder or repository: a local
-    file, or a path or URL ending in a checkpoint suffix."""
-    if not location:
-        return False
-    return Path(location).is_file() or str(location).lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
 def resolve_source(family: Any, source: ModelSource, flavour: Any) -> tuple[ModelSource, str]:
