@@ -234,6 +234,16 @@ def _coerce(key: str, field: str, value: Any) -> Any:
                 raise bad()
             return int(value_num)
         return float(value_num)
+    if base is dict:  # a JSON object (tread_config), or its text as SimpleTuner's command line passes it
+        kind = "a JSON object"
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad() from None
+        if isinstance(value, dict):
+            return value
+        raise bad()
     if base is tuple:  # a list of names: JSON list, or a JSON-list string, or comma-separated
         if isinstance(value, str):
             text = value.strip()

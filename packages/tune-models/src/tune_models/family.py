@@ -501,6 +501,12 @@ class ModelFamily:
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """How TREAD token routing (``tread_config``) reaches into this family's transformer: a
+        :class:`tune_models.token_routing.TokenRouting`, or ``None`` (the default) when the family
+        does not support it, and the trainer refuses ``tread_config`` naming the families that do."""
+        return None
+
     def _predict_inputs(
         self, noisy_latents: torch.Tensor, sigmas: torch.Tensor | float, prompt_count: int, *, even: bool = False
     ) -> torch.Tensor:

@@ -108,6 +108,25 @@ _beta = _check(lambda v: 0 <= v < 1, "in [0, 1)")
 _finite = _check(lambda v: math.isfinite(v), "a finite number")
 
 
+def _json_object(value: Any) -> Any:
+    """A JSON object given as text (SimpleTuner's command line) becomes a dict; others are left as they are."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        import json
+
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # the validator says what is wrong
+    return value
+
+
+def _tread_routes(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        from tune_train.tread import parse_tread_config
+
+        parse_tread_config(value)  # raises ConfigError naming tread_config
+
+
 def _field(default: Any, *validators: Any, **kwargs: Any) -> Any:
     return attrs.field(default=default, validator=list(validators) or None, **kwargs)
 
@@ -297,6 +316,8 @@ class TrainConfig:
     """Diff2Flow bridge for epsilon / v-prediction families: lets ``diff2flow_loss`` read the network's prediction as a flow velocity. Alone it changes nothing (as in SimpleTuner). Refused for flow families. Default false."""
     diff2flow_loss: bool = False
     """With ``diff2flow_enabled``: convert each epsilon / v prediction to the flow velocity ``noise - x0`` it implies at its timestep and train with the MSE to the true ``noise - x0`` (the flow-matching objective; ``snr_gamma`` is then ignored). The model keeps predicting epsilon / v, so validation and export are unchanged. Experimental. Default false."""
+    tread_config: dict[str, Any] | None = _field(None, _tread_routes, converter=_json_object)
+    """TREAD token routing while training, as SimpleTuner writes it: ``{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}`` (or that JSON as text). In each route a random ``selection_ratio`` share (in [0, 1)) of the image tokens skips the transformer blocks ``start_layer_idx`` to ``end_layer_idx`` (both included; negative counts from the last block) and rejoins, unchanged, after them: cheaper steps, while validation, ``eval_loss`` and inference use the whole model. Only families that declare support (z-image, flux); others refuse it. Default none (off)."""
 
     # --- checkpoints ---------------------------------------------------------------------------
     checkpoint_step_interval: int | None = _field(None, _positive)

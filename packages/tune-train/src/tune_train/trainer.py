@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tune_data.config import DatasetConfig
 from tune_train import artifacts, run_state, setup_model, validation
 from tune_train import checkpoint as ckpt
-from tune_train import ddpm, evaluation, flow, optim
+from tune_train import ddpm, evaluation, flow, optim, tread
 from tune_train.artifacts import TrainedAdapter
 from tune_train.config import TrainConfig
 from tune_train.data import TrainingData, check_mask_support, check_reference_support, reference_kwargs
@@ -164,6 +164,7 @@ class Trainer:
         self.data.discover()
         check_reference_support(self.data, self.family, self.flavour.name)
         check_mask_support(self.data, self.family)
+        tread.check_support(self.family, config.tread_config)
         self.sampler = self.data.build_sampler(
             config.train_batch_size,
             rank=self.accelerator.process_index,
@@ -189,6 +190,9 @@ class Trainer:
             self.model, self.family, config, optimizer_param_dtype=getattr(build_optimizer, "param_dtype", None)
         )
         self.trainable = self.weights.trainable
+        # TREAD (tread_config): training forwards send a share of the image tokens around the
+        # configured block spans; eval-mode forwards (validation, eval_loss) are untouched.
+        self.token_router = tread.install(self.model, self.family, config.tread_config)
         offloaded = setup_model.place_transformer(transformer, offload, device)
 
         self.optimizer = build_optimizer(self.trainable, config.learning_rate, config)

@@ -232,6 +232,12 @@ class FluxFamily(ModelFamily):
         )[0]
         return self.unpack(out[:, : (height // 2) * (width // 2)], height, width)
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the transformer's blocks (:mod:`tune_models.families.flux.token_routing`)."""
+        from tune_models.families.flux.token_routing import FluxTokenRouting
+
+        return FluxTokenRouting()
+
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
         """``FluxPipeline``, or ``FluxKontextPipeline`` (same components) for kontext."""

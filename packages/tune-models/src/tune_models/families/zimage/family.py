@@ -133,6 +133,12 @@ class ZImageFamily(ModelFamily):
         out = transformer(frames, 1.0 - sigmas, list(captions), return_dict=False)[0]
         return -torch.stack(out, dim=0).squeeze(2)
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the transformer's blocks (:mod:`tune_models.families.zimage.token_routing`)."""
+        from tune_models.families.zimage.token_routing import ZImageTokenRouting
+
+        return ZImageTokenRouting()
+
     # ----------------------------------------------------------------- validation
     # ``validation_pipeline`` and ``generate`` are the base class's.
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:

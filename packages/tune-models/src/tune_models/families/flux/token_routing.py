@@ -1,0 +1,59 @@
+"""TREAD token routing for Flux (see :mod:`tune_models.token_routing`).
+
+The routable blocks are the double-stream ``transformer_blocks`` followed by the single-stream
+``single_transformer_blocks`` (indices count across both, in that order). Every one of them is
+called ``block(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+joint_attention_kwargs)`` and returns ``(encoder_hidden_states, hidden_states)``: the image tokens
+are the whole ``hidden_states`` (Kontext's reference tokens included), the text the separate
+``encoder_hidden_states``. RoPE is one ``(cos, sin)`` pair over ``text + image`` positions without
+a batch dimension, text first; the optional attention mask (``flux_attention_masked_training``)
+is ``B x 1 x 1 x (text + image)`` in ``joint_attention_kwargs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tune_models.token_routing import TokenRouting
+
+
+def _cut(value: torch.Tensor, text: int, keep: torch.Tensor, total: int, dim: int) -> torch.Tensor:
+    head = value.narrow(dim, 0, text)
+    image = value.narrow(dim, text, total).index_select(dim, keep)
+    return torch.cat([head, image, value.narrow(dim, text + total, value.shape[dim] - text - total)], dim=dim)
+
+
+class FluxTokenRouting(TokenRouting):
+    def blocks(self, transformer: Any) -> list[torch.nn.Module]:
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    def image_token_count(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return int(hidden.shape[1])
+
+    def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
+        return call["hidden_states"]
+
+    def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
+        return {**call, "hidden_states": tokens}
+
+    def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
+        out = dict(call)
+        text = int(call["encoder_hidden_states"].shape[1])
+        rope = call.get("image_rotary_emb")
+        if isinstance(rope, (tuple, list)):
+            out["image_rotary_emb"] = type(rope)(_cut(r, text, keep, total, 0) for r in rope)
+        elif rope is not None:
+            out["image_rotary_emb"] = _cut(rope, text, keep, total, 0)
+        extra = call.get("joint_attention_kwargs")
+        if extra and extra.get("attention_mask") is not None:
+            out["joint_attention_kwargs"] = {**extra, "attention_mask": _cut(extra["attention_mask"], text, keep, total, -1)}
+        return out
+
+    def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:
+        return output[1]
+
+    def with_output_image_tokens(self, output: tuple, tokens: torch.Tensor, count: int) -> tuple:
+        return (output[0], tokens)

@@ -1,0 +1,66 @@
+"""The family side of TREAD token routing: where a transformer's routable blocks are, and where
+the image tokens, their positions and their attention mask sit in one block call.
+
+TREAD (Krause et al., 2025) trains faster by sending a random share of the image tokens around a
+span of transformer blocks: they skip those blocks and rejoin, unchanged, after the span. The
+mechanism (choosing the tokens, cutting each block call down, putting the tokens back) is generic
+and lives in ``tune_train.tread``; what differs per architecture is only how a block is called,
+and that is what a family describes by returning a :class:`TokenRouting` from
+:meth:`tune_models.family.ModelFamily.token_routing`.
+
+A block call is handled as a dict of its arguments by name (positional arguments are bound to the
+block's ``forward`` signature first, so a transformer that passes them positionally under
+gradient checkpointing and by keyword otherwise looks the same). Every method returns a new dict
+or output and never modifies its input in place. "Image tokens" are a ``B x N x D`` slice of the
+block's token stream; ``keep`` is a sorted 1-D index into the ``N`` image tokens the transformer
+started with, the same for every sample of the batch (a training batch is one aspect bucket, so
+every sample has the same ``N``, and one index keeps the positional embeddings free of a batch
+dimension where the model has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["TokenRouting"]
+
+
+class TokenRouting:
+    """How TREAD reaches into one family's transformer; a family subclasses it.
+
+    ``count`` below is the number of image tokens the call carries *now*: ``N`` at the first
+    routed block, ``len(keep)`` inside the span."""
+
+    def blocks(self, transformer: Any) -> Sequence[torch.nn.Module]:
+        """The routable blocks, in the order the transformer runs them; route layer indices count
+        in this list (negative ones from its end)."""
+        raise NotImplementedError
+
+    def image_token_count(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """How many image tokens the blocks carry, from the arguments of the transformer's own
+        call (the blocks cannot say where the image part of a joint sequence ends)."""
+        raise NotImplementedError
+
+    def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
+        """The ``B x count x D`` image tokens of a block call."""
+        raise NotImplementedError
+
+    def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
+        """The call with its ``count`` image tokens replaced by ``tokens`` (another number of them)."""
+        raise NotImplementedError
+
+    def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
+        """The call with the image tokens' positional embeddings (and attention-mask entries, if
+        any) cut from the ``total`` image positions down to those in ``keep``; text positions stay."""
+        raise NotImplementedError
+
+    def output_image_tokens(self, output: Any, count: int) -> torch.Tensor:
+        """The ``B x count x D`` image tokens of a block's output."""
+        raise NotImplementedError
+
+    def with_output_image_tokens(self, output: Any, tokens: torch.Tensor, count: int) -> Any:
+        """The block output with its ``count`` image tokens replaced by ``tokens``."""
+        raise NotImplementedError
