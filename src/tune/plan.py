@@ -335,6 +335,8 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
         }
         if train.diff2flow_enabled and train.diff2flow_loss:
             plan["noise"]["loss"] = "flow velocity noise - x0 (diff2flow_loss; snr_gamma ignored)"
+    elif train.snr_gamma:
+        plan["noise"]["snr_gamma"] = f"{train.snr_gamma:g} ignored (flow matching)"
     plan["validation"] = _validation(loaded, facts)
     plan["output_dir"] = train.output_dir
     plan["checkpoints"] = {
@@ -343,7 +345,7 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
         "resume": train.resume_from_checkpoint or "no",
     }
     plan["ignored"] = list(loaded.ignored)
-    plan["warnings"] = list(loaded.warnings)
+    plan["warnings"] = list(loaded.warnings) + _flow_snr_gamma_warning(train, prediction)
     plan["problems"] = problems
     return plan
 
@@ -388,6 +390,18 @@ def _scalar(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return "none" if not value else str(value)
     return str(value)
+
+
+def _flow_snr_gamma_warning(train: Any, prediction: str) -> list[str]:
+    """Min-SNR weights are defined on a DDPM schedule; a flow family weights its timesteps through
+    the sigma sampling and shift instead (docs/training.md says why snr_gamma stays off there)."""
+    if prediction != "flow" or not train.snr_gamma:
+        return []
+    return [
+        f"snr_gamma {train.snr_gamma:g} has no effect: model_family {train.model_family!r} trains with flow "
+        "matching; weight timesteps with the flow sampling keys instead (flow_sigmoid_scale, "
+        "flow_use_beta_schedule, flow_use_uniform_schedule, flow_schedule_shift)"
+    ]
 
 
 def _dataset_lines(row: dict[str, Any]) -> list[str]:

@@ -1,0 +1,45 @@
+"""snr_gamma on a flow-matching family has no effect (min-SNR weights are defined on a DDPM
+schedule); `tune check` says so before a run starts, and says nothing for a DDPM family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from tune.config import load_config
+from tune.plan import build_plan, format_plan
+
+
+def _project(root, family: str, snr_gamma: float | None):
+    data = root / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(data / "a red fox.png")
+    (root / "multidatabackend.json").write_text(json.dumps([
+        {"id": "pics", "instance_data_dir": str(data), "caption_strategy": "filename"},
+        {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": str(root / "text")},
+    ]))
+    config = {"model_family": family, "output_dir": str(root / "out"),
+              "data_backend_config": str(root / "multidatabackend.json")}
+    if snr_gamma is not None:
+        config["snr_gamma"] = snr_gamma
+    (root / "config.json").write_text(json.dumps(config))
+    return load_config(root / "config.json")
+
+
+@pytest.mark.parametrize("family", ["z-image", "flux"])
+def test_tune_check_says_snr_gamma_does_nothing_for_flow_families(tmp_path, family):
+    plan = build_plan(_project(tmp_path, family, 5.0))
+    assert plan["noise"]["snr_gamma"] == "5 ignored (flow matching)"
+    text = format_plan(plan)
+    assert f"warning: snr_gamma 5 has no effect: model_family {family!r} trains with flow matching" in text
+
+
+def test_no_warning_without_snr_gamma_or_for_a_ddpm_family(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert "snr_gamma" not in format_plan(build_plan(_project(tmp_path / "a", "z-image", None)))
+    ddpm = build_plan(_project(tmp_path / "b", "sdxl", 5.0))
+    assert ddpm["noise"]["snr_gamma"] == 5.0
+    assert "has no effect" not in format_plan(ddpm)
