@@ -337,6 +337,11 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
             plan["noise"]["loss"] = "flow velocity noise - x0 (diff2flow_loss; snr_gamma ignored)"
     elif train.snr_gamma:
         plan["noise"]["snr_gamma"] = f"{train.snr_gamma:g} ignored (flow matching)"
+    if train.tread_config:  # already validated by TrainConfig
+        plan["noise"]["tread"] = "; ".join(
+            f"{route['selection_ratio']:.0%} of image tokens skip blocks {route['start_layer_idx']}..{route['end_layer_idx']}"
+            for route in train.tread_config["routes"]
+        ) + " (training forwards only)"
     plan["validation"] = _validation(loaded, facts)
     plan["output_dir"] = train.output_dir
     plan["checkpoints"] = {

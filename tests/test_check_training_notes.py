@@ -1,5 +1,6 @@
-"""snr_gamma on a flow-matching family has no effect (min-SNR weights are defined on a DDPM
-schedule); `tune check` says so before a run starts, and says nothing for a DDPM family."""
+"""What `tune check` says about training-time options: snr_gamma on a flow-matching family has no
+effect (min-SNR weights are defined on a DDPM schedule) and it says so, but not for a DDPM family;
+TREAD routes are shown."""
 
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ def test_no_warning_without_snr_gamma_or_for_a_ddpm_family(tmp_path):
     ddpm = build_plan(_project(tmp_path / "b", "sdxl", 5.0))
     assert ddpm["noise"]["snr_gamma"] == 5.0
     assert "has no effect" not in format_plan(ddpm)
+
+
+def test_tune_check_shows_tread_routes(tmp_path):
+    loaded = _project(tmp_path, "flux", None)
+    import attrs
+
+    routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}
+    loaded = attrs.evolve(loaded, train=attrs.evolve(loaded.train, tread_config=routes))
+    text = format_plan(build_plan(loaded))
+    assert "tread: 50% of image tokens skip blocks 2..-2 (training forwards only)" in text
