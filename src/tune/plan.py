@@ -203,8 +203,13 @@ def _dataset_section(loaded: LoadedConfig, problems: list[str]) -> list[dict[str
         row["buckets"] = {f"{w}x{h}": len(items) for (w, h), items in sorted(buckets.items())}
         # The sampler's own count: one bucket per batch, each bucket's incomplete tail dropped.
         try:
-            sampler = BucketBatchSampler(buckets, batch, repeats=dataset.repeats, dataset_id=dataset.id)
+            sampler = BucketBatchSampler(
+                buckets, batch, repeats=dataset.repeats, dataset_id=dataset.id,
+                oversubscribe=dataset.allow_dataset_oversubscription,
+            )
             row["batches_per_epoch"] = sampler.batches_per_epoch()
+            if sampler.oversubscribed_from is not None:  # allow_dataset_oversubscription raised it
+                row["repeats"] = sampler.repeats
         except ValueError as exc:  # DatasetTooSmallError says which buckets and what to change
             row["batches_per_epoch"] = 0
             problems.append(_about(dataset.id, exc))

@@ -184,3 +184,17 @@ def test_every_field_has_a_docstring():
                 documented.add(node.target.id)
     fields = {field.name for field in DatasetConfig.__attrs_attrs__}
     assert fields - documented == set()
+
+
+def test_trainer_level_data_keys_reach_every_dataset_and_are_checked():
+    from tune_data.config import DatasetConfig, DatasetConfigError
+
+    defaults = {"--allow_dataset_oversubscription": "true", "data_backend_sampling": "uniform",
+                "ignore_missing_files": True, "write_batch_size": 16}
+    dataset = DatasetConfig.from_dict({"id": "d"}, defaults=defaults)
+    assert (dataset.allow_dataset_oversubscription, dataset.data_backend_sampling, dataset.ignore_missing_files,
+            dataset.write_batch_size) == (True, "uniform", True, 16)
+    assert dataset.ignored_keys == ()
+    assert DatasetConfig(id="d").data_backend_sampling == "auto-weighting"
+    with pytest.raises(DatasetConfigError, match="data_backend_sampling must be one of auto-weighting, uniform, got 'random'"):
+        DatasetConfig.from_dict({"id": "d", "data_backend_sampling": "random"})

@@ -143,3 +143,17 @@ def test_simpletuner_weighting_modes():
     probabilities, sizes = {"a": 1.0, "b": 0.5}, {"a": 10, "b": 100}
     assert dataset_weights(probabilities, sizes, mode="auto") == {"a": 10.0, "b": 50.0}
     assert dataset_weights(probabilities, sizes, mode="uniform") == {"a": 1.0, "b": 0.5}
+
+
+def test_oversubscription_raises_repeats_just_enough_for_every_rank():
+    buckets = {(512, 512): ["a", "b"], (768, 512): ["c"]}
+    with pytest.raises(DatasetTooSmallError, match="allow_dataset_oversubscription"):
+        BucketBatchSampler(buckets, 4, world_size=2, dataset_id="pets")
+    # 4 x 2 = 8 samples a step: the 2-image bucket needs 1 + repeats >= 4 to give each rank a batch
+    # of 4 (2 x 4 = 8 copies -> 2 batches); 3 repeats is the least that does.
+    sampler = BucketBatchSampler(buckets, 4, world_size=2, rank=1, dataset_id="pets", oversubscribe=True)
+    assert (sampler.oversubscribed_from, sampler.repeats, sampler.batches_per_epoch()) == (0, 3, 1)
+    assert all(len(batch) == 4 for batch in take(sampler, 3))
+    # Big enough already: nothing changes.
+    plain = BucketBatchSampler(BUCKETS, 3, repeats=1, oversubscribe=True)
+    assert (plain.oversubscribed_from, plain.repeats) == (None, 1)

@@ -45,6 +45,7 @@ CONDITIONING_TYPES = ("reference_strict", "reference_loose", "controlnet", "mask
 the reference in its own aspect bucket, at the conditioning dataset's resolution. A ``mask`` image
 is not a model input: it weights the training loss (white trains, black is ignored)."""
 VAE_CACHE_SCAN_BEHAVIOURS = ("recreate", "sync")
+DATA_BACKEND_SAMPLING = ("auto-weighting", "uniform")
 SKIP_DISCOVERY_WORDS = ("vae", "aspect", "text", "metadata")
 
 
@@ -204,7 +205,18 @@ class DatasetConfig:
     caption_dropout_probability: float = 0.0
     """Chance (0 to 1) that a training step uses an empty caption for an image. Default 0."""
     write_batch_size: int = 64
-    """How many cache entries are written per batch by the cache writers. Default 64."""
+    """How many encoded cache entries may wait for the background cache writer (memory is bounded
+    by it; the encoder waits when the disk or the store falls that far behind). Default 64."""
+    allow_dataset_oversubscription: bool = False
+    """When the dataset is too small to give each process one batch per epoch (fewer images per
+    bucket than ``train_batch_size`` x processes), raise its ``repeats`` just enough, with a
+    warning, instead of failing. Trainer-level in SimpleTuner; a config.json value applies to every
+    dataset. Default ``false``."""
+    data_backend_sampling: str = "auto-weighting"
+    """How each step picks the dataset it draws from: ``auto-weighting`` (by ``probability`` x
+    images x (1 + ``repeats``): bigger datasets are drawn more often) or ``uniform`` (by
+    ``probability`` alone). A trainer-level choice (config.json, as in SimpleTuner); every dataset
+    of a run must agree. Default ``auto-weighting``."""
     aws_bucket_name: str | None = None
     """``type: aws``: the S3 bucket holding the images (required for that type)."""
     aws_data_prefix: str = ""
@@ -307,6 +319,7 @@ class DatasetConfig:
             self.metadata_backend = "discovery"  # SimpleTuner's older name for it
         self._choice("metadata_backend", METADATA_BACKENDS)
         self._choice("vae_cache_scan_behaviour", VAE_CACHE_SCAN_BEHAVIOURS)
+        self._choice("data_backend_sampling", DATA_BACKEND_SAMPLING)
         if self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
             raise self._error(
                 "crop_aspect_buckets",
@@ -655,6 +668,8 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "conditioning_type": _as_str(True),
     "caption_dropout_probability": _as_number(float, False),
     "write_batch_size": _as_number(int, False),
+    "allow_dataset_oversubscription": _as_bool,
+    "data_backend_sampling": _as_str(False),
     "aws_bucket_name": _as_str(True),
     "aws_data_prefix": _as_str(False),
     "aws_endpoint_url": _as_str(True),
@@ -691,6 +706,9 @@ INHERITABLE_KEYS = frozenset(
         "target_downsample_size",
         "max_upscale_threshold",  # trainer-level in SimpleTuner; per dataset here, inherited
         "compress_disk_cache",  # likewise
+        "allow_dataset_oversubscription",  # likewise
+        "data_backend_sampling",  # likewise; TrainingData.build_sampler checks datasets agree
+        "ignore_missing_files",  # likewise
         "crop",
         "crop_style",
         "crop_aspect",
@@ -707,9 +725,8 @@ INHERITABLE_KEYS = frozenset(
         "metadata_backend",
         "vae_cache_ondemand",  # trainer-level in SimpleTuner; per dataset here, inherited
         "vae_cache_scan_behaviour",
-        # ignore_missing_files is a trainer-level key in SimpleTuner too; the facade passes trainer
-        # keys listed here to every dataset, and its generated config reference lists them, so
-        # adding it belongs with a regeneration of docs/config-reference.md (tune facade).
+        # The facade passes trainer keys listed here to every dataset, and its generated config
+        # reference lists them: adding one goes with a regeneration of docs/config-reference.md.
     }
 )
 

@@ -45,6 +45,10 @@ class BucketBatchSampler(Generic[T]):
     into batches per bucket, the incomplete tail of each bucket dropped, and the batch order
     shuffled. With ``world_size`` > 1, rank ``r`` takes batches ``r, r + world_size, ...``; every
     rank gets the same number (the last few batches are dropped), so ranks stay in step.
+
+    ``oversubscribe`` (SimpleTuner's ``allow_dataset_oversubscription``): when the buckets are too
+    small to give every rank one batch per epoch, ``repeats`` is raised to the smallest value that
+    does (:attr:`oversubscribed_from` keeps the value asked for) instead of failing.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class BucketBatchSampler(Generic[T]):
         rank: int = 0,
         world_size: int = 1,
         dataset_id: str = "",
+        oversubscribe: bool = False,
     ) -> None:
         label = f"dataset {dataset_id!r}" if dataset_id else "sampler"
         if batch_size < 1:
@@ -78,6 +83,15 @@ class BucketBatchSampler(Generic[T]):
         self._position = 0
         self._plan: list[list[T]] | None = None
         self._plan_epoch = -1
+        self.oversubscribed_from: int | None = None
+        """The ``repeats`` asked for, when ``oversubscribe`` had to raise it; else ``None``."""
+        if self.batches_per_epoch() == 0 and oversubscribe and any(self._buckets.values()):
+            asked = self.repeats
+            # Terminates: once 1 + repeats >= batch_size x world_size, any non-empty bucket gives
+            # every rank a batch.
+            while self.batches_per_epoch() == 0:
+                self.repeats += 1
+            self.oversubscribed_from = asked
         if self.batches_per_epoch() == 0:
             raise DatasetTooSmallError(self._too_small_message(label))
 
@@ -93,7 +107,10 @@ class BucketBatchSampler(Generic[T]):
             text += f" (each seen {copies} times with repeats {self.repeats})"
         if self.world_size > 1:
             text += f"; that makes {total} batches per epoch for {self.world_size} processes"
-        return text + ". Add images, lower batch_size, or raise repeats."
+        return text + (
+            ". Add images, lower batch_size, raise repeats, or set allow_dataset_oversubscription "
+            "to raise repeats as needed."
+        )
 
     def batches_per_epoch(self) -> int:
         """Batches this rank yields per epoch."""

@@ -344,7 +344,7 @@ class TrainingData:
                 by_bucket.setdefault(planned.bucket, []).append(planned)
             bar = tqdm(total=len(todo), desc=f"caching latents ({dataset.config.id})", disable=not self.progress)
             # A worker thread writes (or uploads) the entries while the VAE encodes the next batch.
-            with dataset.latent_cache.writer() as writer:
+            with dataset.latent_cache.writer(max_pending=dataset.config.write_batch_size) as writer:
                 for group in by_bucket.values():
                     for start in range(0, len(group), batch_size):
                         chunk = group[start : start + batch_size]
@@ -541,12 +541,17 @@ class TrainingData:
         """Encode every caption missing from its text cache; returns how many were encoded."""
         encoded = 0
         caches = {id(d.text_cache): d.text_cache for d in self.prepared.values()}
+        # write_batch_size of the text_embeds dataset owning the cache (else the image dataset's).
+        pending = {
+            id(d.text_cache): (text_embeds_for(d.config, self.configs) or d.config).write_batch_size
+            for d in self.prepared.values()
+        }
         for cache in caches.values():
             todo = sorted(c for c in self.captions() if not cache.has(text_key(cache, c)))
             bar = tqdm(total=len(todo), desc="caching text embeddings", disable=not self.progress or not todo)
             # As for latents: a worker thread writes (or uploads) while the encoder runs on; each
             # entry is atomic, so a crash leaves only whole entries and a rerun encodes the rest.
-            with cache.writer() as writer:
+            with cache.writer(max_pending=pending[id(cache)]) as writer:
                 for start in range(0, len(todo), batch_size):
                     chunk = todo[start : start + batch_size]
                     with torch.no_grad():
@@ -584,17 +589,26 @@ class TrainingData:
                 rank=rank,
                 world_size=world_size,
                 dataset_id=dataset_id,
+                oversubscribe=dataset.config.allow_dataset_oversubscription,
             )
             for dataset_id, dataset in training.items()
         }
-        # SimpleTuner's default auto-weighting: probability x (images x (1 + repeats)).
+        for dataset_id, sampler in samplers.items():
+            if sampler.oversubscribed_from is not None:
+                log.warning(
+                    "dataset %r: too small for batch size %d on %d process(es); repeats raised from %d to %d "
+                    "(allow_dataset_oversubscription)",
+                    dataset_id, batch_size, world_size, sampler.oversubscribed_from, sampler.repeats,
+                )
+        # data_backend_sampling: SimpleTuner's default auto-weighting is probability x (images x
+        # (1 + repeats)); uniform is probability alone.
         weights = dataset_weights(
             {dataset_id: d.config.probability for dataset_id, d in training.items()},
             {
-                dataset_id: sum(len(images) for images in d.buckets.values()) * (1 + d.config.repeats)
+                dataset_id: sum(len(images) for images in d.buckets.values()) * (1 + samplers[dataset_id].repeats)
                 for dataset_id, d in training.items()
             },
-            mode="auto",
+            mode=_sampling_mode(training.values()),
         )
         self.batches_per_epoch = sum(s.batches_per_epoch() for s in samplers.values())
         sampler = MultiDatasetSampler(samplers, weights, seed=self.seed)
@@ -648,6 +662,19 @@ class TrainingData:
             )
         for start in range(0, len(missing), max(1, self.encode_batch_size)):
             self._encode(dataset, missing[start : start + self.encode_batch_size], self.encode_images)
+
+
+def _sampling_mode(datasets) -> str:
+    """``dataset_weights``' mode from the datasets' ``data_backend_sampling`` (a trainer-level
+    choice each dataset inherits; one run has one)."""
+    chosen = {d.config.data_backend_sampling: d.config.id for d in datasets}
+    if len(chosen) > 1:
+        listed = ", ".join(f"{mode!r} (dataset {dataset_id!r})" for mode, dataset_id in sorted(chosen.items()))
+        raise ValueError(
+            f"data_backend_sampling differs between datasets: {listed}; it is one choice for the run: "
+            "set it once, in config.json"
+        )
+    return "uniform" if chosen.keys() == {"uniform"} else "auto"
 
 
 def check_reference_support(data: TrainingData, family, flavour: str | None = None) -> None:
