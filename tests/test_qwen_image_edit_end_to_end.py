@@ -153,3 +153,23 @@ def test_qwen_base_refuses_edit_pairs(tmp_path, tiny_edit, edit_pairs):
     loaded = load_config(_config(tmp_path, tiny_edit, edited, refs, **{"--model_flavour": "base"}))
     with pytest.raises(ConfigError, match=r"model_family 'qwen_image' .* flavour 'base' cannot train with reference"):
         Loop(loaded.train, loaded.datasets, progress=False).setup()
+
+
+def test_qwen_edit_refuses_a_dataset_without_references_before_loading(tmp_path, tiny_edit, edit_pairs, monkeypatch):
+    """The edit instruction is never encoded without its image: a plain image dataset (or random
+    conditioning sampling over several) is refused before any weights load."""
+    from tune_models.families.qwen_image.family import QwenImageFamily
+    from tune_train.config import ConfigError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights must not load before the check")
+
+    monkeypatch.setattr(QwenImageFamily, "load", no_load)
+    edited, refs = edit_pairs
+    config = _config(tmp_path, tiny_edit, edited, refs)
+    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backends.insert(1, {"id": "plain", "instance_data_dir": str(refs), "resolution": 32, "caption_strategy": "filename"})
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    loaded = load_config(config)
+    with pytest.raises(ConfigError, match=r"every image dataset needs conditioning_data; 'plain' has none"):
+        Loop(loaded.train, loaded.datasets, progress=False).setup()

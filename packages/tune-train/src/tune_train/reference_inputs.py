@@ -45,6 +45,33 @@ def reference_pictures(data: TrainingData, dataset: PreparedDataset, planned: Pl
     ]
 
 
+def check_prompt_references(data: TrainingData, family: Any, flavour: str | None) -> None:
+    """Before any weights load: a flavour whose prompts are encoded with their references needs
+    conditioning data on every image dataset (its instruction is never encoded without the image),
+    and cannot use ``conditioning_multidataset_sampling: random`` with several conditioning
+    datasets (the prompt saw every reference of the sample)."""
+    uses = getattr(family, "prompts_use_references", None)
+    if uses is None or not uses(flavour):
+        return
+    from tune_train.config import ConfigError
+
+    label = getattr(family, "label", "") or getattr(family, "name", "?")
+    plain = sorted(dataset_id for dataset_id, d in data.prepared.items() if not d.conditioning)
+    if plain:
+        raise ConfigError(
+            f"model_flavour {flavour!r} of {label} encodes each caption together with its reference image, so "
+            f"every image dataset needs conditioning_data; {', '.join(map(repr, plain))} has none "
+            "(pair it with a conditioning dataset, or use a text-to-image flavour)"
+        )
+    several = sorted(dataset_id for dataset_id, d in data.prepared.items() if len(d.conditioning) > 1)
+    if data.conditioning_sampling == "random" and several:
+        raise ConfigError(
+            f"conditioning_multidataset_sampling 'random' with several conditioning datasets "
+            f"({', '.join(map(repr, several))}): model_flavour {flavour!r} of {label} encodes each prompt with "
+            "all of a sample's references, so it trains with all of them at once; use 'combined'"
+        )
+
+
 def cache_reference_prompts(
     data: TrainingData,
     encode_prompts: Callable[..., list[dict[str, torch.Tensor]]],

@@ -40,6 +40,7 @@ from tune_train import ddpm, evaluation, flow, optim, tread
 from tune_train.artifacts import TrainedAdapter
 from tune_train.config import TrainConfig
 from tune_train.data import TrainingData, check_mask_support, check_reference_support, reference_kwargs
+from tune_train.reference_inputs import check_prompt_references
 from tune_train.masks import weighted_mse
 from tune_train.loss_log import LossLog
 from tune_train.registry import lr_schedulers, optimizers
@@ -163,6 +164,7 @@ class Trainer:
         )
         self.data.discover()
         check_reference_support(self.data, self.family, self.flavour.name)
+        check_prompt_references(self.data, self.family, self.flavour.name)
         check_mask_support(self.data, self.family)
         tread.check_support(self.family, config.tread_config)
         self.sampler = self.data.build_sampler(
