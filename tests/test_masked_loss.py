@@ -106,3 +106,27 @@ def test_a_masked_run_trains_and_tune_check_shows_the_mask(tmp_path, tiny_zimage
     # The masks were cached on the latent grid in the mask dataset's cache.
     cached = list((tmp_path / "cache" / "vae" / "masks").rglob("*.safetensors"))
     assert cached, "no mask cache entries"
+
+
+def test_with_tread_the_masked_in_half_is_never_routed_around(tmp_path, tiny_zimage, half_masks, write_run):
+    routes = {"routes": [{"selection_ratio": 0.75, "start_layer_idx": 1, "end_layer_idx": -1}]}
+    path = _masked_run(tmp_path, write_run, tiny_zimage, half_masks, steps=2)
+    loaded = load_config(path)
+    loaded.train.tread_config = routes
+    loop = Loop(loaded.train, loaded.datasets, progress=False)
+    kept = []
+    loop.setup()
+    original = loop.token_router.kept
+
+    def spy(span, total, device):
+        kept.append((original(span, total, device), loop.token_router._force.clone()))
+        return kept[-1][0]
+
+    loop.token_router.kept = spy
+    loop.train()
+    assert len(kept) >= 2
+    for keep, forced in kept:
+        # The white left half of every image (plus the grey columns the resize blurs at its edge)
+        # is forced through; only black-half tokens skip.
+        assert 0.5 <= forced.float().mean() < 0.7
+        assert set(torch.nonzero(forced).flatten().tolist()) <= set(keep.tolist())

@@ -182,3 +182,35 @@ def test_a_family_without_token_routing_is_refused_naming_those_with_it():
         tread.check_support(Plain(), {"routes": []})
     tread.check_support(Plain(), None)  # unset: nothing to refuse
     tread.check_support(get_family("flux"), {"routes": []})
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_masked_in_tokens_always_go_through_the_span(name):
+    """With a loss mask (keep_weighted), the tokens the loss trains on are never routed around;
+    the token order matches the family's own packing of the latent grid."""
+    model, latents, prompts = MODELS[name]()
+    transformer = model.transformer.train()
+    routing = model.family.token_routing(model)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, 1:3, 0:3] = 1.0  # sample 0: a blob top left; sample 1: one cell bottom right
+    mask[1, :, 7, 7] = 0.25
+    # Which tokens carry the mask, by the family's own packing of a marked latent.
+    marked = mask.expand(2, 16, 8, 8)
+    if name == "flux":
+        packed = model.family.pack(marked)
+    else:
+        packed = torch.stack([transformer._patchify_image(m[:, None], 2, 1)[0] for m in marked])
+    expected = (packed.abs().sum(-1) > 0).any(0)
+    tokens = routing.latent_grid_tokens(mask, 16)
+    assert torch.equal(tokens > 0, packed.abs().sum(-1) > 0)
+
+    router = TokenRouter(transformer, routing, _routes(0.75, 1, 1))
+    router.keep_weighted(mask)
+    with torch.no_grad():
+        _predict(model, latents, prompts)
+    keep, _ = router._held[0]
+    assert set(torch.nonzero(expected).flatten().tolist()) <= set(keep.tolist())
+    assert len(keep) == max(4, int(expected.sum()))  # 16 tokens, 75% skip: 4 kept, unless more are masked in
+    with torch.no_grad():
+        _predict(model, latents, prompts)  # the next forward draws freely again
+    assert len(router._held[0][0]) == 4

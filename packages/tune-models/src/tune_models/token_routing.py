@@ -34,6 +34,19 @@ class TokenRouting:
     ``count`` below is the number of image tokens the call carries *now*: ``N`` at the first
     routed block, ``len(keep)`` inside the span."""
 
+    patch_size: int = 2
+    """Latent cells per image token along one side, for :meth:`latent_grid_tokens`."""
+
+    def latent_grid_tokens(self, weights: torch.Tensor, count: int) -> torch.Tensor:
+        """Per-image-token values (``B x count``) of a ``B x 1 x h x w`` map on the latent grid
+        (a loss mask): each token gets the largest value of the cells it covers. Generic version:
+        tokens are ``patch_size`` square patches in row-major order, as both built-in families pack
+        them; tokens past the grid (reference tokens appended after the target's) get 0."""
+        pooled = torch.nn.functional.max_pool2d(weights.float(), self.patch_size).flatten(1)
+        if pooled.shape[1] >= count:
+            return pooled[:, :count]
+        return torch.cat([pooled, pooled.new_zeros(pooled.shape[0], count - pooled.shape[1])], dim=1)
+
     def blocks(self, transformer: Any) -> Sequence[torch.nn.Module]:
         """The routable blocks, in the order the transformer runs them; route layer indices count
         in this list (negative ones from its end)."""

@@ -117,6 +117,8 @@ class Trainer:
         self.clip_scores: dict[int, float] = {}
         """Mean ``clip_score`` of the validation images by step (``evaluation_type: clip``)."""
         self._clip: evaluation.ClipScorer | None = None
+        self.token_router: tread.TokenRouter | None = None
+        """TREAD routing of the training forwards (``tread_config``), installed by :meth:`setup`."""
         self._is_setup = False
 
     # ------------------------------------------------------------------ setup
@@ -283,14 +285,16 @@ class Trainer:
         # it (size/crop micro-conditioning); the others add nothing.
         geometry = [SampleGeometry.from_planned(planned) for planned in batch]
         prompt_batch.update(self.family.batch_conditions(self.model, geometry, device=device, dtype=dtype))
+        # Loss masks draw nothing from the generator: turning them on leaves the noise unchanged.
+        mask = self.data.load_masks(dataset_id, batch, tuple(latents.shape[-2:]))
+        if self.token_router is not None and mask is not None:
+            self.token_router.keep_weighted(mask)  # TREAD never routes the masked-in tokens around
+        mask = mask.to(device) if mask is not None else None
         with self.accelerator.autocast():
             prediction = self.family.predict(
                 self.model, noisy.to(device), sigmas.to(device), prompt_batch,
                 **reference_kwargs(references, dataset_id, device),
             )
-        # Loss masks draw nothing from the generator: turning them on leaves the noise unchanged.
-        mask = self.data.load_masks(dataset_id, batch, tuple(latents.shape[-2:]))
-        mask = mask.to(device) if mask is not None else None
         if scheme is not None:
             return scheme.loss(prediction, target, sigmas, noisy=noisy, mask=mask)
         return weighted_mse(prediction, target, mask)

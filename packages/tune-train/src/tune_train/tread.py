@@ -140,6 +140,8 @@ class TokenRouter:
         self.total = 0
         self.seed = 0
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending_keep: torch.Tensor | None = None
+        self._force: torch.Tensor | None = None
         self.calls = 0
         """Transformer calls that routed tokens (for tests and logs)."""
 
@@ -148,20 +150,37 @@ class TokenRouter:
             handle.remove()
         self._handles = []
 
+    def keep_weighted(self, weights: torch.Tensor | None) -> None:
+        """For the next training forward only: every image token where ``weights`` (a ``B x 1 x h
+        x w`` loss mask on the latent grid) is above 0 for some sample goes through every span, so
+        the part of the image the loss trains on is never routed around (as SimpleTuner does with
+        masked loss). Fewer tokens then skip: the speed-up shrinks with the masked-in area."""
+        self._pending_keep = None if weights is None else weights.detach().cpu()
+
     def kept(self, span: _Span, total: int, device: torch.device) -> torch.Tensor:
-        """The sorted indices of the image tokens that go through ``span`` in this call."""
+        """The sorted indices of the image tokens that go through ``span`` in this call: the
+        forced ones (:meth:`keep_weighted`), then a random draw of the others up to the share."""
         keep_count = max(1, total - int(round(span.ratio * total)))
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + span.number) % (2**63 - 1))
         order = torch.randperm(total, generator=generator)
+        if self._force is not None:
+            forced = self._force[order]
+            # Forced tokens first (in the random order), then the others: a stable sort on "not forced".
+            order = order[torch.sort((~forced).to(torch.int8), stable=True).indices]
+            keep_count = max(keep_count, int(forced.sum()))
         return order[:keep_count].sort().values.to(device)
 
     # ------------------------------------------------------------------ hooks
     def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self.active = module.training and any(s.ratio > 0 for s in self.spans)
         self._held = {}
+        pending, self._pending_keep = self._pending_keep, None
         if self.active:
             self.total = self.routing.image_token_count(args, kwargs)
             self.seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._force = None
+            if pending is not None:
+                self._force = (self.routing.latent_grid_tokens(pending, self.total) > 0).any(dim=0)
             self.calls += 1
 
     def _pre(self, index: int):
