@@ -177,3 +177,35 @@ def test_a_family_that_cannot_take_a_mask_is_refused(tmp_path, masked_folders):
     with pytest.raises(ConfigError, match="'tokens-only'.*cannot train with a loss mask.*'pics' uses 'masks'"):
         check_mask_support(data, Tokens())
     check_mask_support(data, ModelFamily())  # the default: masks apply
+
+
+def test_a_mask_beside_a_reference_stays_out_of_everything_a_reference_feeds(tmp_path, masked_folders):
+    from tune_train.reference_inputs import text_entry_refs
+
+    pics, masks = masked_folders
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for image in pics.glob("*.png"):
+        Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(refs / image.name)
+    configs = load_dataset_configs([
+        {"id": "pics", "instance_data_dir": str(pics), "caption_strategy": "textfile", "resolution": 64,
+         "aspect_bucket_alignment": 16, "conditioning_data": ["masks", "refs"]},
+        {"id": "masks", "dataset_type": "conditioning", "conditioning_type": "mask", "instance_data_dir": str(masks)},
+        {"id": "refs", "dataset_type": "conditioning", "instance_data_dir": str(refs)},
+    ])
+    data = TrainingData(configs, cache_root=tmp_path / "cache", model_identity="m", seed=0, progress=False,
+                        conditioning_sampling="random")
+    data.discover()
+    assert data.conditioned_datasets == {"pics": ("refs",)} and data.masked_datasets == {"pics": ("masks",)}
+    encoder = Encoder()
+    assert data.cache_latents(encoder, batch_size=4) == 8  # 4 targets + 4 references, no masks
+    prepared = data.prepared["pics"]
+    batch = next(iter(prepared.buckets.values()))[:2]
+    width, height = batch[0].bucket
+    for step in range(4):  # "random" sampling has only the one reference dataset to pick
+        references = data.load_references("pics", batch, step=step)
+        assert [len(r) for r in references] == [1, 1] and references[0][0].shape == (3, height // 8, width // 8)
+    assert [c.config.id for c, _ in data.reference_plans(prepared, batch[0])] == ["refs"]
+    assert [c.config.id for c, _ in data.reference_plans(prepared, batch[0], masks=True)] == ["masks"]
+    assert "|" not in text_entry_refs(data, prepared, batch[0])  # prompts read one reference, not the mask
+    assert data.load_masks("pics", batch, (height // 8, width // 8)).shape == (2, 1, height // 8, width // 8)

@@ -55,6 +55,11 @@ class PreparedDataset:
     def current(self, planned: PlannedImage) -> PlannedImage:
         return self.replanned.get(planned.record.path, planned)
 
+    @property
+    def references(self) -> tuple[PreparedConditioning, ...]:
+        """The conditioning datasets that are model inputs (all but loss masks), in order."""
+        return tuple(c for c in self.conditioning if not c.is_mask)
+
 
 @attrs.define
 class PreparedConditioning:
@@ -168,11 +173,7 @@ class TrainingData:
             reads.append((dataset.latent_cache, latent_key(dataset, current)))
             reads.append((dataset.text_cache, self.text_entry(dataset, planned, planned.record.caption)))
             if dataset.conditioning:
-                reads += [
-                    (c.latent_cache, latent_key(c, plan))
-                    for c, plan in self.reference_plans(dataset, current)
-                    if not c.is_mask  # loss masks have no latent entry (load_masks)
-                ]
+                reads += [(c.latent_cache, latent_key(c, plan)) for c, plan in self.reference_plans(dataset, current)]
         return reads
 
     def _text_cache(self, config: DatasetConfig) -> TensorCache:
@@ -285,19 +286,22 @@ class TrainingData:
         }
 
     def reference_plans(
-        self, dataset: PreparedDataset, planned: PlannedImage
+        self, dataset: PreparedDataset, planned: PlannedImage, *, masks: bool = False
     ) -> list[tuple[PreparedConditioning, PlannedImage]]:
-        """Each conditioning dataset's planned reference for one (current) training image plan."""
+        """Each reference dataset's planned reference for one (current) training image plan, in
+        ``conditioning_data`` order (:attr:`PreparedDataset.references`); with ``masks``, each loss
+        mask dataset's planned mask instead."""
         records = dataset.pairs[planned.record.path]
         return [
             (conditioning, plan_reference(planned, record, conditioning.config, seed=self.seed))
             for conditioning, record in zip(dataset.conditioning, records)
+            if conditioning.is_mask == masks
         ]
 
     def text_entry(self, dataset: PreparedDataset, planned: PlannedImage, caption: str) -> str:
         """The text cache key of a sample's (possibly dropped) caption: the caption's, or with
         :attr:`prompt_references` and conditioning data, the caption's with its references'."""
-        if not (self.prompt_references and dataset.conditioning):
+        if not (self.prompt_references and dataset.references):
             return text_key(dataset.text_cache, caption)
         from tune_train.reference_inputs import text_entry_refs
 
@@ -307,7 +311,7 @@ class TrainingData:
         """Every caption the run can feed the model (including the empty one for caption dropout);
         with :attr:`prompt_references`, only those of datasets without conditioning data (the
         others are encoded with their references)."""
-        plain = [d for d in self.prepared.values() if not (self.prompt_references and d.conditioning)]
+        plain = [d for d in self.prepared.values() if not (self.prompt_references and d.references)]
         found = {""} if plain else set()
         for dataset in plain:
             for images in dataset.buckets.values():
@@ -358,14 +362,12 @@ class TrainingData:
         self, dataset: PreparedDataset, targets: Sequence[PlannedImage], encode_images, batch_size: int
     ) -> int:
         """Encode the references of ``targets`` missing from their conditioning caches."""
-        if not dataset.conditioning:
+        if not dataset.references:
             return 0
         todo: dict[tuple[str, tuple[int, int]], list[PlannedImage]] = {}
         seen: set[tuple[str, str]] = set()
         for target in targets:
-            for conditioning, plan in self.reference_plans(dataset, target):
-                if conditioning.is_mask:  # masks are read as pixels (load_masks), not VAE-encoded
-                    continue
+            for conditioning, plan in self.reference_plans(dataset, target):  # masks: load_masks
                 key = latent_key(conditioning, plan)
                 if (conditioning.config.id, key) in seen or conditioning.latent_cache.has(key):
                     continue
@@ -389,19 +391,18 @@ class TrainingData:
         the same for the whole batch, chosen from the seed and step). Empty lists for a dataset
         without ``conditioning_data``."""
         dataset = self.prepared[dataset_id]
-        slots = [i for i, c in enumerate(dataset.conditioning) if not c.is_mask]
-        if not slots:
+        if not dataset.references:
             return [[] for _ in batch]
         current = [dataset.current(planned) for planned in batch]
         if self.encode_images is not None:
             # Only what is missing: references of on-demand datasets, or strict references of a
             # target whose crop moved at an epoch end.
             self._encode_references(dataset, current, self.encode_images, self.encode_batch_size)
-        chosen = slots
-        if self.conditioning_sampling == "random" and len(slots) > 1:
+        chosen = range(len(dataset.references))
+        if self.conditioning_sampling == "random" and len(dataset.references) > 1:
             salt = zlib.crc32(dataset_id.encode())
             pick = torch.Generator().manual_seed((self.seed * 1_000_003 + step * 7919 + salt) % 2**63)
-            chosen = [slots[int(torch.randint(len(slots), (1,), generator=pick))]]
+            chosen = [int(torch.randint(len(dataset.references), (1,), generator=pick))]
         out = []
         for planned in current:
             plans = self.reference_plans(dataset, planned)
@@ -424,9 +425,7 @@ class TrainingData:
         masks = []
         for planned in batch:
             weight = torch.ones(1, h, w)
-            for conditioning, plan in self.reference_plans(dataset, dataset.current(planned)):
-                if not conditioning.is_mask:
-                    continue
+            for conditioning, plan in self.reference_plans(dataset, dataset.current(planned), masks=True):
                 cache = conditioning.latent_cache
                 entry = cache.get_or_compute(
                     cache.key(f"{plan.cache_item_id}|mask@{h}x{w}", plan.record.identity),

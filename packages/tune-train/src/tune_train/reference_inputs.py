@@ -56,14 +56,14 @@ def check_prompt_references(data: TrainingData, family: Any, flavour: str | None
     from tune_train.config import ConfigError
 
     label = getattr(family, "label", "") or getattr(family, "name", "?")
-    plain = sorted(dataset_id for dataset_id, d in data.prepared.items() if not d.conditioning)
+    plain = sorted(dataset_id for dataset_id, d in data.prepared.items() if not d.references)
     if plain:
         raise ConfigError(
             f"model_flavour {flavour!r} of {label} encodes each caption together with its reference image, so "
             f"every image dataset needs conditioning_data; {', '.join(map(repr, plain))} has none "
             "(pair it with a conditioning dataset, or use a text-to-image flavour)"
         )
-    several = sorted(dataset_id for dataset_id, d in data.prepared.items() if len(d.conditioning) > 1)
+    several = sorted(dataset_id for dataset_id, d in data.prepared.items() if len(d.references) > 1)
     if data.conditioning_sampling == "random" and several:
         raise ConfigError(
             f"conditioning_multidataset_sampling 'random' with several conditioning datasets "
@@ -81,9 +81,9 @@ def cache_reference_prompts(
     """Encode every (caption, references) text entry missing from the caches of datasets with
     conditioning data; ``encode_prompts(captions, reference_images=...)`` is the family's encoder.
     Returns how many were encoded. Call after setting ``data.prompt_references``."""
-    conditioned = [d for d in data.prepared.values() if d.conditioning]
-    if data.conditioning_sampling == "random" and any(len(d.conditioning) > 1 for d in conditioned):
-        several = ", ".join(repr(d.config.id) for d in conditioned if len(d.conditioning) > 1)
+    conditioned = [d for d in data.prepared.values() if d.references]
+    if data.conditioning_sampling == "random" and any(len(d.references) > 1 for d in conditioned):
+        several = ", ".join(repr(d.config.id) for d in conditioned if len(d.references) > 1)
         raise ValueError(
             f"conditioning_multidataset_sampling 'random' with several conditioning datasets ({several}): this "
             "model encodes each prompt together with its reference images, so it trains with all of a sample's "
@@ -128,7 +128,7 @@ def validation_image(data: TrainingData, kind: str | None, *, prefer: str | None
     order = sorted(data.prepared, key=lambda dataset_id: dataset_id != prefer)
     for dataset_id in order:
         dataset = data.prepared[dataset_id]
-        if kind == "reference" and not dataset.conditioning:
+        if kind == "reference" and not dataset.references:
             continue
         planned = min((p for images in dataset.buckets.values() for p in images), key=lambda p: p.record.path, default=None)
         if planned is None:
