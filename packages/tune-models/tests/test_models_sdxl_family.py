@@ -230,3 +230,48 @@ def test_refiner_validation_refines_an_image_with_the_trained_aesthetic_score(sd
         sdxl.generate(pipe, "a cat", **kwargs)
     with pytest.raises(ValueError, match="sdxl_refiner_strength must be in"):
         sdxl.configure_training(model, {"sdxl_refiner_strength": 0})
+
+
+def test_a_whole_checkpoint_file_gives_every_component(sdxl, sdxl_path, tmp_path, monkeypatch):
+    """A Stability-layout file holding the UNet, both CLIPs and the VAE (how most SDXL fine-tunes are
+    published) is read whole, by StableDiffusionXLPipeline.from_single_file with the base folder's
+    configs: the fine-tune's own text encoders and VAE are trained with, not the base model's. The
+    file's key names decide it (a UNet-only file keeps the base folder's encoders). diffusers'
+    converter itself is stubbed: a tiny Stability-layout file cannot be written without the reverse
+    of that converter; the stub returns the fine-tune's components."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from tune_models.families.sdxl.family import whole_checkpoint_file
+
+    finetune = StableDiffusionXLPipeline.from_pretrained(sdxl_path)
+    with torch.no_grad():
+        for module in (finetune.unet, finetune.vae, finetune.text_encoder, finetune.text_encoder_2):
+            for param in module.parameters():
+                param.add_(0.01)
+    file = tmp_path / "finetune.safetensors"
+    save_file({f"{prefix}x": torch.zeros(1) for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "first_stage_model.")}, str(file))
+    unet_only = tmp_path / "unet.safetensors"
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, str(unet_only))
+    assert whole_checkpoint_file(str(file)) and not whole_checkpoint_file(str(unet_only))
+    assert not whole_checkpoint_file(str(tmp_path / "missing.safetensors"))
+
+    calls = []
+
+    def from_single_file(cls, path, **kwargs):
+        calls.append((cls.__name__, path, kwargs))
+        return finetune
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_single_file", classmethod(from_single_file))
+    model = sdxl.load(ModelSource(str(sdxl_path), pretrained_transformer_model_name_or_path=str(file)), "tiny")
+    assert calls == [("StableDiffusionXLPipeline", str(file), {"config": str(sdxl_path), "torch_dtype": torch.float32})]
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        expected = finetune.unet if name == "transformer" else getattr(finetune, name)
+        assert getattr(model, name) is expected, name
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())  # frozen like any load
+    # pretrained_vae_model_name_or_path still replaces the file's VAE.
+    other = sdxl.load(
+        ModelSource(str(sdxl_path), pretrained_transformer_model_name_or_path=str(file), pretrained_vae_model_name_or_path=str(sdxl_path)),
+        "tiny",
+    )
+    assert other.vae is not finetune.vae and other.text_encoder is finetune.text_encoder

@@ -41,7 +41,7 @@ import torch
 
 from tune_models.families import _shared
 from tune_models.families.sdxl.flavours import SDXL_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, SampleGeometry
+from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, SampleGeometry, compute_dtype
 
 _ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 _FFS = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
@@ -58,6 +58,26 @@ REFINER_OPTIONS = {
     "sdxl_refiner_strength": ("strength", REFINER_STRENGTH),
 }
 """Config key -> (``LoadedModel.extras`` key and img2img pipeline argument, default)."""
+
+
+WHOLE_CHECKPOINT_KEYS = ("conditioner.embedders.", "first_stage_model.")
+"""Key prefixes of a Stability (SGM) checkpoint file's text encoders and VAE; a file with them holds
+the whole model, not only the UNet (``model.diffusion_model.``)."""
+
+
+def whole_checkpoint_file(location: str | None) -> bool:
+    """Whether ``location`` is a local ``.safetensors`` file holding a whole SDXL checkpoint (its key
+    names say so, read from the header only). A ``.ckpt`` (pickle) or remote file is taken as a
+    UNet file: reading its keys would mean loading or downloading it first."""
+    from pathlib import Path
+
+    if not location or not str(location).lower().endswith((".safetensors", ".sft")) or not Path(location).is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(location), "pt") as handle:
+        keys = list(handle.keys())
+    return any(key.startswith(prefix) for key in keys for prefix in WHOLE_CHECKPOINT_KEYS)
 
 
 class SDXLFamily(ModelFamily):
@@ -107,26 +127,43 @@ class SDXLFamily(ModelFamily):
     ) -> dict[str, Any]:
         """UNet (``unet/``, or ``pretrained_transformer_model_name_or_path`` with
         ``pretrained_transformer_subfolder``), VAE, the text encoders the checkpoint has (the
-        refiner has no ``text_encoder``) and its DDPM scheduler."""
+        refiner has no ``text_encoder``) and its DDPM scheduler.
+
+        A single file holding a *whole* SDXL checkpoint (Stability's ``sd_xl_base_1.0.safetensors``
+        layout, as most published fine-tunes are: UNet, both CLIPs and the VAE in one file; see
+        :func:`whole_checkpoint_file`) gives every one of those components, read by diffusers'
+        pipeline ``from_single_file`` with ``root``'s configs and tokenizers: a fine-tune's own
+        text encoders and VAE are trained with, not the base model's (a UNet-only file still
+        takes them from ``root``). ``pretrained_vae_model_name_or_path`` still replaces the VAE."""
         import diffusers
         import transformers
 
         kwargs = _shared.load_kwargs(source)
         hub_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
         index = diffusers.DiffusionPipeline.load_config(root, **hub_kwargs)
+        whole = self._whole_file_pipeline(source, root, index, dtype=dtype)
         components: dict[str, Any] = {
-            "transformer": _shared.load_transformer(
+            "transformer": whole.unet
+            if whole is not None
+            else _shared.load_transformer(
                 diffusers.UNet2DConditionModel, source, root, dtype=dtype, label=self.name, default_subfolder="unet", **kwargs
             )
         }
-        vae_location = source.pretrained_vae_model_name_or_path or root
-        components["vae"] = _shared.load_vae(
-            diffusers.AutoencoderKL, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs
-        )
+        if whole is not None and not source.pretrained_vae_model_name_or_path:
+            components["vae"] = whole.vae
+        else:
+            vae_location = source.pretrained_vae_model_name_or_path or root
+            components["vae"] = _shared.load_vae(
+                diffusers.AutoencoderKL, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs
+            )
         encoders = (("", transformers.CLIPTextModel), ("_2", transformers.CLIPTextModelWithProjection))
         for suffix, encoder_class in encoders:
             entry = index.get(f"text_encoder{suffix}")
             if not entry or entry[0] is None:  # the refiner has no CLIP-L
+                continue
+            if whole is not None:
+                components[f"text_encoder{suffix}"] = getattr(whole, f"text_encoder{suffix}")
+                components[f"tokenizer{suffix}"] = getattr(whole, f"tokenizer{suffix}")
                 continue
             components[f"text_encoder{suffix}"] = encoder_class.from_pretrained(
                 root, subfolder=f"text_encoder{suffix}", dtype=dtype, **kwargs
@@ -147,6 +184,20 @@ class SDXLFamily(ModelFamily):
         )
         components["extras"] = {"requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False))}
         return components
+
+    @staticmethod
+    def _whole_file_pipeline(source: ModelSource, root: str, index: Any, *, dtype: torch.dtype) -> Any:
+        """The pipeline diffusers reads from a whole-checkpoint file (see :meth:`_load_components`),
+        or ``None`` when the transformer location is not one."""
+        location = source.pretrained_transformer_model_name_or_path
+        if not whole_checkpoint_file(location):
+            return None
+        import diffusers
+
+        refiner = bool(index.get("requires_aesthetics_score")) or not (index.get("text_encoder") or [None])[0]
+        pipeline_class = diffusers.StableDiffusionXLImg2ImgPipeline if refiner else diffusers.StableDiffusionXLPipeline
+        extra = {"config_revision": source.revision} if source.revision else {}
+        return pipeline_class.from_single_file(str(location), config=root, torch_dtype=dtype, **extra)
 
     # ----------------------------------------------------------------- encoding
     @torch.no_grad()
@@ -242,7 +293,7 @@ class SDXLFamily(ModelFamily):
         embeds = prompts["prompt_embeds"]
         timesteps = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0])
         unet = model.transformer
-        dtype = next(unet.parameters()).dtype
+        dtype = compute_dtype(unet)
         time_ids = prompts.get("add_time_ids")
         if time_ids is None:
             scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
