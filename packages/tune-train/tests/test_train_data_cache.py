@@ -281,3 +281,18 @@ def test_compress_disk_cache_writes_gzip_entries_that_train_the_same(tmp_path):
         sampler = data.build_sampler(2)
         loaded[compress] = [data.load_batch(*sampler.next_batch(), [False, False])[0] for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(loaded[False], loaded[True]))
+
+
+def test_caches_know_their_dataset_so_a_refused_s3_credential_names_it(tmp_path):
+    # The S3 error itself is tested against moto in tune-data (test_data_s3_failures.py); here:
+    # the trainer's caches carry the dataset id it names, and its text cache its text_embeds dataset.
+    root = make_shapes_dataset(tmp_path / "data", count=2, size=(64, 64))
+    configs = [
+        DatasetConfig(id="shapes", instance_data_dir=str(root), caption_strategy="textfile", resolution=64,
+                      aspect_bucket_alignment=16),
+        DatasetConfig(id="embeds", dataset_type="text_embeds", default=True, cache_dir=str(tmp_path / "text")),
+    ]
+    data = TrainingData(configs, cache_root=tmp_path / "cache", model_identity="tiny", seed=0, progress=False)
+    data.discover()
+    assert data.prepared["shapes"].latent_cache.dataset == "shapes"
+    assert data.prepared["shapes"].text_cache.dataset == "embeds"
