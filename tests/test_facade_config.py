@@ -456,3 +456,27 @@ def test_plan_pairs_images_with_their_conditioning_dataset(workdir, fake_family)
     text = format_plan(plan)
     assert "paired with conditioning: refs" in text and "(reference_strict)" in text
     assert plan["steps"]["batches_per_epoch"] == 2  # only the paired images train
+
+
+def test_data_keys_of_config_json_reach_every_dataset_and_tune_check(workdir, fake_family):
+    # SimpleTuner's trainer-level data keys: no "ignored" warning, and tune check shows their effect
+    # (one 64 px image, batch 2: too small, unless oversubscription raises repeats to 1).
+    keys = {"resolution": 64, "aspect_bucket_alignment": 16, "train_batch_size": 2, "max_train_steps": 4,
+            "data_backend_sampling": "uniform", "max_upscale_threshold": 0.5, "compress_disk_cache": True}
+    path = write_project(workdir, keys, images={"a red fox.png": (64, 64), "tiny.png": (32, 32)})
+    plan = build_plan(load_config(path))
+    pics = plan["datasets"][0]
+    assert pics["dropped_reasons"] == {"too much upscaling": 1}  # 32 -> 64 px is 2x, over 1.5x
+    assert pics["batches_per_epoch"] == 0 and any("allow_dataset_oversubscription" in p for p in plan["problems"])
+
+    path = write_project(workdir, {**keys, "allow_dataset_oversubscription": True}, images={})
+    loaded = load_config(path)
+    assert not {"data_backend_sampling", "max_upscale_threshold", "compress_disk_cache",
+                "allow_dataset_oversubscription"} & set(loaded.ignored)
+    pics_config = loaded.datasets[0]
+    assert (pics_config.data_backend_sampling, pics_config.max_upscale_threshold, pics_config.compress_disk_cache,
+            pics_config.allow_dataset_oversubscription) == ("uniform", 0.5, True, True)
+    plan = build_plan(loaded)
+    pics = plan["datasets"][0]
+    assert (pics["batches_per_epoch"], pics["repeats"]) == (1, 1)
+    assert not any(p.startswith("dataset 'pics'") for p in plan["problems"])
