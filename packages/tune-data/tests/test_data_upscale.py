@@ -100,3 +100,24 @@ def test_the_key_is_checked_and_a_trainer_level_value_reaches_every_dataset():
     assert inherited.max_upscale_threshold == 0.3 and inherited.ignored_keys == ()
     own = DatasetConfig.from_dict({"id": "d", "max_upscale_threshold": "0.1"}, defaults={"max_upscale_threshold": 0.3})
     assert own.max_upscale_threshold == 0.1
+
+
+def test_aspect_ratio_limits_drop_what_is_too_tall_or_too_wide_with_the_reason(tmp_path):
+    folder = write_images(tmp_path / "aspects", {"square": (64, 64), "tall": (40, 100), "wide": (150, 60),
+                                                 "edge": (128, 64)})
+    (dataset,) = load_dataset_configs([{
+        "id": "pets", "instance_data_dir": str(folder), "caption_strategy": "textfile", "resolution": 64,
+        "aspect_bucket_alignment": 16, "minimum_aspect_ratio": 0.5, "maximum_aspect_ratio": 2.0,
+    }])
+    assert dataset.ignored_keys == ()  # implemented, no longer "accepted but ignored"
+    report = discover(dataset, LocalStorage(dataset))
+    assert sorted(r.path for r in report.kept) == ["edge.png", "square.png"]  # 2.0 itself is allowed
+    assert {d.path: d.detail for d in report.dropped} == {
+        "tall.png": "40x100 has aspect 0.4 < minimum_aspect_ratio 0.5",
+        "wide.png": "150x60 has aspect 2.5 > maximum_aspect_ratio 2",
+    }
+    assert {d.reason for d in report.dropped} == {"aspect ratio out of range"}
+    with pytest.raises(DatasetConfigError, match="minimum_aspect_ratio \\(3\\) must not exceed maximum_aspect_ratio \\(2\\)"):
+        DatasetConfig(id="d", minimum_aspect_ratio=3, maximum_aspect_ratio=2)
+    with pytest.raises(DatasetConfigError, match="maximum_aspect_ratio must be > 0"):
+        DatasetConfig(id="d", maximum_aspect_ratio=0)

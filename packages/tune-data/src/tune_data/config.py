@@ -126,6 +126,13 @@ class DatasetConfig:
     """Weight of this dataset when a step picks which dataset to draw from (0 to 1). Default 1."""
     cache_dir_vae: str | None = None
     """Folder for this dataset's latent cache. Default none (the trainer chooses)."""
+    minimum_aspect_ratio: float | None = None
+    """Images whose aspect ratio (width / height, as displayed) is below this are dropped at
+    discovery with reason ``aspect ratio out of range`` (e.g. ``0.5``: nothing taller than 1:2).
+    Default none."""
+    maximum_aspect_ratio: float | None = None
+    """Images whose aspect ratio (width / height) is above this are dropped at discovery with reason
+    ``aspect ratio out of range`` (e.g. ``2.0``: nothing wider than 2:1). Default none."""
     compress_disk_cache: bool = False
     """Write this dataset's cache entries (latents; text embeddings for a ``text_embeds`` dataset)
     gzip-compressed, ``<key>.safetensors.gz``: 7-12 % smaller for float32 latents, 20-37 % for
@@ -340,6 +347,19 @@ class DatasetConfig:
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise self._error(key, f"must be >= 0, got {value!r}")
+        for key in ("minimum_aspect_ratio", "maximum_aspect_ratio"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise self._error(key, f"must be > 0 (width / height), got {value!r}")
+        if (
+            self.minimum_aspect_ratio is not None
+            and self.maximum_aspect_ratio is not None
+            and self.minimum_aspect_ratio > self.maximum_aspect_ratio
+        ):
+            raise self._error(
+                "minimum_aspect_ratio",
+                f"({self.minimum_aspect_ratio:g}) must not exceed maximum_aspect_ratio ({self.maximum_aspect_ratio:g})",
+            )
         if self.aspect_bucket_alignment <= 0:
             raise self._error("aspect_bucket_alignment", f"must be > 0, got {self.aspect_bucket_alignment!r}")
         if self.aspect_bucket_rounding < 0:
@@ -637,6 +657,8 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "maximum_image_size": _as_number(float, True),
     "target_downsample_size": _as_number(float, True),
     "max_upscale_threshold": _as_number(float, True),
+    "minimum_aspect_ratio": _as_number(float, True),
+    "maximum_aspect_ratio": _as_number(float, True),
     "crop": _as_bool,
     "crop_style": _as_str(False),
     "crop_aspect": _as_str(False),
@@ -753,8 +775,6 @@ IGNORED_KEYS = frozenset(
         "disable_validation",
         "image_embeds",
         "source_dataset_id",
-        "minimum_aspect_ratio",
-        "maximum_aspect_ratio",
         "video",
         "regularisation_data",
     }

@@ -41,6 +41,7 @@ __all__ = [
     "MISSING_CAPTION",
     "TOO_SMALL",
     "TOO_MUCH_UPSCALING",
+    "ASPECT_OUT_OF_RANGE",
     "UNSUPPORTED_EXTENSION",
     "MISSING_FILE",
 ]
@@ -51,6 +52,7 @@ UNDECODABLE = "undecodable"
 MISSING_CAPTION = "missing caption"
 TOO_SMALL = "too small"
 TOO_MUCH_UPSCALING = "too much upscaling"
+ASPECT_OUT_OF_RANGE = "aspect ratio out of range"
 UNSUPPORTED_EXTENSION = "unsupported extension"
 TOO_SHORT = "too short"
 TOO_LONG = "too long"
@@ -94,7 +96,8 @@ class DroppedFile:
     """Path relative to the storage root."""
     reason: str
     """One of ``undecodable``, ``missing caption``, ``too small``, ``too much upscaling`` (beyond
-    ``max_upscale_threshold``), ``unsupported extension``,
+    ``max_upscale_threshold``), ``aspect ratio out of range`` (``minimum_aspect_ratio`` /
+    ``maximum_aspect_ratio``), ``unsupported extension``,
     ``too short`` / ``too long`` (videos against ``video.min_frames`` / ``max_frames``),
     ``missing file`` (listed by the source, e.g. a CSV row, but absent or not downloadable)."""
     detail: str = ""
@@ -241,6 +244,9 @@ class _Examiner:
         too_small = _too_small(dataset, rel, width, height)
         if too_small is not None:
             return too_small, None
+        wrong_aspect = _wrong_aspect(dataset, rel, width, height)
+        if wrong_aspect is not None:
+            return wrong_aspect, None
         if dataset.max_upscale_threshold is not None:
             from tune_data.buckets import too_much_upscaling  # buckets imports this module
 
@@ -412,6 +418,16 @@ def _too_small(dataset: DatasetConfig, rel: str, width: int, height: int) -> Dro
         TOO_SMALL,
         f"{width}x{height} is {size:g} < minimum_image_size {minimum:g} ({dataset.resolution_type})",
     )
+
+
+def _wrong_aspect(dataset: DatasetConfig, rel: str, width: int, height: int) -> DroppedFile | None:
+    aspect = width / height
+    low, high = dataset.minimum_aspect_ratio, dataset.maximum_aspect_ratio
+    if low is not None and aspect < low:
+        return DroppedFile(rel, ASPECT_OUT_OF_RANGE, f"{width}x{height} has aspect {aspect:.3g} < minimum_aspect_ratio {low:g}")
+    if high is not None and aspect > high:
+        return DroppedFile(rel, ASPECT_OUT_OF_RANGE, f"{width}x{height} has aspect {aspect:.3g} > maximum_aspect_ratio {high:g}")
+    return None
 
 
 def _empty_message(report: DiscoveryReport, root: str) -> str:
