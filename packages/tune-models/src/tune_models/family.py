@@ -165,7 +165,16 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The transformer's compute dtype (see :func:`compute_dtype`)."""
+        return compute_dtype(self.transformer)
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in, which its inputs are cast to: its first floating-point
+    parameter's. The first parameter alone can mislead: a GGUF checkpoint's quantised weights are
+    bytes (``uint8``) and dequantise to the compute dtype inside each layer."""
+    params = list(module.parameters())
+    return next((p.dtype for p in params if p.is_floating_point()), params[0].dtype)
 
 
 class ModelFamily:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import attrs
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".gguf")
 """File names diffusers' ``from_single_file`` reads (a local file or a hub file URL)."""
 
 

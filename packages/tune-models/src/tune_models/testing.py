@@ -56,6 +56,31 @@ def build_tiny_assistant_lora(
     return Path(get_family(family).build_tiny_assistant_lora(pipeline_path, out_file, rank=rank, seed=seed))
 
 
+def write_gguf(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> int:
+    """Write ``state_dict`` as a GGUF checkpoint, laid out like community GGUF conversions of
+    diffusion transformers: 2-D ``.weight`` tensors whose rows split into 32-value blocks are
+    quantised to Q8_0, everything else is stored as F32. Returns how many tensors were quantised.
+    Needs the ``gguf`` package (``tune-models[gguf]``)."""
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(str(path), arch="tune-test")
+    quantised = 0
+    for key, tensor in state_dict.items():
+        array = tensor.detach().float().cpu().numpy()
+        if key.endswith(".weight") and tensor.ndim == 2 and tensor.shape[-1] % 32 == 0:
+            writer.add_tensor(key, gguf.quants.quantize(array, GGMLQuantizationType.Q8_0),
+                              raw_dtype=GGMLQuantizationType.Q8_0)
+            quantised += 1
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantised
+
+
 def load_tiny(family: ModelFamily, path: str | os.PathLike, flavour: str | None = "tiny", **source: Any) -> LoadedModel:
     """Load the tiny folder at ``path`` with ``flavour``'s defaults (its own checkpoint is never
     fetched); ``source`` adds :class:`~tune_models.family.ModelSource` fields, or replaces

@@ -132,7 +132,9 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
     device = trainer.accelerator.device
     scheme = trainer.ddpm
     transformer = trainer.accelerator.unwrap_model(model.transformer)
-    dtype = transformer.dtype
+    from tune_models.family import compute_dtype
+
+    dtype = compute_dtype(transformer)
     count = config.eval_timesteps
     was_training = transformer.training
     transformer.eval()

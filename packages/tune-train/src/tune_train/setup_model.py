@@ -85,6 +85,12 @@ def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch
     """Quantise the frozen transformer (``base_model_precision``) and switch on gradient
     checkpointing; returns the run's offload settings (checked against ``device``)."""
     if config.base_model_precision not in (None, "no_change"):
+        if any(not p.is_floating_point() for p in transformer.parameters()):
+            raise ConfigError(
+                f"base_model_precision {config.base_model_precision!r}: the transformer's checkpoint "
+                "is already quantised (a GGUF file, say), so there is nothing to quantise again; "
+                "set base_model_precision to no_change"
+            )
         if config.quantize_via == "accelerator" and device.type != "cpu":
             # Block by block on the GPU: fast, and the blocks block swap will stream go
             # straight back to the CPU, so the whole bf16 model is never on the device.

@@ -97,6 +97,24 @@ def resolve_source(family: Any, source: ModelSource, flavour: Any) -> tuple[Mode
     return source, root
 
 
+def _gguf_options(location: str, dtype: torch.dtype) -> dict[str, Any]:
+    """``from_single_file`` options for a GGUF file: diffusers' GGUF quantiser keeps the file's
+    quantised weights (Q8_0, Q4_K, ...) as they are and dequantises each layer's weight when it
+    runs, computing in ``dtype``. Needs the ``gguf`` package."""
+    if not str(location).lower().endswith(".gguf"):
+        return {}
+    try:
+        import gguf  # noqa: F401 - diffusers needs it to read the file
+    except ImportError as exc:
+        raise ImportError(
+            f"{location!r} is a GGUF checkpoint, which needs the gguf package: "
+            'pip install "tune-models[gguf]"'
+        ) from exc
+    from diffusers import GGUFQuantizationConfig
+
+    return {"quantization_config": GGUFQuantizationConfig(compute_dtype=dtype)}
+
+
 def load_transformer(
     model_class: Any,
     source: ModelSource,
@@ -132,6 +150,7 @@ def load_transformer(
             "give a diffusers folder (with config.json) instead"
         )
     extra = {"config_revision": kwargs["revision"]} if kwargs.get("revision") else {}
+    extra.update(_gguf_options(location, dtype))
     try:
         model = model_class.from_single_file(
             location, config=root, subfolder=default_subfolder, torch_dtype=dtype, **extra

@@ -28,7 +28,7 @@ import torch
 from tune_models.families import _shared
 from tune_models.families.chroma.flavours import CHROMA_FLAVOURS
 from tune_models.families.flux.family import FluxFamily
-from tune_models.family import Flavour, LoadedModel
+from tune_models.family import Flavour, LoadedModel, compute_dtype
 
 
 class ChromaFamily(FluxFamily):
@@ -102,7 +102,7 @@ class ChromaFamily(FluxFamily):
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0], even=True)
         batch, _, height, width = noisy_latents.shape
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         device = noisy_latents.device
         image_tokens = (height // 2) * (width // 2)
         mask = torch.cat(

@@ -36,7 +36,7 @@ import torch
 
 from tune_models.families import _shared
 from tune_models.families.flux.flavours import FLUX_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily
+from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 _ATTENTION = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
 _CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
@@ -190,7 +190,7 @@ class FluxFamily(ModelFamily):
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0], even=True)
         batch, _, height, width = noisy_latents.shape
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         device = noisy_latents.device
         guidance = None
         if getattr(transformer.config, "guidance_embeds", False):

@@ -41,7 +41,7 @@ import torch
 
 from tune_models.families import _shared
 from tune_models.families.flux2.flavours import FLUX2_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
+from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _DOUBLE_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _SINGLE = ["to_qkv_mlp_proj"]
@@ -326,7 +326,7 @@ class Flux2Family(ModelFamily):
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0])
         batch, _, height, width = noisy_latents.shape
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         device = noisy_latents.device
         guidance = None
         if getattr(transformer.config, "guidance_embeds", False):

@@ -36,7 +36,7 @@ import torch
 
 from tune_models.families import _gemma
 from tune_models.families.lumina2.flavours import LUMINA2_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily
+from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _MLP = ["feed_forward.linear_1", "feed_forward.linear_2", "feed_forward.linear_3"]
@@ -164,7 +164,7 @@ class Lumina2Family(ModelFamily):
         embeds = prompts["prompt_embeds"]
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0], even=True)
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         out = transformer(
             hidden_states=noisy_latents.to(dtype),
             timestep=(1 - sigmas).to(dtype),

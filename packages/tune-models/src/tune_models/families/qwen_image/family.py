@@ -39,7 +39,7 @@ import torch
 from tune_models.families import _shared
 from tune_models.families.qwen_image.edit import EDIT_STYLES, EditStyle
 from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
+from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _MLP = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
@@ -336,7 +336,7 @@ class QwenImageFamily(ModelFamily):
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0], even=True)
         batch, channels, height, width = noisy_latents.shape
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         mask = prompts.get("prompt_embeds_mask")
         if mask is not None and bool(mask.all()):
             mask = None  # as the pipeline: no mask when nothing is padded

@@ -38,7 +38,7 @@ import torch
 
 from tune_models.families import _gemma, _shared
 from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_SAMPLE_SIZES
-from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource
+from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _SELF = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
 _CROSS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
@@ -264,7 +264,7 @@ class SanaFamily(ModelFamily):
         embeds = prompts["prompt_embeds"]
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0])
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         timestep = sigmas * 1000.0 * float(transformer.config.timestep_scale)
         out = transformer(
             noisy_latents.to(dtype),

@@ -27,7 +27,7 @@ import torch
 
 from tune_models.families import _shared
 from tune_models.families.sd3.flavours import SD3_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily
+from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 _ATTENTION = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 _FFS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
@@ -148,7 +148,7 @@ class SD3Family(ModelFamily):
         embeds = prompts["prompt_embeds"]
         sigmas = self._predict_inputs(noisy_latents, sigmas, embeds.shape[0])
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         return transformer(
             hidden_states=noisy_latents.to(dtype),
             timestep=(sigmas * 1000).to(dtype),

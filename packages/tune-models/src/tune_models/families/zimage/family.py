@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS
-from tune_models.family import Flavour, LoadedModel, ModelFamily
+from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 
 class ZImageFamily(ModelFamily):
@@ -128,7 +128,7 @@ class ZImageFamily(ModelFamily):
         captions = prompts["prompt_embeds"]
         sigmas = self._predict_inputs(noisy_latents, sigmas, len(captions))
         transformer = model.transformer
-        dtype = next(transformer.parameters()).dtype
+        dtype = compute_dtype(transformer)
         frames = list(noisy_latents.to(dtype).unsqueeze(2).unbind(dim=0))  # B x [C, 1, H, W]
         out = transformer(frames, 1.0 - sigmas, list(captions), return_dict=False)[0]
         return -torch.stack(out, dim=0).squeeze(2)
