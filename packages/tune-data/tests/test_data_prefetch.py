@@ -161,3 +161,16 @@ def test_depth_and_workers_are_checked():
         ReadAheadSampler(object(), lambda drawn: [], depth=0)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ReadAheadSampler(object(), lambda drawn: [], workers=0)
+
+
+def test_an_entry_read_ahead_serves_one_load_and_a_rewritten_entry_is_read_again(tmp_path):
+    # A caller that rewrites an entry of the current batch and loads it again gets the new tensors,
+    # as without read-ahead (the masked-loss tests do exactly that).
+    caches, buckets = make_data(tmp_path)
+    ahead = ReadAheadSampler(make_sampler(buckets), reads_of(caches), depth=1)
+    name, batch = ahead.next_batch()
+    cache, key = caches[name], caches[name].key(batch[0], "")
+    first = ahead.load(cache, key)["latents"]
+    cache.save(key, {"latents": first + 1})
+    assert torch.equal(ahead.load(cache, key)["latents"], first + 1)
+    ahead.close()

@@ -157,10 +157,11 @@ class ReadAheadSampler(Generic[T]):
     # -- reading ---------------------------------------------------------------------------------
     def load(self, cache: TensorCache, key: str) -> dict[str, Any]:
         """An entry of the current batch, read ahead when it was, else read now (the same tensors;
-        a missing entry raises ``KeyError`` as :meth:`TensorCache.load` does)."""
-        # get, not pop: an image drawn twice into one batch (repeats) is read once, used twice;
-        # the current batch's entries are released when the next batch is handed out.
-        future = self._current.get(_entry_id(cache, key))
+        a missing entry raises ``KeyError`` as :meth:`TensorCache.load` does). Each read-ahead
+        entry serves one load; later loads of it read the cache."""
+        # Used once: a second load of the entry (an image drawn twice into one batch, or a caller
+        # that rewrote the entry since) reads the cache again, as it would without read-ahead.
+        future = self._current.pop(_entry_id(cache, key), None)
         if future is not None and not future.cancelled():
             tensors = future.result()  # re-raises the worker's error for this entry
             if tensors is not None:
