@@ -77,9 +77,10 @@ def test_diff2flow_run_trains_on_the_flow_target_and_exports(tmp_path, tiny_sdxl
 
     original = DDPMScheme.loss
 
-    def spy(self, prediction, target, timesteps, noisy=None):
+    def spy(self, prediction, target, timesteps, noisy=None, mask=None):
+        assert mask is None  # no mask dataset in this run
         seen.append((prediction.detach().clone(), target.clone(), timesteps.clone(), noisy.clone()))
-        return original(self, prediction, target, timesteps, noisy=noisy)
+        return original(self, prediction, target, timesteps, noisy=noisy, mask=mask)
 
     monkeypatch.setattr(DDPMScheme, "loss", spy)  # attrs slots: patch the class
     dataset_id, batch = next(iter(trainer.sampler))
