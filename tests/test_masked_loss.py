@@ -130,3 +130,26 @@ def test_with_tread_the_masked_in_half_is_never_routed_around(tmp_path, tiny_zim
         # is forced through; only black-half tokens skip.
         assert 0.5 <= forced.float().mean() < 0.7
         assert set(torch.nonzero(forced).flatten().tolist()) <= set(keep.tolist())
+
+
+def test_eval_loss_of_a_masked_held_out_dataset_uses_its_masks(tmp_path, tiny_zimage, half_masks, write_run, monkeypatch):
+    from tune_train import evaluation
+
+    path = _masked_run(tmp_path, write_run, tiny_zimage, half_masks)
+    backend = json.loads((tmp_path / "multidatabackend.json").read_text())
+    held = {**backend[0], "id": "held", "conditioning_data": "masks"}  # same images, held out, same masks
+    backend.insert(1, held)
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    config = json.loads(path.read_text())
+    config.update({"--eval_dataset_id": "held", "--eval_timesteps": 2, "--num_eval_images": 2})
+    path.write_text(json.dumps(config))
+    loaded = load_config(path)
+    loop = Loop(loaded.train, loaded.datasets, progress=False)
+    loop.setup()
+    assert loop.data.masked_datasets["held"] == ("masks",)
+    masked = evaluation.eval_loss(loop, "held")
+    monkeypatch.setattr(loop.data, "load_masks", lambda *a, **k: None)
+    plain = evaluation.eval_loss(loop, "held")
+    monkeypatch.setattr(loop.data, "load_masks", lambda d, b, size: torch.ones(len(b), 1, *size))
+    all_white = evaluation.eval_loss(loop, "held")
+    assert masked != pytest.approx(plain) and all_white == pytest.approx(plain, rel=1e-6)
