@@ -161,3 +161,21 @@ def test_caption_a_folder_with_a_tiny_florence2_and_resume(tmp_path, capsys):
     captions = caption_and_resume(tmp_path, capsys, "florence2", model)
     for text in captions.values():  # Florence's task and location tags are stripped
         assert "<" not in text
+
+
+def test_the_image_only_qwen_processor_takes_the_processor_chat_template(tmp_path):
+    # Qwen publishes the vision-aware template as the processor's chat_template.json; the
+    # tokenizer's own may lack the image tokens. The fallback processor must use the former.
+    from tune_data.captioning import _image_only_qwen_processor
+
+    model = build_tiny_qwen25_vl(tmp_path / "tiny-qwen2.5-vl")
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").unlink()
+    (model / "chat_template.json").write_text(json.dumps({"chat_template": "MARK" + template}))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    processor = _image_only_qwen_processor(transformers, str(model), {})
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.startswith("MARK<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi")

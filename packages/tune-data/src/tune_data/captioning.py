@@ -255,5 +255,28 @@ def _image_only_qwen_processor(transformers: Any, model_name: str, extra: dict[s
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
-        chat_template=getattr(tokenizer, "chat_template", None),
+        chat_template=_processor_chat_template(transformers, model_name, extra) or getattr(tokenizer, "chat_template", None),
     )
+
+
+def _processor_chat_template(transformers: Any, model_name: str, extra: dict[str, Any]) -> str | None:
+    """The processor's own chat template (``chat_template.jinja``, or ``chat_template.json`` as
+    Qwen publishes it), which places the image tokens; ``None`` when the checkpoint has neither."""
+    import json
+
+    from transformers.utils import cached_file
+
+    options = {"revision": extra["revision"]} if extra.get("revision") else {}
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            path = cached_file(
+                model_name, name, _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False, **options,
+            )
+        except (OSError, ValueError):
+            path = None
+        if not path:
+            continue
+        text = open(path, encoding="utf-8").read()
+        return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return None
