@@ -1,5 +1,5 @@
-"""The trainer's wiring of gradient_checkpointing_interval, enable_chunked_feed_forward and
-quantize_via: accelerator."""
+"""The trainer's wiring of gradient_checkpointing_interval, enable_chunked_feed_forward,
+text_encoder_N_precision and quantize_via: accelerator."""
 
 from __future__ import annotations
 
@@ -42,6 +42,32 @@ def test_chunked_feed_forward_trains_the_same_lora_and_the_plan_says_so(tmp_path
     assert chunked.losses == pytest.approx(plain.losses, rel=1e-5)
     config = write_run(tmp_path / "plan", model=tiny_zimage, data=shapes_dir, steps=1, extra=chunked_keys)
     assert "checkpointed 5-token slices" in build_plan(load_config(config))["precision"]["offload"]
+
+
+def test_text_encoder_precision_quantises_the_encoder_and_keys_its_text_cache(
+    tmp_path, tiny_zimage, shapes_dir, write_run
+):
+
+    def encoder_weight_types(trainer):
+        encoder = trainer._run.model.text_encoders[0]
+        return {type(m.weight).__name__ for m in encoder.modules() if isinstance(m, torch.nn.Linear)}
+
+    plain_trainer, plain = _run(tmp_path / "plain", write_run, tiny_zimage, shapes_dir, steps=1)
+    int8_trainer, int8 = _run(tmp_path / "int8", write_run, tiny_zimage, shapes_dir, steps=1,
+                              **{"--text_encoder_1_precision": "int8-torchao"})
+    assert encoder_weight_types(plain_trainer) == {"Parameter"}
+    assert "Parameter" not in encoder_weight_types(int8_trainer)  # torchao's quantised tensors
+    # Quantised encoders write their own text entries (another setting in the key), so the two
+    # runs' caches never mix; the image latents are the same entries.
+    def text_keys(root):
+        return {p.name for p in (root / "cache").rglob("*.safetensors") if "text" in str(p.relative_to(root))}
+
+    assert text_keys(tmp_path / "plain") and text_keys(tmp_path / "plain").isdisjoint(text_keys(tmp_path / "int8"))
+    assert plain.losses[0] == pytest.approx(int8.losses[0], rel=0.2)  # close, not identical embeddings
+
+    with pytest.raises(Exception, match="text_encoder_2_precision.*1 text encoder"):
+        _run(tmp_path / "two", write_run, tiny_zimage, shapes_dir, steps=1,
+             **{"--text_encoder_2_precision": "int8-torchao"})
 
 
 @pytest.mark.gpu

@@ -271,6 +271,9 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
 
     if train.base_model_precision != "no_change":
         _registry_check("tune_quant.registry", "quantisers", train.base_model_precision, problems, "base_model_precision")
+    for index, preset in enumerate(train.text_encoder_precisions(), start=1):
+        if preset != "no_change":
+            _registry_check("tune_quant.registry", "quantisers", preset, problems, f"text_encoder_{index}_precision")
     if train.musubi_blocks_to_swap:
         offload = (f"block swap: the last {train.musubi_blocks_to_swap} transformer blocks stream from "
                    f"{train.musubi_block_swap_device}")
@@ -294,6 +297,9 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
     plan["precision"] = {
         "mixed_precision": train.mixed_precision,
         "base_model_precision": train.base_model_precision,
+        "text_encoder_precision": ", ".join(
+            f"{i}: {p}" for i, p in enumerate(train.text_encoder_precisions(), start=1) if p != "no_change"
+        ) or "no_change",
         "base_model_default_dtype": train.base_model_default_dtype,
         "quantize_via": train.quantize_via,
         "gradient_checkpointing": train.gradient_checkpointing,

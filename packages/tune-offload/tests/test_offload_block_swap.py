@@ -137,6 +137,23 @@ def test_hook_order_in_training_with_checkpointing(plain):
     assert not swapper.resident
 
 
+def test_a_swapped_block_keeps_its_weights_in_place_through_its_own_backward(plain):
+    """What backward reruns of a block (a checkpointed MLP slice, enable_chunked_feed_forward)
+    reads the module's weights again: they must still be the onloaded copies, not the
+    offloaded ones, until the block's gradients are done."""
+    model = copy.deepcopy(plain)
+    swapper = swap(model, 2)
+    forward = _offloaded(model)  # reentrant checkpointing: each recomputation runs to its end
+    in_place = []
+    for index in swapper.swapped:
+        slot = swapper.slots[index][0]
+        swapper.blocks[index].register_full_backward_hook(
+            lambda *_, slot=slot: in_place.append(slot.current() is not slot.offloaded))
+    forward(torch.randn(2, 8)).square().mean().backward()
+    assert in_place == [True, True]
+    assert not swapper.resident  # and all of them are back where they live afterwards
+
+
 def test_prefetch_depth_two(plain):
     model = copy.deepcopy(plain)
     swapper = swap(model, 3, prefetch=2)

@@ -361,6 +361,12 @@ class BlockSwapper:
             last = index == len(self.blocks) - 1
             if last and torch.is_grad_enabled() and not self._backward_now():
                 return None
+            if self._backward_now():
+                # The block's backward comes next and may run parts of it again (a checkpointed
+                # MLP slice, enable_chunked_feed_forward): keep its weights in place; autograd
+                # holds them until then anyway, so this costs no memory. The next block's
+                # pre-hook releases it.
+                return None
             self._release(index)
             return None
 

@@ -223,9 +223,9 @@ class TrainConfig:
     gradient_checkpointing_interval: int | None = _field(None, _at_least_one, converter=_zero_is_none)
     """With gradient_checkpointing, checkpoint only every Nth transformer block (in execution order, the first included); the others keep their activations: faster, more memory. 1 is the same as unset. Default: every block."""
     enable_chunked_feed_forward: bool = False
-    """Run each transformer block's MLP over slices of ``feed_forward_chunk_size`` tokens, each slice checkpointed, so only one slice's hidden activations exist during backward (measured on Z-Image at 1024 px in docs/benchmarks.md; costs one more MLP forward per step). Every family whose MLPs act per token (all but Sana). Default false."""
+    """Run each transformer block's MLP over slices of ``feed_forward_chunk_size`` tokens, each slice checkpointed, so only one slice's hidden activations exist during backward: on Z-Image at 1024 px (H100) -0.35 to -0.43 GiB of peak for 18-40 % more step time (docs/memory.md). The last lever for a card that is just short of memory. Every family whose MLPs act per token (all but Sana). Default false."""
     feed_forward_chunk_size: int | None = _field(None, _at_least_one)
-    """Tokens per slice with enable_chunked_feed_forward; smaller saves more memory and adds launches. Default 1024."""
+    """Tokens per slice with enable_chunked_feed_forward; smaller saves more memory and adds launches. Default 2048."""
     seed: int = 42
     """Random seed for noise, timesteps, dropout and data order. Default 42."""
     ignore_final_epochs: bool = False
@@ -394,6 +394,14 @@ class TrainConfig:
     # --- precision and memory ------------------------------------------------------------------
     base_model_precision: str = "no_change"
     """Quantise the frozen base weights with a tune-quant preset (``int8-torchao``, ``nf4-bnb``, ...). Default ``no_change``."""
+    text_encoder_1_precision: str = "no_change"
+    """Quantise the first text encoder with a tune-quant preset (``int8-torchao``, ``nf4-bnb``, ...), on the CPU right after loading, so a large encoder (FLUX.2's 24 B Mistral, Qwen-Image's Qwen2.5-VL) fits beside nothing else while it fills the text cache. Embeddings change slightly (cached per setting). Default ``no_change``."""
+    text_encoder_2_precision: str = "no_change"
+    """As text_encoder_1_precision, for the second text encoder (SD3's and SDXL's second CLIP, Flux's T5). Default ``no_change``."""
+    text_encoder_3_precision: str = "no_change"
+    """As text_encoder_1_precision, for the third text encoder (SD3's T5). Default ``no_change``."""
+    text_encoder_4_precision: str = "no_change"
+    """As text_encoder_1_precision, for a fourth text encoder. Default ``no_change``."""
     quantize_via: str = _field("cpu", _choices)
     """Where quantisation runs. Default ``cpu``: the whole transformer is quantised in CPU memory (slow; needs RAM for the bf16 model). ``accelerator``: block by block on the GPU (fast; the GPU holds the resident part plus one bf16 block, and the last ``musubi_blocks_to_swap`` blocks go back to the CPU once quantised); on a CPU-only run it is the same as cpu. ``pipeline`` (quantise while diffusers loads) is not implemented yet: use accelerator."""
     base_model_default_dtype: str = _field("bf16", _choices)
@@ -447,6 +455,11 @@ class TrainConfig:
     # --- caching ---------------------------------------------------------------------------------
     vae_batch_size: int = _field(4, _positive)
     """Images encoded per VAE call while building the latent cache. Default 4."""
+
+    def text_encoder_precisions(self) -> tuple[str, ...]:
+        """``text_encoder_N_precision`` in encoder order (the first is ``text_encoder``)."""
+        return (self.text_encoder_1_precision, self.text_encoder_2_precision,
+                self.text_encoder_3_precision, self.text_encoder_4_precision)
 
     def offload_settings(self):
         """These offload keys as tune-offload's ``OffloadSettings`` (validated there)."""

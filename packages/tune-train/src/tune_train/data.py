@@ -13,6 +13,7 @@ import zlib
 from collections import Counter
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import numpy as np
@@ -122,8 +123,12 @@ class TrainingData:
         seed: int,
         progress: bool = True,
         conditioning_sampling: str = "combined",
+        text_settings: dict[str, Any] | None = None,
     ) -> None:
         self.cache_root = Path(cache_root)
+        self.text_settings = dict(text_settings or {})
+        """Settings that change prompt embeddings beyond the model (quantised text encoders):
+        part of every text cache key, so a changed setting re-encodes instead of reusing."""
         self.conditioning_sampling = conditioning_sampling
         """``conditioning_multidataset_sampling``: ``combined`` (every conditioning dataset's
         reference per sample) or ``random`` (one dataset per batch, from the seed and step)."""
@@ -187,7 +192,7 @@ class TrainingData:
         return TensorCache(
             root,
             "text",
-            {"model": self.model_identity},
+            {"model": self.model_identity, **self.text_settings},
             storage_options=storage_options,
             dataset=text.id if text is not None else None,
             compress_disk_cache=(text or config).compress_disk_cache,

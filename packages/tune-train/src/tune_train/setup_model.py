@@ -81,6 +81,40 @@ def storage_dtype(config: TrainConfig) -> torch.dtype:
     return _DTYPES[mixed]
 
 
+def text_cache_settings(config: TrainConfig) -> dict[str, Any]:
+    """What besides the model changes the cached prompt embeddings: the text encoders'
+    precisions, when any is quantised (empty otherwise, so existing caches stay valid)."""
+    precisions = config.text_encoder_precisions()
+    if all(p in (None, "no_change") for p in precisions):
+        return {}
+    return {"text_encoder_precision": list(precisions)}
+
+
+def quantise_text_encoders(model: Any, config: TrainConfig, device: torch.device) -> list[str]:
+    """Quantise each text encoder whose ``text_encoder_N_precision`` names a preset, where it was
+    loaded (the CPU), before it is ever moved to ``device``: the point is an encoder that would
+    not fit the card in bf16. Returns ``"text_encoder_N: preset"`` for each one done."""
+    encoders = model.text_encoders
+    done = []
+    for index, preset in enumerate(config.text_encoder_precisions(), start=1):
+        if preset in (None, "no_change"):
+            continue
+        key = f"text_encoder_{index}_precision"
+        if index > len(encoders):
+            raise ConfigError(
+                f"{key} is {preset!r}, but this model has {len(encoders)} text encoder(s); "
+                f"set {key} to no_change"
+            )
+        from tune_quant.presets import quantise
+
+        try:
+            quantise(encoders[index - 1], preset, device=device.type)
+        except Exception as exc:  # the preset's own clear error, named after the user's key
+            raise ConfigError(f"{key} {preset!r}: {exc}") from exc
+        done.append(f"text_encoder_{index}: {preset}")
+    return done
+
+
 def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch.device) -> Any:
     """Quantise the frozen transformer (``base_model_precision``) and switch on gradient
     checkpointing; returns the run's offload settings (checked against ``device``)."""

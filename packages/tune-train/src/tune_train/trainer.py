@@ -163,6 +163,7 @@ class Trainer:
             seed=config.seed,
             progress=self.progress,
             conditioning_sampling=config.conditioning_multidataset_sampling,
+            text_settings=setup_model.text_cache_settings(config),
         )
         self.data.discover()
         check_reference_support(self.data, self.family, self.flavour.name)
@@ -179,6 +180,7 @@ class Trainer:
 
         self.model = self.family.load(source, self.flavour.name, dtype=weight_dtype, device="cpu")
         self.family.configure_training(self.model, config.family_options)
+        setup_model.quantise_text_encoders(self.model, config, self.accelerator.device)
         # The noise scheme is the family's declaration: None trains flow matching (tune_train.flow).
         self.ddpm = ddpm.scheme_for(self.family, self.model, config)
         # Caches are filled before anything big moves to the accelerator.
