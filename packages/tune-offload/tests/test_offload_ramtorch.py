@@ -303,3 +303,20 @@ def test_ramtorch_on_gpu_matches_the_plain_module(preset):
     got.float().square().sum().backward()
     for name, grad in grads(plain).items():
         torch.testing.assert_close(grads(model)[name], grad, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_already_on_the_gpu_gives_its_linear_weights_back():
+    """ramtorch on a model placed on the GPU first (as quantize_via accelerator does) frees the
+    chosen linears' GPU weights: only the CPU copies are kept, and remove() rebuilds them."""
+    torch.manual_seed(0)
+    model = Model(width=1024, depth=4).to(torch.bfloat16).cuda()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    apply_offload(model, OffloadSettings(ramtorch=True), onload_device="cuda")
+    torch.cuda.synchronize()
+    chosen = sum(r.linear.weight.numel() * 2 for r in ram_linears(model).residents)
+    assert before - torch.cuda.memory_allocated() > 0.9 * chosen
+    ram_linears(model).remove()
+    assert model.transformer_blocks[0].ff.weight.device.type == "cuda"

@@ -125,7 +125,10 @@ class _Resident:
                 if pin and not leaf.is_pinned():
                     leaf = leaf.pin_memory()
                 moved.append(leaf)
-            self.originals[key] = tensor
+            # The original object comes back on remove(), but only when it already lived in
+            # offload memory: holding a GPU original would keep every "offloaded" weight on the
+            # GPU (a model placed on the GPU before ramtorch saved nothing; found on the H100).
+            self.originals[key] = tensor if tensor.device == offload_device else None
             self.parts[key] = (recipe, moved)
             linear._parameters[key] = torch.nn.Parameter(_rebuild(recipe, moved), requires_grad=False)
         self.quantised = self.parts["weight"][0] is not None
@@ -253,13 +256,20 @@ class CpuResidentLinears:
 
     def remove(self) -> None:
         """Put every chosen linear's weight back on the device with its plain ``forward``."""
-        from tune_offload.block_swap import _move_in_place
+        import torch
+
+        from tune_offload.block_swap import _move_in_place, _rebuild
 
         for resident in self.residents:
             linear = resident.linear
             linear.__dict__.pop("forward", None)
             linear.__dict__.pop(_RESIDENT, None)
             for key, original in resident.originals.items():
+                if original is None:  # it lived on the device: rebuild it there from the CPU parts
+                    recipe, leaves = resident.parts[key]
+                    rebuilt = _rebuild(recipe, [leaf.to(self.onload_device) for leaf in leaves])
+                    linear._parameters[key] = torch.nn.Parameter(rebuilt, requires_grad=False)
+                    continue
                 linear._parameters[key] = original
                 _move_in_place(linear, key, original, self.onload_device)
         self.module.__dict__.pop(_MARK, None)
