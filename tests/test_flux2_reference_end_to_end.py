@@ -200,6 +200,9 @@ def test_flux_kontext_trains_with_references_and_dev_refuses_them(tmp_path, tiny
         return original_predict(self, model, noisy, sigmas, prompts, **kwargs)
 
     monkeypatch.setattr(FluxFamily, "predict", spy_predict)
+    from diffusers import FluxKontextPipeline
+
+    given = _spy_pipeline_images(monkeypatch, FluxKontextPipeline)
     config = _write(tmp_path / "kontext", tiny_flux, edited, refs, family="flux", flavour="kontext", steps=2)
     settings = json.loads(config.read_text())
     settings.update({"--validation_disable": False, "--validation_prompt": "invert the colours",
@@ -208,8 +211,71 @@ def test_flux_kontext_trains_with_references_and_dev_refuses_them(tmp_path, tiny
     result = _loop(config).train()
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert [shapes[1:] == shapes[:1] for shapes in seen] == [True, True]  # one reference, the target's shape
-    images = list((tmp_path / "kontext" / "output" / "validation").rglob("*.png"))
+    validation = tmp_path / "kontext" / "output" / "validation"
+    images = [p for p in validation.rglob("*.png") if p.name != "input.png"]
     assert images and Image.open(images[0]).size == (32, 32)  # Kontext kept the requested size
+    # Validation edited the first reference (by path) of the conditioning data, saved beside.
+    first_ref = Image.open(min(refs.glob("*.png"))).convert("RGB")
+    assert _same(Image.open(validation / "input.png"), first_ref)
+    assert len(given) == len(images) and all(_same(image, first_ref) for image in given)
+
+
+def _spy_pipeline_images(monkeypatch, pipeline_class) -> list:
+    """Records the ``image`` each call of ``pipeline_class`` gets (validation's)."""
+    given = []
+    call = pipeline_class.__call__
+
+    def spy(self, *args, **kwargs):
+        given.append(kwargs.get("image"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", spy)
+    return given
+
+
+def _same(image, reference) -> bool:
+    """The same picture (compared at ``image``'s size; a square 32 px crop of a 32 px shape is the shape)."""
+    return image is not None and np.array_equal(
+        np.asarray(image.convert("RGB")), np.asarray(reference.resize(image.size, Image.Resampling.NEAREST))
+    )
+
+
+def test_flux2_validation_edits_a_reference_with_references_and_draws_from_text_without(
+    tmp_path, tiny_flux2, edit_pairs, monkeypatch
+):
+    """FLUX.2 does both: a run with conditioning data validates by editing its first reference
+    (saved as validation/input.png, given to Flux2Pipeline as ``image=``); a text-to-image run
+    validates from text alone."""
+    from diffusers import Flux2Pipeline
+
+    edited, refs = edit_pairs
+    given = _spy_pipeline_images(monkeypatch, Flux2Pipeline)
+    settings = {"--validation_disable": False, "--validation_prompt": "invert the colours",
+                "--validation_resolution": "32", "--validation_num_inference_steps": 1}
+    config = _write(tmp_path / "edit", tiny_flux2, edited, refs, steps=1)
+    config.write_text(json.dumps({**json.loads(config.read_text()), **settings}))
+    _loop(config).train()
+    validation = tmp_path / "edit" / "output" / "validation"
+    first_ref = Image.open(min(refs.glob("*.png"))).convert("RGB")
+    picture = Image.open(validation / "input.png").convert("RGB")
+    assert _same(picture, first_ref)
+    # The pipeline refuses references under 64 px: the tiny run's 32 px one is enlarged to 64.
+    made = [p for p in validation.rglob("*.png") if p.name != "input.png"]
+    assert made and len(given) == len(made)
+    enlarged = np.asarray(picture.resize((64, 64)))
+    assert all(image.size == (64, 64) and np.array_equal(np.asarray(image), enlarged) for image in given)
+
+    given.clear()
+    config = _write(tmp_path / "text", tiny_flux2, edited, refs, steps=1)
+    settings["--data_backend_config"] = str(tmp_path / "text" / "plain.json")
+    backends = json.loads((tmp_path / "text" / "multidatabackend.json").read_text())
+    (tmp_path / "text" / "plain.json").write_text(json.dumps(
+        [{k: v for k, v in backends[0].items() if k != "conditioning_data"}, backends[2]]
+    ))
+    config.write_text(json.dumps({**json.loads(config.read_text()), **settings}))
+    _loop(config).train()
+    assert given and given == [None] * len(given)
+    assert not (tmp_path / "text" / "output" / "validation" / "input.png").exists()
 
 
 def test_reference_kwargs_stacks_slots_and_names_the_dataset_when_sizes_differ():

@@ -237,3 +237,33 @@ def test_reference_latents_condition_like_the_pipelines_image_input(flux2, flux2
     assert not torch.allclose(velocity, plain, atol=1e-4)
     with pytest.raises(ValueError, match="reference latents"):
         flux2.predict(model, noise, torch.tensor([1.0]), cond, reference_latents=[reference[:, :32]])
+
+
+def test_validation_edits_the_runs_reference_through_the_pipelines_image(flux2, flux2_path):
+    """FLUX.2 validates by editing a reference when the run has one (``optional-reference``):
+    ``generate(image=)`` reaches ``Flux2Pipeline(image=...)`` and changes the picture; a reference
+    under the pipeline's 64 px minimum (a tiny run's) is enlarged first instead of refused."""
+    from PIL import Image
+
+    assert flux2.validation_input("dev") == flux2.validation_input("tiny") == "optional-reference"
+    model = load(flux2, flux2_path)
+    pipe = flux2.validation_pipeline(model)
+    seen = []
+    call = type(pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("image"))
+        return call(self, *args, **kwargs)
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    settings = dict(width=32, height=32, steps=1, guidance=4.0, seed=0)
+    try:
+        type(pipe).__call__ = spy
+        text_only = np.asarray(flux2.generate(pipe, PROMPTS[0], **settings), dtype=np.float32)
+        edited = np.asarray(flux2.generate(pipe, PROMPTS[0], image=small, **settings), dtype=np.float32)
+    finally:
+        type(pipe).__call__ = call
+    assert seen[0] is None and seen[1].size == (96, 64)  # short side 32 -> 64, aspect kept
+    assert edited.shape == text_only.shape == (32, 32, 3)
+    assert np.abs(edited - text_only).max() > 1

@@ -226,3 +226,30 @@ def test_lora_changes_pipeline_output_in_both_layouts(flux, flux_path, tmp_path)
     pipe = flux.validation_pipeline(load(flux, flux_path))
     pipe.load_lora_weights(dict(back))
     assert np.abs(suite.image(flux, pipe) - expected).max() <= 1
+
+
+def test_kontext_validation_edits_a_reference_at_its_training_size(flux, flux_path):
+    """Kontext validates by editing a reference of the run (``validation_input``), dev and schnell
+    from text; ``generate(image=)`` reaches ``FluxKontextPipeline(image=...)`` and changes the
+    picture, and the reference is encoded at the size it comes in (no ~1 MP preferred-size resize)."""
+    from PIL import Image
+
+    assert flux.validation_input("kontext") == "reference"
+    assert flux.validation_input("dev") is None and flux.validation_input("schnell") is None
+    model = load(flux, flux_path, flavour="kontext")
+    pipe = flux.validation_pipeline(model)
+    shapes = []
+    prepare = pipe.prepare_latents
+
+    def spy(image, *args, **kwargs):
+        shapes.append(None if image is None else tuple(image.shape))
+        return prepare(image, *args, **kwargs)
+
+    pipe.prepare_latents = spy
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    settings = dict(width=32, height=32, steps=1, guidance=2.5, seed=0)
+    text_only = np.asarray(flux.generate(pipe, "a cat", **settings), dtype=np.float32)
+    edited = np.asarray(flux.generate(pipe, "a cat", image=picture, **settings), dtype=np.float32)
+    assert shapes == [None, (1, 3, 32, 48)]
+    assert edited.shape == text_only.shape == (32, 32, 3)
+    assert np.abs(edited - text_only).max() > 1

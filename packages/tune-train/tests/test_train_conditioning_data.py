@@ -114,3 +114,30 @@ def test_datasets_without_conditioning_get_empty_reference_lists(tmp_path):
 
 def _batch_of(data, dataset_id):
     return [p for images in data.prepared[dataset_id].buckets.values() for p in images][:2]
+
+
+def test_validation_input_optional_reference_is_a_reference_when_the_run_has_them(tmp_path, folders, caplog):
+    """``optional-reference`` (FLUX.2: text to image or editing) gives the first reference like
+    ``reference`` where the run has conditioning data, and text to image without a warning where it
+    has none; ``reference`` (an edit-only model) warns there."""
+    from tune_train.reference_inputs import validation_image
+
+    data = _data(tmp_path, folders)
+    reference = validation_image(data, "reference")
+    optional = validation_image(data, "optional-reference")
+    assert reference is not None and optional is not None
+    assert list(optional.getdata()) == list(reference.getdata())
+
+    root = make_shapes_dataset(tmp_path / "plain", count=2, size=(64, 64))
+    configs = load_dataset_configs([{"id": "plain", "instance_data_dir": str(root), "caption_strategy": "textfile",
+                                     "resolution": 64}])
+    plain = TrainingData(configs, cache_root=tmp_path / "cache2", model_identity="m", seed=0, progress=False)
+    plain.discover()
+    with caplog.at_level("WARNING"):
+        assert validation_image(plain, "optional-reference") is None
+    assert "no validation input image" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert validation_image(plain, "reference") is None
+    assert "no validation input image" in caplog.text
+    with pytest.raises(ValueError, match="optional-reference"):
+        validation_image(plain, "references")

@@ -380,8 +380,10 @@ class ModelFamily:
     def validation_input(self, flavour: str | None) -> str | None:
         """What the ``flavour``'s validation pipeline needs besides a prompt, which the trainer
         passes to :meth:`generate` as ``image=``: ``None`` (text to image, the default),
-        ``"reference"`` (an edit model: a reference image from the run's conditioning data) or
-        ``"image"`` (image to image, e.g. a refiner: an image of the training data)."""
+        ``"reference"`` (an edit model: a reference image from the run's conditioning data; a
+        warning when the run has none), ``"optional-reference"`` (a model that makes images from
+        text or edits them, as FLUX.2: a reference when the run has conditioning data, else text to
+        image) or ``"image"`` (image to image, e.g. a refiner: an image of the training data)."""
         return None
 
     def batch_conditions(

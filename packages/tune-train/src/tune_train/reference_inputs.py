@@ -11,8 +11,8 @@ Two family declarations (``tune_models.family.ModelFamily``) drive this, never a
   entries, and ``load_batch`` reads them. The entry is keyed by the reference *files* (path, size,
   mtime), not their crop: the embedding is computed once from the reference as first planned, so a
   per-epoch re-crop (``vae_cache_clear_each_epoch``) reuses it instead of running the encoder again.
-- ``validation_input(flavour)``: ``"reference"`` or ``"image"``; :func:`validation_image` picks the
-  picture the validation pipeline gets as ``image=``.
+- ``validation_input(flavour)``: ``"reference"``, ``"optional-reference"`` or ``"image"``;
+  :func:`validation_image` picks the picture the validation pipeline gets as ``image=``.
 """
 
 from __future__ import annotations
@@ -118,12 +118,19 @@ def validation_image(data: TrainingData, kind: str | None, *, prefer: str | None
     of a dataset with conditioning data; for ``"image"`` the first training image (by path) itself;
     ``None`` for text-to-image. ``prefer`` (the held-out ``eval_dataset_id``) is looked at first,
     so validation edits an image the model was not trained on when there is one. Bucket-sized,
-    as training sees it."""
+    as training sees it. ``"optional-reference"`` is ``"reference"`` where the run has
+    conditioning data and text to image (``None``, no warning) where it has none."""
     if kind is None:
         return None
-    if kind not in ("reference", "image"):
-        raise ValueError(f"unknown validation_input {kind!r}: expected None, 'reference' or 'image'")
+    if kind not in ("reference", "optional-reference", "image"):
+        raise ValueError(
+            f"unknown validation_input {kind!r}: expected None, 'reference', 'optional-reference' or 'image'"
+        )
     from PIL import Image
+
+    optional = kind == "optional-reference"
+    if optional:
+        kind = "reference"
 
     order = sorted(data.prepared, key=lambda dataset_id: dataset_id != prefer)
     for dataset_id in order:
@@ -136,6 +143,8 @@ def validation_image(data: TrainingData, kind: str | None, *, prefer: str | None
         if kind == "reference":
             return reference_pictures(data, dataset, planned)[0]
         return Image.fromarray(load_training_image(dataset.storage, dataset.current(planned)))
+    if optional:
+        return None
     what = "a dataset with conditioning_data" if kind == "reference" else "an image dataset"
     log.warning("no validation input image: the model's validation pipeline needs %s", what)
     return None

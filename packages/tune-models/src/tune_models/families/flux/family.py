@@ -23,6 +23,8 @@ What is particular to Flux, read off diffusers' ``FluxPipeline`` and ``FluxTrans
   (``FluxKontextPipeline.prepare_latents``), its outputs dropped. ``predict(...,
   reference_latents=[ref])`` does that; the trainer passes the latents of the image dataset's
   conditioning dataset (``conditioning_data``). One reference per sample, as the pipeline's.
+  Validation edits a reference of the run (``FluxKontextPipeline(image=...)``, see
+  :meth:`FluxFamily.validation_input`) at the size training gave it.
 - the sampling shift is resolution-dependent for dev (``calculate_shift`` on the packed token
   count, 256 -> 0.5 ... 4096 -> 1.15, ``shift = exp(mu)``) and fixed at 1 for schnell.
 """
@@ -92,6 +94,11 @@ class FluxFamily(ModelFamily):
     def accepts_references(self, flavour: str | None) -> bool:
         """FLUX.1-Kontext is made for a reference image; dev and schnell have never seen one."""
         return self.flavour(flavour).name == "kontext"
+
+    def validation_input(self, flavour: str | None) -> str | None:
+        """Kontext validates by editing a reference of the run's conditioning data; dev and
+        schnell make images from text."""
+        return "reference" if self.accepts_references(flavour) else None
 
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:
         """Flux's training options (SimpleTuner keys): ``flux_guidance_mode`` (``constant``, default,
@@ -252,15 +259,20 @@ class FluxFamily(ModelFamily):
 
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """``guidance`` is the distilled guidance *input* for dev (no CFG, so ``negative_prompt``
-        is unused), ignored by schnell. Kontext gets ``max_area`` (see :meth:`generate`)."""
+        is unused), ignored by schnell. Kontext gets ``max_area`` and, with a reference image,
+        ``_auto_resize=False`` (see :meth:`generate`)."""
         kwargs: dict[str, Any] = {"max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512)}
         if getattr(pipeline, "_tune_max_area", None):
             kwargs["max_area"] = pipeline._tune_max_area
+            kwargs["_auto_resize"] = False
         return kwargs
 
     def generate(self, pipeline: Any, prompt: str, *, width: int, height: int, **kwargs: Any) -> Any:
-        """As the base; for Kontext the requested size is also its ``max_area``, since
-        ``FluxKontextPipeline`` otherwise rescales every request to 1024 x 1024 pixels of area."""
+        """As the base (the reference ``image`` goes to ``FluxKontextPipeline(image=...)``). For
+        Kontext the requested size is also its ``max_area``, since the pipeline otherwise rescales
+        every request to 1024 x 1024 pixels of area; and the reference keeps the size training gave
+        it (bucket-sized, rounded down to 16 px by the pipeline) instead of being resized to the
+        nearest of Kontext's preferred ~1 MP sizes (``_auto_resize``)."""
         if type(pipeline).__name__ == "FluxKontextPipeline":
             pipeline._tune_max_area = width * height
         return super().generate(pipeline, prompt, width=width, height=height, **kwargs)

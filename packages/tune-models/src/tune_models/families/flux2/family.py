@@ -29,7 +29,9 @@ text encoder and a 32-channel VAE, read off diffusers' ``Flux2Pipeline``,
   latents as extra tokens at ``t = 10, 20, ...``, as the pipeline does with its ``image``
   argument (checked against it in the tests). The trainer feeds it the cached latents of the
   image dataset's conditioning datasets (``conditioning_data``, paired ``reference_strict`` or
-  ``reference_loose``); without them training is text-to-image.
+  ``reference_loose``); without them training is text-to-image. Validation follows the run: with
+  conditioning data it edits a reference (``Flux2Pipeline(image=...)``, see
+  :meth:`Flux2Family.validation_input`), without it makes images from text.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ GUIDANCE_MODES = _shared.GUIDANCE_MODES
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
 """Hidden-state indices stacked into the prompt embedding (``Flux2Pipeline.encode_prompt``'s
 default ``text_encoder_out_layers``; index 0 is the token embeddings)."""
+MIN_REFERENCE_SIDE = 64
+"""``Flux2ImageProcessor.check_image_input``'s smallest reference side, in pixels."""
 
 
 class Flux2Family(ModelFamily):
-    """FLUX.2-dev (text-to-image)."""
+    """FLUX.2-dev: text to image, and editing when trained with reference images."""
 
     name = "flux2"
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX2_FLAVOURS.items()}
@@ -95,6 +99,11 @@ class Flux2Family(ModelFamily):
     """Our ComfyUI files (``lora_down``/``lora_up``) are read here; diffusers would send them to its
     kohya converter, which expects ``lora_unet_`` names."""
     tiny_module = "tune_models.families.flux2.tiny"
+
+    def validation_input(self, flavour: str | None) -> str | None:
+        """One checkpoint does both: a run with conditioning data validates by editing one of its
+        references, a run without makes images from text."""
+        return "optional-reference"
 
     def pipeline_class(self) -> type:
         from diffusers import Flux2Pipeline
@@ -359,6 +368,16 @@ class Flux2Family(ModelFamily):
         pipeline = super().validation_pipeline(model)
         pipeline._tune_max_sequence_length = self._max_sequence_length(model.flavour)
         return pipeline
+
+    def generate(self, pipeline: Any, prompt: str, *, image: Any = None, **kwargs: Any) -> Any:
+        """As the base, the reference ``image`` going to ``Flux2Pipeline(image=...)`` at the size
+        training gave it, except that the pipeline refuses a side under 64 px (only small test
+        runs have one): such an image is enlarged to 64 on its short side first."""
+        if image is not None and min(image.size) < MIN_REFERENCE_SIDE:
+            scale = MIN_REFERENCE_SIDE / min(image.size)
+            image = image.resize((max(MIN_REFERENCE_SIDE, round(image.width * scale)),
+                                  max(MIN_REFERENCE_SIDE, round(image.height * scale))))
+        return super().generate(pipeline, prompt, image=image, **kwargs)
 
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """``guidance`` is the distilled guidance *input* (no CFG, so ``negative_prompt`` is unused)."""
