@@ -367,6 +367,25 @@ def test_plan_reports_an_unreadable_dataset(workdir, fake_family):
     assert any(p.startswith("dataset 'pics'") for p in plan["problems"])
 
 
+@pytest.mark.parametrize(
+    ("flavour", "resolution", "sizes"),
+    [
+        ("sana-600m-512", None, ["512x512"]),
+        ("sana-1.6b-512-multiling", None, ["512x512"]),
+        ("sana-1.6b-1024", None, ["1024x1024"]),
+        ("sana-600m-512", "768,512x256", ["768x768", "512x256"]),
+    ],
+)
+def test_plan_validation_sizes_follow_the_flavour_unless_set(workdir, flavour, resolution, sizes):
+    """Without validation_resolution, tune check shows the flavour's own size (512 for a 512 px
+    checkpoint); a size the user sets wins."""
+    config = {"model_family": "sana", "model_flavour": flavour, "validation_prompt": "a fox"}
+    if resolution is not None:
+        config["validation_resolution"] = resolution
+    plan = build_plan(load_config(write_project(workdir, config)))
+    assert plan["validation"]["sizes"] == sizes
+
+
 def test_build_plan_imports_neither_torch_nor_diffusers(workdir):
     path = write_project(workdir, {})
     code = textwrap.dedent(

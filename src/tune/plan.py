@@ -374,7 +374,7 @@ def _validation(loaded: LoadedConfig, facts: dict[str, Any]) -> dict[str, Any] |
     return {
         "every": train.validation_step_interval or "end only",
         "on_startup": train.validation_on_startup,
-        "sizes": [f"{w}x{h}" for w, h in train.validation_sizes()],
+        "sizes": [f"{w}x{h}" for w, h in train.validation_sizes(default=facts.get("resolution"))],
         "steps": train.validation_num_inference_steps or facts.get("inference_steps") or flavour_default,
         "guidance": train.validation_guidance if train.validation_guidance is not None else facts.get("guidance", flavour_default),
         "prompt": train.validation_prompt,

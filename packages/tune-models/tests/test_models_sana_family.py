@@ -207,9 +207,10 @@ def test_512_px_flavours(sana, sana_path, caplog, monkeypatch):
     for name, repo in expected.items():
         flavour = sana.flavour(name)
         assert (flavour.pretrained, flavour.inference_steps, flavour.guidance, flavour.shift) == (repo, 20, 4.5, 3.0)
-        assert SANA_SAMPLE_SIZES[name] == 512
+        assert SANA_SAMPLE_SIZES[name] == 512 and flavour.resolution == 512  # the default validation size
         assert sana.flow_shift(512, 512, shift=flavour.shift, auto_shift=False) == 3.0
     assert {SANA_SAMPLE_SIZES[n] for n in sana.flavours if n not in expected and n != "tiny"} == {1024}
+    assert {sana.flavour(n).resolution for n in sana.flavours if n not in expected} == {None}  # 1024
 
     with caplog.at_level("WARNING"):
         model = load(sana, sana_path, flavour="sana-600m-512")

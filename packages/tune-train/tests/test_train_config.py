@@ -122,6 +122,27 @@ def test_validation_sizes(text, sizes):
     assert make(validation_resolution=text).validation_sizes() == sizes
 
 
+def test_unset_validation_resolution_follows_the_flavour():
+    """Unset, validation makes square images at the flavour's ``resolution`` (512 for a 512 px
+    checkpoint), else 1024; a size the user sets wins."""
+    assert make().validation_resolution is None
+    assert make().validation_sizes() == [(1024, 1024)]
+    assert make().validation_sizes(default=512) == [(512, 512)]
+    assert make(validation_resolution="768").validation_sizes(default=512) == [(768, 768)]
+    assert make(validation_resolution="1024").validation_sizes(default=512) == [(1024, 1024)]
+
+    from types import SimpleNamespace
+
+    from tune_models.family import Flavour
+    from tune_train.validation import validation_sizes
+
+    flavour = Flavour(name="small", pretrained="x", inference_steps=2, guidance=1.0, shift=None, resolution=512)
+    assert validation_sizes(SimpleNamespace(config=make(), flavour=flavour)) == [(512, 512)]
+    assert validation_sizes(SimpleNamespace(config=make(validation_resolution="64x32"), flavour=flavour)) == [(64, 32)]
+    plain = Flavour(name="base", pretrained="x", inference_steps=2, guidance=1.0, shift=None)
+    assert validation_sizes(SimpleNamespace(config=make(), flavour=plain)) == [(1024, 1024)]
+
+
 @pytest.mark.parametrize("text", ["", "big", "1024x", "0", "512x-1", "x512"])
 def test_bad_validation_resolution(text):
     with pytest.raises(ConfigError, match="validation_resolution"):

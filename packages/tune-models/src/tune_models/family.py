@@ -95,6 +95,10 @@ class Flavour:
     """File name inside ``assistant_lora`` when it is a repository or folder."""
     description: str = ""
     """One line for ``tune plugins`` and error messages."""
+    resolution: int | None = None
+    """Pixels per side the checkpoint was trained at, where it is not the usual 1024 (Sana's
+    512 px checkpoints): the validation size when the run sets no ``validation_resolution``.
+    ``None``: 1024."""
 
 
 @attrs.define

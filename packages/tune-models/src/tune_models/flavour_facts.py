@@ -19,6 +19,7 @@ def flavour_facts(pretrained: str, steps: int, guidance: float, shift: float | N
         "assistant_lora": None,
         "assistant_lora_weight_name": None,
         "description": description,
+        "resolution": None,
     }
     facts.update(extra)
     return facts

@@ -338,8 +338,8 @@ class TrainConfig:
     """JSON file mapping short names to extra validation prompts (``{"name": "prompt"}``). Default none."""
     validation_negative_prompt: str | None = None
     """Negative prompt for validation (families that use CFG). Default: the empty prompt."""
-    validation_resolution: str = "1024"
-    """Validation image size(s): ``1024``, ``512x768`` or several comma-separated. Default ``1024``."""
+    validation_resolution: str | None = None
+    """Validation image size(s): ``1024``, ``512x768`` or several comma-separated. Default: the size the flavour's checkpoint was trained at (512 for Sana's 512 px flavours), else ``1024``."""
     validation_num_inference_steps: int | None = _field(None, _positive)
     """Sampling steps for validation images. Default: the flavour's."""
     validation_guidance: float | None = _field(None, _non_negative)
@@ -567,8 +567,11 @@ class TrainConfig:
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
-    def validation_sizes(self) -> list[tuple[int, int]]:
-        """``validation_resolution`` as ``[(width, height), ...]``; ``"1024"`` is square."""
+    def validation_sizes(self, default: int | None = None) -> list[tuple[int, int]]:
+        """``validation_resolution`` as ``[(width, height), ...]``; ``"1024"`` is square. Unset, it
+        is ``default`` square (the flavour's ``resolution``), or 1024 without one."""
+        if self.validation_resolution is None:
+            return [(default or 1024, default or 1024)]
         sizes = []
         for part in str(self.validation_resolution).split(","):
             part = part.strip().lower()

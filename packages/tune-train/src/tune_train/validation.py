@@ -91,9 +91,14 @@ def validate(trainer: Trainer) -> list[str]:
         transformer.train()
         set_assistant_enabled(model, True)
     if config.evaluation_type == "clip":
-        trainer._score_validation(evaluation.validation_prompt_pairs(prompts, config.validation_sizes(), paths))
+        trainer._score_validation(evaluation.validation_prompt_pairs(prompts, validation_sizes(trainer), paths))
     trainer.hook.tune_validation_end(trainer=trainer, step=trainer.global_step, images=paths)
     return paths
+
+
+def validation_sizes(trainer: Trainer) -> list[tuple[int, int]]:
+    """The run's validation sizes; without ``validation_resolution``, the flavour's own size."""
+    return trainer.config.validation_sizes(default=getattr(trainer.flavour, "resolution", None))
 
 
 def _input_image(trainer: Trainer) -> Any:
@@ -124,7 +129,7 @@ def _validation_images(
     paths = []
     extra = {"image": image} if image is not None else {}
     for name, prompt in prompts:
-        for width, height in config.validation_sizes():
+        for width, height in validation_sizes(trainer):
             image = trainer.family.generate(
                 pipeline,
                 prompt,

@@ -4,7 +4,8 @@ Every published Sana checkpoint, 512 px and 1024 px alike, samples with Flow-DPM
 CFG 4.5 and a fixed flow shift of 3 (its scheduler config's ``flow_shift``; NVlabs' training configs
 ``Sana_600M_img512.yaml`` / ``Sana_1600M_img512.yaml`` set ``flow_shift: 3.0`` too). The 512 px
 checkpoints differ in their training size only: a transformer ``sample_size`` of 16 latents (x 32 =
-512 px, where the 1024 px ones have 32), so train and validate them at 512 (``SANA_SAMPLE_SIZES``).
+512 px, where the 1024 px ones have 32), so train and validate them at 512: their ``resolution``
+fact, the default ``validation_resolution`` (``SANA_SAMPLE_SIZES`` lists every flavour's).
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ SANA_FLAVOURS: dict[str, dict[str, Any]] = {
     "sana-1.6b-512": flavour_facts(
         "Efficient-Large-Model/Sana_1600M_512px_diffusers", 20, 4.5, 3.0,
         "Sana 1.0 1.6B at 512 px, CFG 4.5, shift 3",
+        resolution=512,
     ),
     "sana-1.6b-512-multiling": flavour_facts(
         "Efficient-Large-Model/Sana_1600M_512px_MultiLing_diffusers", 20, 4.5, 3.0,
         "Sana 1.0 1.6B at 512 px, multilingual prompts (English, Chinese, emoji), CFG 4.5, shift 3",
+        resolution=512,
     ),
     "sana-600m-512": flavour_facts(
         "Efficient-Large-Model/Sana_600M_512px_diffusers", 20, 4.5, 3.0,
         "Sana 1.0 0.6B at 512 px (multilingual), CFG 4.5, shift 3",
+        resolution=512,
     ),
     "tiny": flavour_facts(
         "tune-tiny:sana", 2, 4.5, 3.0,
@@ -49,15 +53,10 @@ SANA_FLAVOURS: dict[str, dict[str, Any]] = {
 }
 SANA_LORA_TARGETS = ["all", "all+ffs", "self-attention"]
 SANA_SAMPLE_SIZES: dict[str, int] = {
-    "sana1.5-1.6b": 1024,
-    "sana1.5-4.8b": 1024,
-    "sana-1.6b-1024": 1024,
-    "sana-600m-1024": 1024,
-    "sana-1.6b-512": 512,
-    "sana-1.6b-512-multiling": 512,
-    "sana-600m-512": 512,
+    name: facts["resolution"] or 1024 for name, facts in SANA_FLAVOURS.items() if name != "tiny"
 }
 """Pixels per side each flavour's checkpoint was trained at (its transformer's ``sample_size``
-times the DC-AE's 32): the ``resolution`` and ``validation_resolution`` that suit it. Loading a
+times the DC-AE's 32), from the flavours' ``resolution`` facts: the ``resolution`` and
+``validation_resolution`` that suit it (the latter is the default). Loading a
 checkpoint whose transformer says otherwise logs a warning (a 1024 px folder under a 512 px
 flavour trains with the wrong expectations)."""
