@@ -37,6 +37,7 @@ def test_diff2flow_lowers_the_flow_loss_of_an_epsilon_unet_on_a_fixed_batch(tiny
     from tune_models.family import ModelSource, get_family
     from tune_train.ddpm import DDPMScheme
 
+    torch.manual_seed(0)  # the LoRA's random init: without a seed the curve depended on the tests run before
     family = get_family("sdxl")
     model = family.load(ModelSource(pretrained_model_name_or_path=str(tiny_sdxl)), "tiny")
     scheme = DDPMScheme.from_scheduler(model.scheduler, diff2flow=True)
@@ -59,7 +60,7 @@ def test_diff2flow_lowers_the_flow_loss_of_an_epsilon_unet_on_a_fixed_batch(tiny
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         epsilon_errors.append(torch.nn.functional.mse_loss(prediction.detach(), noise).item())
-    assert losses[-1] < 0.9 * losses[0], losses  # measured: 1.50 -> 1.31
+    assert losses[-1] < 0.9 * losses[0], losses  # measured with seed 0: 1.94 -> 1.71
     assert epsilon_errors[-1] < epsilon_errors[0], epsilon_errors
 
 
