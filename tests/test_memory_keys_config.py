@@ -25,3 +25,21 @@ def test_simpletuner_memory_keys_are_read(tmp_path):
     assert train.offload_during_startup and train.offload_during_save
     assert not {"quantize_via", "gradient_checkpointing_interval", "offload_during_startup",
                 "offload_during_save"} & set(loaded.ignored)
+
+
+def test_group_offload_with_a_quanto_preset_is_refused_naming_both_keys(tmp_path):
+    import pytest
+
+    from tune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="enable_group_offload cannot move optimum-quanto.*int8-quanto"):
+        load_config({
+            "--model_family": "z-image",
+            "--output_dir": str(tmp_path / "out"),
+            "--max_train_steps": "1",
+            "--base_model_precision": "int8-quanto",
+            "--enable_group_offload": "true",
+            "data_backend_config": [
+                {"id": "pics", "type": "local", "instance_data_dir": str(tmp_path), "caption_strategy": "filename"},
+            ],
+        })

@@ -475,6 +475,12 @@ class TrainConfig:
             self.offload_settings()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if self.enable_group_offload and str(self.base_model_precision).endswith("-quanto"):
+            raise ConfigError(
+                f"enable_group_offload cannot move optimum-quanto weights (base_model_precision "
+                f"{self.base_model_precision!r}): use a torchao preset such as int8-torchao, or "
+                "musubi_blocks_to_swap instead of group offload"
+            )
         if self.gradient_checkpointing_interval and not self.gradient_checkpointing:
             raise ConfigError(
                 "gradient_checkpointing_interval needs gradient_checkpointing: true (it picks which "
