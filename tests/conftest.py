@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one thread while a module runs (``pytest.mark.usefixtures("one_thread")``),
+    then restore it: the tiny models' matrices run many times faster on one thread when the
+    CPU is shared."""
+    from tune_models.families._shared import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_zimage(tmp_path_factory) -> Path:
     from tune_models.testing import build_tiny_pipeline

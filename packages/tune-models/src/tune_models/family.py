@@ -177,8 +177,8 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype ``module`` computes in, which its inputs are cast to: its first floating-point
     parameter's. The first parameter alone can mislead: a GGUF checkpoint's quantised weights are
     bytes (``uint8``) and dequantise to the compute dtype inside each layer."""
-    params = list(module.parameters())
-    return next((p.dtype for p in params if p.is_floating_point()), params[0].dtype)
+    floating = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    return floating if floating is not None else next(module.parameters()).dtype
 
 
 class ModelFamily:

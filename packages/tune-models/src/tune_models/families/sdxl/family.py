@@ -319,24 +319,7 @@ class SDXLFamily(ModelFamily):
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
         scheduler = EulerDiscreteScheduler.from_config(model.scheduler.config, prediction_type=self.prediction_type(model))
-        if model.text_encoder is None or model.extras.get("requires_aesthetics_score"):
-            pipeline = StableDiffusionXLImg2ImgPipeline(
-                vae=model.vae,
-                text_encoder=model.text_encoder,
-                text_encoder_2=model.text_encoder_2,
-                tokenizer=model.tokenizer,
-                tokenizer_2=model.tokenizer_2,
-                unet=model.transformer,
-                scheduler=scheduler,
-                requires_aesthetics_score=bool(model.extras.get("requires_aesthetics_score")),
-            )
-            # What generate passes besides the prompt (the pipeline call takes them, not the model).
-            pipeline.tune_refiner_kwargs = {
-                extra: model.extras.get(extra, default) for extra, default in REFINER_OPTIONS.values()
-            }
-            pipeline.set_progress_bar_config(disable=True)
-            return pipeline
-        pipeline = self.pipeline_class()(
+        components = dict(
             vae=model.vae,
             text_encoder=model.text_encoder,
             text_encoder_2=model.text_encoder_2,
@@ -345,6 +328,16 @@ class SDXLFamily(ModelFamily):
             unet=model.transformer,
             scheduler=scheduler,
         )
+        if model.text_encoder is None or model.extras.get("requires_aesthetics_score"):
+            pipeline = StableDiffusionXLImg2ImgPipeline(
+                **components, requires_aesthetics_score=bool(model.extras.get("requires_aesthetics_score"))
+            )
+            # What generate passes besides the prompt (the pipeline call takes them, not the model).
+            pipeline.tune_refiner_kwargs = {
+                extra: model.extras.get(extra, default) for extra, default in REFINER_OPTIONS.values()
+            }
+        else:
+            pipeline = self.pipeline_class()(**components)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
