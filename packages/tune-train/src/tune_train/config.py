@@ -449,6 +449,10 @@ class TrainConfig:
     """Hub repository to upload to (``user/name``); required with ``push_to_hub``. The model card's usage snippet loads from it. Default none."""
     model_card_private: bool = False
     """With ``push_to_hub``: create the Hub repo as private (an existing repo keeps its visibility). Default false."""
+    push_checkpoints_to_hub: bool = False
+    """With ``push_to_hub``: also upload every saved checkpoint, whole (LoRA file, adapter, optimizer and data state), to the folder ``checkpoint-<step>/`` of ``hub_model_id``, so a run can be resumed from the Hub copy. Checkpoints pruned locally by ``checkpoints_total_limit`` stay on the Hub. Needs ``push_to_hub``. Default false."""
+    push_to_hub_background: bool = False
+    """With ``push_to_hub``: upload from a background thread, one upload at a time, so training goes on while checkpoints upload. The run waits for every upload before it returns (and the process before it exits); a failed upload is a warning naming the repo and what failed, and the files stay in ``output_dir``. Default false (each upload blocks until it is done)."""
     model_card_note: str | None = None
     """Text added near the top of the generated model card. Default none."""
 
@@ -492,6 +496,11 @@ class TrainConfig:
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub needs hub_model_id (the repository to upload to)")
+        if self.push_checkpoints_to_hub and not self.push_to_hub:
+            raise ConfigError(
+                "push_checkpoints_to_hub needs push_to_hub: true (and hub_model_id, the repository the "
+                "checkpoints go to)"
+            )
         if self.diff2flow_loss and not self.diff2flow_enabled:
             raise ConfigError("diff2flow_loss needs diff2flow_enabled: true (the diffusion-to-flow bridge)")
         if self.peft_lora_target_modules is not None and not self.peft_lora_target_modules:
