@@ -117,3 +117,47 @@ def write_ema_lora(trainer: Trainer) -> Path:
     header = trainer._lora_header() | {"tune.ema_decay": str(config.ema_decay)}
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata=header)
     return path
+
+
+def full_ema_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """A full fine-tune's EMA as the denoiser's state dict: every trained weight's shadow (in the
+    weight's own dtype), the rest (buffers, anything frozen) as the model holds it. Built from the
+    shadow tensors rather than by swapping them into the model, so no second copy of the model
+    is made on the accelerator."""
+    transformer = trainer.accelerator.unwrap_model(trainer.model.transformer)
+    shadow = {id(p): s for p, s in zip(trainer.ema.params, trainer.ema.shadow)}
+    return {
+        name: shadow[id(value)].to(value.dtype) if id(value) in shadow else value.detach()
+        for name, value in transformer.state_dict(keep_vars=True).items()
+    }
+
+
+def write_ema_model(trainer: Trainer) -> Path:
+    """Write a full fine-tune's EMA as a diffusers model folder beside the trained one:
+    ``<output_dir>/<component>_ema/`` (``transformer_ema``, ``unet_ema`` for UNet families;
+    SimpleTuner's layout), which ``<ModelClass>.from_pretrained`` and the family pipeline's
+    ``from_pretrained(..., unet=...)`` load. Built in a hidden folder and renamed into place."""
+    import json
+    import os
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
+
+    folder = trainer.output_dir / f"{getattr(trainer.family, 'lora_prefix', 'transformer')}_ema"
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    header = {"format": "pt", "tune.step": str(trainer.global_step), "tune.ema_decay": str(trainer.config.ema_decay)}
+    save_torch_state_dict(
+        {k: v.contiguous() for k, v in full_ema_state_dict(trainer).items()},
+        partial,
+        filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+        max_shard_size="10GB",
+        metadata=header,
+    )
+    config = trainer.weights.model_config(trainer.model)
+    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+    return folder

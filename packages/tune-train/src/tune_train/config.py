@@ -233,7 +233,7 @@ class TrainConfig:
 
     # --- EMA -------------------------------------------------------------------------------------
     use_ema: bool = False
-    """Keep an exponential moving average of the trained (LoRA) weights, saved in checkpoints and exported as ``pytorch_lora_weights_ema.safetensors``. Default false."""
+    """Keep an exponential moving average of the trained weights (the LoRA / LyCORIS weights; with ``model_type: full`` every weight of the transformer or UNet, an fp32 copy on ``ema_device``), saved in checkpoints and exported beside the trained weights: ``pytorch_lora_weights_ema.safetensors``, or for ``full`` a ``transformer_ema/`` (``unet_ema/``) model folder, SimpleTuner's layout. Default false."""
     ema_decay: float = _field(0.995, _beta)
     """EMA decay per update: ``ema = decay * ema + (1 - decay) * weights``. Default 0.995."""
     ema_device: str = _field("cpu", _choices)
@@ -538,8 +538,6 @@ class TrainConfig:
         if self.model_type == "full":
             if self.lora_type != "standard":
                 raise ConfigError(f"lora_type {self.lora_type!r} applies to model_type 'lora', not 'full'")
-            if self.use_ema:
-                raise ConfigError("use_ema with model_type 'full' is not implemented in tune yet")
             if self.base_model_precision not in (None, "no_change"):
                 raise ConfigError(
                     f"model_type 'full' trains the weights themselves; base_model_precision "

@@ -1,4 +1,5 @@
-"""An exponential moving average of the trained parameters (the LoRA weights, not the model).
+"""An exponential moving average of the trained parameters (the LoRA weights, or with
+``model_type: full`` every weight of the denoiser).
 
 ``ema = decay * ema + (1 - decay) * weights`` after every ``update_interval``-th optimizer step,
 with a constant ``decay``, except during a warm-up: an update at optimizer step
@@ -77,8 +78,11 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """Inside the block the parameters hold the EMA weights; the trained ones come back after."""
-        saved = [p.detach().clone() for p in self.params]
+        """Inside the block the parameters hold the EMA weights; the trained ones come back after.
+
+        The trained weights wait on ``storage_device``, beside the shadow: for a full fine-tune a
+        second copy of the model on the accelerator is what there is no room for."""
+        saved = [p.detach().to(self.storage_device, copy=True) for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
                 p.copy_(s.to(p.device, p.dtype))
@@ -87,7 +91,7 @@ class EMA:
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
-                    p.copy_(s)
+                    p.copy_(s.to(p.device))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": [s.cpu() for s in self.shadow]}
@@ -95,6 +99,8 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow"]
         if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
-            raise ValueError("EMA state does not match the trained parameters (different lora_rank/target?)")
+            raise ValueError(
+                "EMA state does not match the trained parameters (different lora_rank/target or model_type?)"
+            )
         self.shadow = [s.to(self.storage_device, torch.float32) for s in shadow]
         self.num_updates = int(state["num_updates"])

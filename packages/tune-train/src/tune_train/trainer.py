@@ -419,7 +419,8 @@ class Trainer:
         for tracker in _trackers(config.report_to):
             outputs[tracker] = str(self.output_dir / config.logging_dir)
         if self.ema is not None and self.accelerator.is_main_process:
-            outputs["lora_ema"] = str(self._export_ema())
+            # Beside the trained weights: the EMA LoRA file, or a full fine-tune's EMA model folder.
+            outputs["transformer_ema" if self.weights.kind == "full" else "lora_ema"] = str(self._export_ema())
         self.accelerator.end_training()
         # Exporters (tune-publish's built-in writes the LoRA file and the model card) and
         # publishers attach here and add what they wrote to ``outputs``.
@@ -506,13 +507,18 @@ class Trainer:
         return self.weights.state_dict(self.model)
 
     def ema_lora_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The EMA weights in the same diffusers layout as the LoRA file, or None without EMA."""
+        """The EMA weights in the same layout as the exported weights (the LoRA file's, or the
+        whole denoiser's state dict for ``model_type: full``), or None without EMA."""
         if self.ema is None:
             return None
+        if self.weights.kind == "full":
+            return artifacts.full_ema_state_dict(self)
         with self.ema.swapped_in():
             return self._lora_state_dict()
 
     def _export_ema(self) -> Path:
+        if self.weights.kind == "full":
+            return artifacts.write_ema_model(self)
         return artifacts.write_ema_lora(self)
 
     def _lora_header(self) -> dict[str, str]:
