@@ -31,6 +31,8 @@ def _inspect_dataset(
     dataset: DatasetConfig, args: argparse.Namespace, configs: list[DatasetConfig] | None = None
 ) -> dict[str, Any]:
     info: dict[str, Any] = {"id": dataset.id, "dataset_type": dataset.dataset_type, "type": dataset.type}
+    if dataset.held_out:  # dataset_type: eval
+        info["held_out"] = True
     if dataset.ignored_keys:
         info["ignored_keys"] = list(dataset.ignored_keys)
     if dataset.dataset_type == "conditioning":
@@ -169,7 +171,8 @@ def _describe_source(storage: Any) -> dict[str, Any]:
 
 def _print_text(results: list[dict[str, Any]]) -> None:
     for info in results:
-        print(f"dataset {info['id']!r} ({info['dataset_type']}, storage {info['type']})")
+        held = ", held out for eval_loss" if info.get("held_out") else ""
+        print(f"dataset {info['id']!r} ({info['dataset_type']}{held}, storage {info['type']})")
         if info.get("ignored_keys"):
             print(f"  ignored keys: {', '.join(info['ignored_keys'])}")
         if "error" in info:

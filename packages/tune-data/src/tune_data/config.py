@@ -38,7 +38,7 @@ CROP_STYLES = ("center", "random", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 METADATA_BACKENDS = ("discovery", "parquet", "huggingface")
 IMPLEMENTED_DATASET_TYPES = ("image", "text_embeds", "video", "conditioning")
-DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "image_embeds")
+DATASET_TYPES = (*IMPLEMENTED_DATASET_TYPES, "eval", "image_embeds")
 CONDITIONING_TYPES = ("reference_strict", "reference_loose", "controlnet", "mask")
 """How a conditioning image is paired with its target: ``reference_strict``, ``controlnet`` and
 ``mask`` take the target's bucket, resize and crop (pixel-aligned pairs); ``reference_loose`` plans
@@ -63,8 +63,9 @@ class DatasetConfig:
     bucketed by frame size and read as frame-sampled clips; see the ``video`` block) or
     ``text_embeds`` (where the text-embed cache lives) or ``conditioning`` (reference / control
     images paired by relative path with the images of the datasets whose ``conditioning_data``
-    names it). ``image_embeds`` is accepted in configs but fails with a clear error when used, as
-    tune does not implement it yet."""
+    names it). ``eval`` is an image dataset held out from training for the evaluation loss (read
+    as ``image`` with :attr:`held_out` set). ``image_embeds`` is accepted in configs but fails with
+    a clear error when used, as tune does not implement it yet."""
     disabled: bool = False
     """``true`` drops the entry when loading, as if it were not in the file. Default ``false``."""
     default: bool = False
@@ -293,6 +294,11 @@ class DatasetConfig:
     for an image. Default none."""
     ignored_keys: tuple[str, ...] = ()
     """SimpleTuner keys the entry set that tune accepts but ignores (filled by :meth:`from_dict`)."""
+    held_out: bool = False
+    """Set by ``dataset_type: eval`` (not a key of its own): an image dataset discovered and
+    cached like the others but never trained on; the trainer measures the evaluation loss on it.
+    The dataset then reads as ``dataset_type: image``, so everything that handles image datasets
+    (discovery, buckets, caches, conditioning, masks) handles it unchanged."""
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():
@@ -300,6 +306,8 @@ class DatasetConfig:
         for name, coerce in _COERCERS.items():
             setattr(self, name, coerce(self, name, getattr(self, name)))
         self.ignored_keys = tuple(self.ignored_keys)
+        if self.dataset_type == "eval":  # SimpleTuner's held-out image dataset
+            self.dataset_type, self.held_out = "image", True
         self._validate()
 
     def _error(self, key: str, message: str) -> DatasetConfigError:
@@ -829,6 +837,12 @@ def load_dataset_configs(
         found = ", ".join(f"{c.id!r} ({c.dataset_type}{', disabled' if c.disabled else ''})" for c in configs)
         raise DatasetConfigError(
             f"{where}: no enabled dataset of dataset_type 'image' or 'video' (found: {found or 'none'})"
+        )
+    if all(config.held_out for config in enabled if config.is_training_data):
+        held = ", ".join(repr(c.id) for c in enabled if c.held_out)
+        raise DatasetConfigError(
+            f"{where}: every image dataset ({held}) is dataset_type 'eval', held out from training: "
+            "nothing would be left to train on"
         )
     _check_text_embeds(enabled, where)
     _check_conditioning(configs, where)
