@@ -147,7 +147,8 @@ def test_sgm_kohya_names_map_to_diffusers_modules():
         "lora_unet_middle_block_1_transformer_blocks_3_attn2_to_out_0.lora_up.weight": up,
         "lora_unet_output_blocks_5_1_proj_in.lora_down.weight": down,
         "lora_unet_output_blocks_5_1_proj_in.lora_up.weight": up,
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up,
     }
     out = lora_keys.from_comfyui(sgm)
     assert set(out) == {
@@ -158,7 +159,7 @@ def test_sgm_kohya_names_map_to_diffusers_modules():
             "up_blocks.1.attentions.2.proj_in",
         )
         for s in "AB"
-    }
+    } | {f"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_{s}.weight" for s in "AB"}
     with pytest.raises(ValueError, match="only the transformer"):
         lora_keys.from_comfyui({"lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": down,
                                 "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": up})

@@ -248,6 +248,22 @@ class ModelFamily:
     """The pipeline-call argument :meth:`generate` passes ``guidance`` as (Qwen-Image's true CFG
     is ``true_cfg_scale``; its ``guidance_scale`` is for guidance-distilled checkpoints only)."""
 
+    # Text-encoder LoRAs (``train_text_encoder``); see :mod:`tune_models.text_encoder_lora`.
+    text_encoder_lora_components: tuple[str, ...] = ()
+    """Pipeline components (``text_encoder``, ``text_encoder_2``) that ``train_text_encoder``
+    puts a LoRA on: exactly those the family pipeline's ``load_lora_weights`` reads text-encoder
+    keys for (``<component>.<module>.lora_A.weight``), so the exported file applies whole. Empty:
+    the family cannot train its text encoder, and the trainer refuses the key naming those that can.
+    A family that sets it implements :meth:`encode_prompts_for_training`."""
+    text_encoder_lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    """Module-name suffixes of the text-encoder LoRA: the attention and MLP linears, the modules
+    diffusers' text-encoder LoRA reader looks for."""
+    text_encoder_lora_module_prefix: str = ""
+    """Prefix of the encoder's module names in LoRA files where the loaded module tree may lack it
+    (``text_model.``: transformers 5 flattened one CLIP class but not the other, and diffusers
+    strips the prefix again where the encoder has none), so files are the same whichever tree
+    trained them."""
+
     # Modules named by import path and imported on first use (so listing families stays light).
     lora_keys_module: str = ""
     """Module with ``to_comfyui(state_dict, **kwargs)`` and ``from_comfyui(state_dict)``."""
@@ -475,6 +491,14 @@ class ModelFamily:
     ) -> dict[str, Any]:
         """Batch cached prompt dicts into what :meth:`predict` takes."""
         raise NotImplementedError(f"{type(self).__name__}.collate_prompts")
+
+    def encode_prompts_for_training(self, model: LoadedModel, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, the entries of :meth:`encode_prompts` that the encoders of
+        :attr:`text_encoder_lora_components` produce, computed *with* gradients on the encoders'
+        device (``train_text_encoder``: their LoRA trains through them). The trainer lays them
+        over the cached entries, so an entry only frozen encoders make (a T5's) keeps coming from
+        the text cache."""
+        raise NotImplementedError(f"{type(self).__name__}.encode_prompts_for_training")
 
     def _vae_scale(self, vae: Any) -> int:
         """Pixels per latent along one side for ``vae``: ``2 ** (levels - 1)`` for the

@@ -100,6 +100,9 @@ class SDXLFamily(ModelFamily):
     """kohya / ComfyUI files (``lora_unet_...``) are read by :mod:`.lora_keys`, diffusers files by diffusers."""
     tiny_module = "tune_models.families.sdxl.tiny"
 
+    # train_text_encoder: a LoRA on both CLIPs, as StableDiffusionXLPipeline.load_lora_weights reads them.
+    text_encoder_lora_components = ("text_encoder", "text_encoder_2")
+    text_encoder_lora_module_prefix = "text_model."
     def validation_input(self, flavour: str | None) -> str | None:
         """The refiner validates by refining a training image; base makes images from text."""
         return "image" if flavour == "refiner" else None
@@ -208,20 +211,10 @@ class SDXLFamily(ModelFamily):
         ``prompt_embeds`` ``[77, 2048]`` (refiner ``[77, 1280]``), ``pooled_prompt_embeds`` ``[1280]``."""
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not one string")
-        pairs = [(t, e) for t, e in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)) if e is not None]
         results: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            hidden, pooled = [], None
-            for tokenizer, encoder in pairs:
-                ids = tokenizer(
-                    chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-                ).input_ids
-                out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
-                if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
-                    pooled = out[0]
-                hidden.append(out.hidden_states[-2])
-            embeds = torch.cat([h.to(hidden[-1].device) for h in hidden], dim=-1)
+            embeds, pooled = self._encode(model, chunk)
             for i in range(len(chunk)):
                 results.append(
                     {
@@ -234,6 +227,28 @@ class SDXLFamily(ModelFamily):
     def collate_prompts(
         self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype
     ) -> dict[str, Any]:
+    @staticmethod
+    def _encode(model: LoadedModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds [B, 77, 2048], pooled_prompt_embeds [B, 1280])`` on the encoders' device,
+        with gradients where the encoders have trainable weights (the caller decides)."""
+        pairs = [(t, e) for t, e in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)) if e is not None]
+        hidden, pooled = [], None
+        for tokenizer, encoder in pairs:
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat([h.to(hidden[-1].device) for h in hidden], dim=-1), pooled
+
+    def encode_prompts_for_training(self, model: LoadedModel, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Both entries of :meth:`encode_prompts`, with gradients: both CLIPs train, so nothing of
+        a prompt comes from the text cache."""
+        embeds, pooled = self._encode(model, list(prompts))
+        return [{"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]} for i in range(len(prompts))]
+
         return _shared.stack_prompts(
             items, device, dtype, label=self.label, keys=("prompt_embeds", "pooled_prompt_embeds")
         )

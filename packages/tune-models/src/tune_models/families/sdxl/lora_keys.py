@@ -18,8 +18,10 @@ of kohya's own SDXL trainer, which uses Stability's (SGM) module tree:
 ``middle_block_1_...`` is ``mid_block.attentions.0...``, ``output_blocks_3_1_...`` is
 ``up_blocks.1.attentions.0...`` (SDXL's layout: two layers per down block, three per up block).
 Only the transformer (attention) parts of the SGM tree are mapped, which is what SDXL LoRAs
-adapt; other SGM modules raise a clear error. Text-encoder modules (``lora_te1_``, ``lora_te2_``)
-are skipped with a warning: tune trains the UNet only.
+adapt; other SGM modules raise a clear error. Text-encoder modules (``train_text_encoder``) are
+``lora_te1_`` (CLIP-L, ``text_encoder.``) and ``lora_te2_`` (OpenCLIP-G, ``text_encoder_2.``), both
+ways (:mod:`tune_models.families._clip_lora_keys`); kohya's single-encoder ``lora_te_`` is skipped
+with a warning.
 
 ``alpha / rank`` is folded into the up weights on reading, as for every family.
 """
@@ -31,12 +33,15 @@ import re
 
 import torch
 
+from tune_models.families import _clip_lora_keys
 from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules
 
 log = logging.getLogger(__name__)
 
 PREFIX = "lora_unet_"
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+TEXT_ENCODERS = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+"""Pipeline component -> kohya / ComfyUI prefix of its text-encoder LoRA keys."""
 # Names inside UNet2DConditionModel that themselves contain ``_`` (longest first).
 _COMPOUNDS = sorted(
     [
@@ -51,8 +56,10 @@ _SDXL_DOWN_LAYERS, _SDXL_UP_LAYERS = 2, 3
 
 
 def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """diffusers/PEFT SDXL LoRA (``unet.<module>.lora_A/B.weight``) -> kohya/ComfyUI keys."""
-    out: dict[str, torch.Tensor] = {}
+    """diffusers/PEFT SDXL LoRA (``unet.<module>.lora_A/B.weight``, and ``text_encoder.`` /
+    ``text_encoder_2.`` keys) -> kohya/ComfyUI keys."""
+    encoders, state_dict = _clip_lora_keys.split_text_encoder_keys(state_dict, TEXT_ENCODERS)
+    out = _clip_lora_keys.to_comfyui(encoders, TEXT_ENCODERS, alpha=alpha)
     for key, tensor in state_dict.items():
         name = key.removeprefix("unet.")
         for suffix, native in ((LORA_A, LORA_DOWN), (LORA_B, LORA_UP)):
@@ -105,12 +112,15 @@ def _diffusers_path(flat: str) -> str:
 
 
 def from_comfyui(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """kohya/ComfyUI SDXL LoRA -> diffusers layout (``unet.<module>.lora_A/B.weight``)."""
-    skipped = [k for k in state_dict if k.startswith(_TEXT_ENCODER_PREFIXES)]
+    """kohya/ComfyUI SDXL LoRA -> diffusers layout (``unet.<module>.lora_A/B.weight``; the CLIPs'
+    ``lora_te1_`` / ``lora_te2_`` keys as ``text_encoder.`` / ``text_encoder_2.``)."""
+    known = tuple(TEXT_ENCODERS.values())
+    skipped = [k for k in state_dict if k.startswith(_TEXT_ENCODER_PREFIXES) and not k.startswith(known)]
     if skipped:
-        log.warning("skipping %d text-encoder LoRA weights (tune trains and loads the UNet only)", len(skipped))
+        log.warning("skipping %d text-encoder LoRA weights of an unknown encoder (lora_te_)", len(skipped))
+    encoders = {k: v for k, v in state_dict.items() if k.startswith(known)}
     unet = {k: v for k, v in state_dict.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
-    out: dict[str, torch.Tensor] = {}
+    out = _clip_lora_keys.from_comfyui(encoders, TEXT_ENCODERS) if encoders else {}
     for module, (down, up) in comfyui_lora_modules(unet).items():
         if not module.startswith(PREFIX):
             raise ValueError(f"cannot read SDXL LoRA module {module!r}: expected names starting with {PREFIX!r}")
