@@ -186,12 +186,12 @@ def test_other_family_lora_target_is_ignored_with_a_warning(workdir):
 def test_ignored_simpletuner_options_are_reported_once(workdir, caplog):
     with caplog.at_level(logging.WARNING, logger="tune.config"):
         loaded = load_config(
-            {"model_family": "z-image", "--use_ema": "true", "eval_dataset_pooling": True, "--disable_benchmark": True}
+            {"model_family": "z-image", "--use_ema": "true", "print_filenames": True, "--disable_benchmark": True}
         )
-    assert loaded.ignored == ("disable_benchmark", "eval_dataset_pooling")
+    assert loaded.ignored == ("disable_benchmark", "print_filenames")
     assert loaded.train.use_ema is True
     messages = [r.getMessage() for r in caplog.records if "accepted but ignored" in r.getMessage()]
-    assert messages == ["accepted but ignored (not implemented in tune yet): disable_benchmark, eval_dataset_pooling"]
+    assert messages == ["accepted but ignored (not implemented in tune yet): disable_benchmark, print_filenames"]
     assert loaded.warnings[0] == messages[0]
 
 

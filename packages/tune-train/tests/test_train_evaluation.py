@@ -73,8 +73,6 @@ def test_prior_weights_apply_only_to_regularisation_samples():
 
 
 def test_evaluation_config_rules_name_the_keys():
-    with pytest.raises(ConfigError, match="eval_steps_interval needs eval_dataset_id"):
-        TrainConfig(model_family="z-image", max_train_steps=1, eval_steps_interval=5)
     with pytest.raises(ConfigError, match="pretrained_evaluation_model_name_or_path"):
         TrainConfig(model_family="z-image", max_train_steps=1, evaluation_type="clip")
     with pytest.raises(ConfigError, match="evaluation_type"):
@@ -90,12 +88,40 @@ def test_eval_dataset_id_must_name_an_image_dataset_and_leave_one_to_train():
     held = DatasetConfig(id="held", instance_data_dir="/y")
     text = DatasetConfig(id="text", dataset_type="text_embeds", default=True)
     config = TrainConfig(model_family="z-image", max_train_steps=1, eval_dataset_id="held")
-    assert evaluation.check_eval_dataset(config, [train, held, text]) == "held"
+    assert evaluation.check_eval_datasets(config, [train, held, text]) == ["held"]
     with pytest.raises(ConfigError, match="eval_dataset_id 'held' names no enabled image dataset.*'train'"):
-        evaluation.check_eval_dataset(config, [train, text])
+        evaluation.check_eval_datasets(config, [train, text])
     with pytest.raises(ConfigError, match="nothing would be left to train on"):
-        evaluation.check_eval_dataset(config, [held, text])
-    assert evaluation.check_eval_dataset(TrainConfig(model_family="z-image", max_train_steps=1), [train]) is None
+        evaluation.check_eval_datasets(config, [held, text])
+    assert evaluation.check_eval_datasets(TrainConfig(model_family="z-image", max_train_steps=1), [train]) == []
+
+
+def test_dataset_type_eval_datasets_are_held_out_with_or_without_eval_dataset_id():
+    from tune_data.config import DatasetConfig
+
+    train = DatasetConfig(id="train", instance_data_dir="/x")
+    named = DatasetConfig(id="named", instance_data_dir="/y")
+    evals = [DatasetConfig(id=f"eval-{i}", dataset_type="eval", instance_data_dir=f"/e{i}") for i in (1, 2)]
+    plain = TrainConfig(model_family="z-image", max_train_steps=1, eval_steps_interval=5)
+    assert evaluation.check_eval_datasets(plain, [train, *evals]) == ["eval-1", "eval-2"]
+    both = TrainConfig(model_family="z-image", max_train_steps=1, eval_dataset_id="named")
+    assert evaluation.check_eval_datasets(both, [evals[0], train, named]) == ["eval-1", "named"]
+    with pytest.raises(ConfigError, match=r"every image dataset \('named', 'eval-1'\) is held out.*nothing"):
+        evaluation.check_eval_datasets(both, [named, evals[0]])
+    # The intervals need something to measure: eval_dataset_id or a dataset_type eval dataset.
+    for key, value in (("eval_steps_interval", 5), ("eval_epoch_interval", 1.0)):
+        config = TrainConfig(model_family="z-image", max_train_steps=1, **{key: value})
+        with pytest.raises(ConfigError, match=f"{key} needs a held-out dataset.*eval_dataset_id.*dataset_type 'eval'"):
+            evaluation.check_eval_datasets(config, [train])
+
+
+def test_pooling_reports_the_image_weighted_mean_else_one_number_per_dataset():
+    results = {"a": (0.5, 3), "b": (2.0, 1)}
+    assert evaluation.pooled_loss(results) == pytest.approx((0.5 * 3 + 2.0) / 4)
+    assert evaluation.eval_metrics(results, pooling=True) == {"eval_loss": pytest.approx(0.875)}
+    assert evaluation.eval_metrics(results, pooling=False) == {"eval_loss/a": 0.5, "eval_loss/b": 2.0}
+    # one held-out dataset: eval_loss either way
+    assert evaluation.eval_metrics({"a": (0.5, 3)}, pooling=False) == {"eval_loss": 0.5}
 
 
 def test_eval_log_trims_rows_past_a_resume_point(tmp_path):
@@ -131,5 +157,3 @@ def test_eval_is_due_every_n_steps_and_at_fractions_of_an_epoch():
     assert due(range(40), eval_epoch_interval=2) == [20, 40]
     # With accumulation 4 a step consumes 4 of the epoch's 10 micro-batches.
     assert due(range(40), eval_epoch_interval=1, gradient_accumulation_steps=4)[:3] == [3, 5, 8]
-    with pytest.raises(ConfigError, match="eval_epoch_interval needs eval_dataset_id"):
-        TrainConfig(model_family="z-image", max_train_steps=1, eval_epoch_interval=1)

@@ -363,11 +363,13 @@ class TrainConfig:
 
     # --- evaluation and regularisation ---------------------------------------------------------
     eval_dataset_id: str | None = None
-    """Id of an image dataset held out from training: its loss is measured at fixed timesteps with fixed noise (``eval_loss``), so the number compares across steps and runs. Default none."""
+    """Id of an image dataset held out from training: its loss is measured at fixed timesteps with fixed noise (``eval_loss``), so the number compares across steps and runs. Datasets of ``dataset_type: eval`` in the data backend config are held out the same way, with or without this key. Default none."""
     eval_steps_interval: int | None = _field(None, _positive)
-    """Measure ``eval_loss`` every N optimizer steps (and always before the first step and at the end). Needs ``eval_dataset_id``. Default: only before the first step and at the end."""
+    """Measure ``eval_loss`` every N optimizer steps (and always before the first step and at the end). Needs a held-out dataset (``eval_dataset_id`` or ``dataset_type: eval``). Default: only before the first step and at the end."""
     eval_epoch_interval: float | None = _field(None, _positive, _finite)
-    """Also measure ``eval_loss`` every N epochs; fractions work (0.5: twice per epoch). Needs ``eval_dataset_id``. Default: off."""
+    """Also measure ``eval_loss`` every N epochs; fractions work (0.5: twice per epoch). Needs a held-out dataset (``eval_dataset_id`` or ``dataset_type: eval``). Default: off."""
+    eval_dataset_pooling: bool = False
+    """With several held-out datasets: report one ``eval_loss`` over all their images (each dataset's loss weighted by its number of images) instead of one ``eval_loss/<dataset id>`` per dataset, in ``eval_log.csv``, the trackers and ``Trainer.eval_losses``. With one held-out dataset the number is ``eval_loss`` either way. Default false."""
     eval_timesteps: int = _field(28, _positive)
     """Noise levels per eval image: an even grid over the training range (the same for every evaluation). Default 28."""
     num_eval_images: int | None = _field(None, _positive)
@@ -519,9 +521,8 @@ class TrainConfig:
 
             parse_optimizer_config(self.optimizer_config)  # raises on a malformed list
         self.validation_sizes()  # raises on a malformed validation_resolution
-        for key in ("eval_steps_interval", "eval_epoch_interval"):
-            if getattr(self, key) and not self.eval_dataset_id:
-                raise ConfigError(f"{key} needs eval_dataset_id (the held-out dataset to measure eval_loss on)")
+        # eval_steps_interval / eval_epoch_interval need a held-out dataset, which may be a
+        # dataset_type eval entry of the data config: checked with the datasets (check_eval_datasets).
         if self.evaluation_type == "clip" and not self.pretrained_evaluation_model_name_or_path:
             raise ConfigError(
                 "evaluation_type 'clip' needs pretrained_evaluation_model_name_or_path (a CLIP model folder or hub id)"

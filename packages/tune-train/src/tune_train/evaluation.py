@@ -1,6 +1,6 @@
 """Numbers that say how training goes, beyond the noisy training loss.
 
-**Evaluation loss** (``eval_dataset_id``): the training loss is measured on random timesteps with
+**Evaluation loss** (``eval_dataset_id``, ``dataset_type: eval``): the training loss is measured on random timesteps with
 random noise, so two steps (or two runs) are never compared on the same problem and the curve is
 mostly noise. Here a held-out dataset is scored on a fixed problem instead: every image at the
 same ``eval_timesteps`` noise levels (an even grid over the range the run trains on), with noise
@@ -9,7 +9,8 @@ drawn from a seed that depends only on the image's place in the dataset, never o
 adapter stays as it is during training, so the number measures what training changes. Before the
 first step a LoRA changes nothing, so two runs with different seeds report the identical value;
 after that, differences are the training's. (After "Demystifying SD fine-tuning", whose idea
-SimpleTuner's ``eval_steps_interval`` also follows.)
+SimpleTuner's ``eval_steps_interval`` also follows.) Several held-out datasets report one
+``eval_loss/<id>`` each, or with ``eval_dataset_pooling`` one ``eval_loss`` over all their images.
 
 **CLIP score** (``evaluation_type: clip``): 100 x the cosine similarity between a validation
 image and its prompt in a CLIP model's joint embedding (clamped at 0, the usual definition), the
@@ -23,7 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,22 +74,63 @@ def eval_timestep_grid(scheme: Any, count: int) -> torch.Tensor:
     return grid.floor().long().clamp(scheme.min_timestep, high - 1)
 
 
-def check_eval_dataset(config: Any, datasets: Sequence[Any]) -> str | None:
-    """The held-out dataset's id, after checking it names an image dataset and leaves one to train."""
-    wanted = config.eval_dataset_id
-    if not wanted:
-        return None
+def check_eval_datasets(config: Any, datasets: Sequence[Any]) -> list[str]:
+    """The held-out datasets' ids, in the file's order: ``eval_dataset_id`` and every
+    ``dataset_type: eval`` dataset. Checks that ``eval_dataset_id`` names an image dataset, that
+    one image dataset is left to train on, and that the eval intervals have a dataset to measure."""
     from tune_train.config import ConfigError
 
     images = [d for d in datasets if d.dataset_type == "image" and not getattr(d, "disabled", False)]
-    if wanted not in {d.id for d in images}:
+    wanted = config.eval_dataset_id
+    if wanted and wanted not in {d.id for d in images}:
         known = ", ".join(repr(d.id) for d in images) or "none"
         raise ConfigError(f"eval_dataset_id {wanted!r} names no enabled image dataset (image datasets: {known})")
-    if len(images) < 2:
+    held = [d.id for d in images if d.id == wanted or getattr(d, "held_out", False)]
+    if held and len(held) == len(images):
+        if held == [wanted]:
+            raise ConfigError(
+                f"eval_dataset_id {wanted!r} is the only image dataset: nothing would be left to train on"
+            )
         raise ConfigError(
-            f"eval_dataset_id {wanted!r} is the only image dataset: nothing would be left to train on"
+            f"every image dataset ({', '.join(map(repr, held))}) is held out (eval_dataset_id or "
+            "dataset_type 'eval'): nothing would be left to train on"
         )
-    return wanted
+    for key in ("eval_steps_interval", "eval_epoch_interval"):
+        if getattr(config, key) and not held:
+            raise ConfigError(
+                f"{key} needs a held-out dataset to measure eval_loss on: eval_dataset_id, or a dataset "
+                "of dataset_type 'eval' in the data backend config"
+            )
+    return held
+
+
+def eval_image_count(data: Any, dataset_id: str, limit: int | None = None) -> int:
+    """How many images :func:`eval_loss` scores in ``dataset_id`` (all, or the first ``limit``)."""
+    return sum(len(batch) for batch in eval_batches(data, dataset_id, 1, limit))
+
+
+def held_out_losses(trainer: Any) -> dict[str, tuple[float, int]]:
+    """``{dataset id: (eval_loss, images scored)}`` for every held-out dataset of the run."""
+    limit = trainer.config.num_eval_images
+    return {
+        dataset_id: (eval_loss(trainer, dataset_id), eval_image_count(trainer.data, dataset_id, limit))
+        for dataset_id in trainer.eval_dataset_ids
+    }
+
+
+def pooled_loss(results: Mapping[str, tuple[float, int]]) -> float:
+    """The loss over the images of all held-out datasets: each dataset's mean weighted by how
+    many images it scored (the same number as scoring them as one dataset)."""
+    images = sum(count for _, count in results.values())
+    return sum(loss * count for loss, count in results.values()) / max(images, 1)
+
+
+def eval_metrics(results: Mapping[str, tuple[float, int]], pooling: bool) -> dict[str, float]:
+    """What an evaluation reports (``eval_dataset_pooling``): one ``eval_loss`` with a single
+    held-out dataset or with pooling (:func:`pooled_loss`), else ``eval_loss/<id>`` per dataset."""
+    if len(results) == 1 or pooling:
+        return {"eval_loss": pooled_loss(results)}
+    return {f"eval_loss/{dataset_id}": loss for dataset_id, (loss, _) in results.items()}
 
 
 def eval_due(config: Any, step: int, batches_per_epoch: int) -> bool:

@@ -113,7 +113,11 @@ class Trainer:
         self.losses: list[float] = []
         self.validation_images: dict[int, list[tuple[str, str]]] = {}
         self.eval_losses: dict[int, float] = {}
-        """``eval_loss`` by step (``eval_dataset_id``); also in ``eval_log.csv``."""
+        """``eval_loss`` by step (one held-out dataset, or several with ``eval_dataset_pooling``:
+        the loss over all their images); also in ``eval_log.csv``."""
+        self.eval_losses_by_dataset: dict[str, dict[int, float]] = {}
+        """``eval_loss/<id>`` by dataset id, then step (several held-out datasets without
+        ``eval_dataset_pooling``); also in ``eval_log.csv``."""
         self.clip_scores: dict[int, float] = {}
         """Mean ``clip_score`` of the validation images by step (``evaluation_type: clip``)."""
         self._clip: evaluation.ClipScorer | None = None
@@ -155,7 +159,9 @@ class Trainer:
 
         # Data first: a wrong folder, an empty dataset or one smaller than a batch fails in
         # seconds, before any weights load. The eval dataset is cached but never trained on.
-        self.eval_dataset_id = evaluation.check_eval_dataset(config, self.datasets)
+        # Held out: eval_dataset_id and every dataset_type eval dataset.
+        self.eval_dataset_ids = evaluation.check_eval_datasets(config, self.datasets)
+        self.eval_dataset_id = config.eval_dataset_id or next(iter(self.eval_dataset_ids), None)
         self.data = TrainingData(
             self.datasets,
             cache_root=config.cache_dir,
@@ -174,7 +180,7 @@ class Trainer:
             config.train_batch_size,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
-            exclude=[self.eval_dataset_id] if self.eval_dataset_id else (),
+            exclude=self.eval_dataset_ids,
         )
         self.total_steps = config.total_steps(self.data.batches_per_epoch)
 
@@ -546,15 +552,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> float | None:
-        """``eval_loss`` on the held-out ``eval_dataset_id`` (fixed timesteps and noise, see
-        :mod:`tune_train.evaluation`), logged to ``eval_log.csv`` and the trackers; None when off."""
-        if not self.eval_dataset_id or self.config.eval_loss_disable:
+        """``eval_loss`` on the held-out datasets (fixed timesteps and noise, see
+        :mod:`tune_train.evaluation`), logged to ``eval_log.csv`` and the trackers as one number
+        or one per dataset (``eval_dataset_pooling``). Returns the loss over all held-out images;
+        None when off."""
+        if not self.eval_dataset_ids or self.config.eval_loss_disable:
             return None
         with self._eval_weights():
-            value = evaluation.eval_loss(self, self.eval_dataset_id)
-        self.eval_losses[self.global_step] = value
-        self._log_metrics({"eval_loss": value})
-        return value
+            results = evaluation.held_out_losses(self)
+        metrics = evaluation.eval_metrics(results, self.config.eval_dataset_pooling)
+        pooled = evaluation.pooled_loss(results)
+        if "eval_loss" in metrics:
+            self.eval_losses[self.global_step] = pooled
+        else:
+            for dataset_id, (value, _) in results.items():
+                self.eval_losses_by_dataset.setdefault(dataset_id, {})[self.global_step] = value
+        self._log_metrics(metrics)
+        return pooled
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
