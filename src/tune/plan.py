@@ -341,7 +341,7 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
             "prediction_type": train.prediction_type or f"{prediction} [checkpoint's scheduler, unless it says otherwise]",
             "snr_gamma": train.snr_gamma,
             "soft_min_snr": train.use_soft_min_snr,
-            "timesteps": f"lowest {train.refiner_training_strength:g} (refiner_training)" if train.refiner_training else "all",
+            "timesteps": _ddpm_timesteps(train),
             "caption_dropout_probability": train.caption_dropout_probability,
         }
         if train.diff2flow_enabled and train.diff2flow_loss:
@@ -480,3 +480,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     else:
         out.append("no problems found")
     return "\n".join(out)
+
+
+def _ddpm_timesteps(train: Any) -> str:
+    """Which share of a DDPM schedule the run trains (``refiner_training`` and its inverse)."""
+    if not train.refiner_training:
+        return "all"
+    if train.refiner_training_invert_schedule:
+        return f"all but the lowest {train.refiner_training_strength:g} (refiner_training_invert_schedule)"
+    return f"lowest {train.refiner_training_strength:g} (refiner_training)"

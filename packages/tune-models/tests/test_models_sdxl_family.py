@@ -5,6 +5,8 @@ One tiny SDXL is built per session (``sdxl_path``) and shared by every test here
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -174,7 +176,13 @@ def test_refiner_loads_with_clip_g_only_and_aesthetic_time_ids(sdxl, tmp_path):
     assert encoded[0]["prompt_embeds"].shape == (77, model.text_encoder_2.config.hidden_size)
     geometry = SampleGeometry(original_size=(96, 64), crop_top_left=(0, 8), target_size=(64, 64))
     ids = sdxl.batch_conditions(model, [geometry], device="cpu", dtype=torch.float32)["add_time_ids"]
-    assert ids.tolist() == [[96, 64, 0, 8, 6.0]]  # the aesthetic score replaces the target size
+    assert ids.tolist() == [[96, 64, 0, 8, 7.0]]  # the aesthetic score (SimpleTuner's 7 by default) replaces the target size
+    # A dataset's own data_aesthetic_score wins over the run's; a dataset without one keeps it.
+    low, unset = types.SimpleNamespace(data_aesthetic_score=3.5), types.SimpleNamespace(data_aesthetic_score=None)
+    assert sdxl.batch_conditions(model, [geometry], device="cpu", dtype=torch.float32, dataset=low)[
+        "add_time_ids"].tolist() == [[96, 64, 0, 8, 3.5]]
+    assert torch.equal(sdxl.batch_conditions(model, [geometry], device="cpu", dtype=torch.float32, dataset=unset)[
+        "add_time_ids"], ids)
     cond = sdxl.collate_prompts(encoded, "cpu", torch.float32)
     latents = sdxl.encode_images(model, torch.zeros(1, 3, 64, 64))
     with torch.no_grad():

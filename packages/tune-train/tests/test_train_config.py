@@ -71,7 +71,6 @@ def test_known_but_unimplemented_choices_say_so(monkeypatch):
     [
         ({"lora_type": "lycoris"}, "lora_type 'lycoris' needs lycoris_config"),
         ({"lora_type": "lycoris", "lycoris_config": "l.json", "use_dora": True}, "set dora_wd in lycoris_config"),
-        ({"model_type": "full", "use_ema": True}, "use_ema with model_type 'full' is not implemented"),
         ({"model_type": "full", "base_model_precision": "int8-torchao"}, "would quantise them"),
         ({"model_type": "full", "lora_type": "lycoris", "lycoris_config": "l.json"}, "applies to model_type 'lora'"),
         ({"lora_init_type": "pissa", "use_dora": True}, "use_dora cannot be combined"),
@@ -83,6 +82,12 @@ def test_known_but_unimplemented_choices_say_so(monkeypatch):
 def test_adapter_options_that_cannot_work_together_name_the_keys(values, message):
     with pytest.raises(ConfigError, match=message):
         make(**values)
+
+
+def test_an_inverted_refiner_schedule_needs_timesteps_left_to_train():
+    make(refiner_training=True, refiner_training_invert_schedule=True, refiner_training_strength=0.35)
+    with pytest.raises(ConfigError, match="with refiner_training_strength 1.0 none are left"):
+        make(refiner_training=True, refiner_training_invert_schedule=True, refiner_training_strength=1.0)
 
 
 def test_offload_strategies_are_mutually_exclusive():

@@ -129,6 +129,32 @@ def test_scheme_for_picks_by_declaration_not_name():
         ddpm.scheme_for(family, model, config)
 
 
+def test_inverted_refiner_schedule_trains_the_noisy_rest_of_the_timesteps():
+    """``refiner_training_invert_schedule`` trains from ``refiner_training_strength`` of the
+    schedule up to pure noise (a first-stage expert), the complement of the refiner's range."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tune_models.family import LoadedModel, ModelFamily
+
+    class UNetFamily(ModelFamily):
+        name, prediction = "some-unet", "epsilon"
+
+    family = UNetFamily()
+    model = LoadedModel(family=family, flavour=None, transformer=None, vae=None, text_encoder=None, tokenizer=None,
+                        scheduler=EulerDiscreteScheduler())
+    config = _Config()
+    config.refiner_training, config.refiner_training_strength = True, 0.35
+    config.refiner_training_invert_schedule = True
+    inverted = ddpm.scheme_for(family, model, config)
+    drawn = inverted.sample_timesteps(2048, torch.Generator().manual_seed(0))
+    assert inverted.min_timestep == 350 and inverted.max_timestep is None
+    assert drawn.min() >= 350 and drawn.max() == 999 and drawn.min() < 360
+    config.refiner_training_invert_schedule = False
+    plain = ddpm.scheme_for(family, model, config)
+    assert plain.min_timestep == 0 and plain.max_timestep == 350
+    assert plain.sample_timesteps(2048, torch.Generator().manual_seed(0)).max() == 349
+
+
 def test_zero_terminal_snr_scheduler_trains_with_its_own_alphas():
     from diffusers import EulerDiscreteScheduler
 

@@ -207,6 +207,13 @@ class DatasetConfig:
     (a reference of another shape than its target); ``mask``: a loss mask, cut like
     ``reference_strict``, whose brightness weights the loss per pixel (white = train, black =
     ignore, grey = partly; masked loss)."""
+    data_aesthetic_score: float | None = None
+    """The aesthetic score this dataset's samples are conditioned on, for models whose
+    micro-conditioning takes one (a refiner conditioned on image quality): tells the model what
+    quality of image this data is, so a low-quality set can train at a low score beside a good
+    one. Trainer-level in SimpleTuner (config.json, its default 7.0); a config.json value
+    applies to every dataset that sets none. Default none: the model family's default. Other
+    families ignore it."""
     is_regularisation_data: bool = False
     """Marks regularisation (prior-preservation) images, so the trainer can treat them apart.
     Default ``false``."""
@@ -351,7 +358,8 @@ class DatasetConfig:
             )
         if self.resolution <= 0:
             raise self._error("resolution", f"must be > 0, got {self.resolution!r}")
-        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size", "max_upscale_threshold"):
+        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size", "max_upscale_threshold",
+                    "data_aesthetic_score"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise self._error(key, f"must be >= 0, got {value!r}")
@@ -665,6 +673,7 @@ _COERCERS: dict[str, Callable[[DatasetConfig, str, Any], Any]] = {
     "maximum_image_size": _as_number(float, True),
     "target_downsample_size": _as_number(float, True),
     "max_upscale_threshold": _as_number(float, True),
+    "data_aesthetic_score": _as_number(float, True),
     "minimum_aspect_ratio": _as_number(float, True),
     "maximum_aspect_ratio": _as_number(float, True),
     "crop": _as_bool,
@@ -735,6 +744,7 @@ INHERITABLE_KEYS = frozenset(
         "maximum_image_size",
         "target_downsample_size",
         "max_upscale_threshold",  # trainer-level in SimpleTuner; per dataset here, inherited
+        "data_aesthetic_score",  # likewise
         "compress_disk_cache",  # likewise
         "allow_dataset_oversubscription",  # likewise
         "data_backend_sampling",  # likewise; TrainingData.build_sampler checks datasets agree

@@ -17,9 +17,9 @@ maths from that declaration, never from the family's name:
   the prediction type actually used is :meth:`ModelFamily.prediction_type` (the checkpoint's
   scheduler config, or the user's ``prediction_type``), the maths is ``tune_train.ddpm``.
 
-Per-sample image geometry (original size, crop, training size) reaches families that condition
-on it through :meth:`ModelFamily.batch_conditions`, merged into the prompt batch ``predict``
-receives; the others ignore it.
+Per-sample image geometry (original size, crop, training size) and the batch's dataset settings
+reach families that condition on them through :meth:`ModelFamily.batch_conditions`, merged into
+the prompt batch ``predict`` receives; the others ignore them.
 
 A family is registered by a plugin (see :mod:`tune_models.hookspecs`) and fetched by name with
 :func:`get_family`.
@@ -413,9 +413,15 @@ class ModelFamily:
         *,
         device: str | torch.device,
         dtype: torch.dtype,
+        dataset: Any = None,
     ) -> dict[str, Any]:
         """Extra inputs :meth:`predict` takes from each sample's geometry (merged into the
-        collated prompt batch). None here: only families with size/crop conditioning override it."""
+        collated prompt batch). None here: only families with size/crop conditioning override it.
+
+        ``dataset`` is the settings of the dataset the batch comes from (every batch comes from
+        one; a ``tune_data`` ``DatasetConfig``, read by attribute name, e.g.
+        ``data_aesthetic_score``), so a family may condition on a per-dataset value; None when
+        the caller has no dataset (the family's defaults apply). Overrides must accept it."""
         return {}
 
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:

@@ -312,6 +312,8 @@ class TrainConfig:
     """Train only the low-noise timesteps (the lowest ``refiner_training_strength`` share), the range a refiner model denoises. Epsilon / v-prediction families only. Default false."""
     refiner_training_strength: float = _field(0.2, _check(lambda v: 0 < v <= 1, "in (0, 1]"))
     """Share of the timesteps ``refiner_training`` trains, from the clean end. Default 0.2 (timesteps below 200 of 1000)."""
+    refiner_training_invert_schedule: bool = False
+    """With ``refiner_training``: train the other part of the schedule instead, the noisy timesteps from ``refiner_training_strength`` of the way up to pure noise (with 0.2: 200 to 999 of 1000), the range a first-stage (base) model denoises before a refiner takes over. Default false."""
     diff2flow_enabled: bool = False
     """Diff2Flow bridge for epsilon / v-prediction families: lets ``diff2flow_loss`` read the network's prediction as a flow velocity. Alone it changes nothing (as in SimpleTuner). Refused for flow families. Default false."""
     diff2flow_loss: bool = False
@@ -510,6 +512,11 @@ class TrainConfig:
         self._check_adapter_choices()
         if self.flow_use_uniform_schedule and self.flow_use_beta_schedule:
             raise ConfigError("flow_use_uniform_schedule and flow_use_beta_schedule are mutually exclusive; pick one")
+        if self.refiner_training and self.refiner_training_invert_schedule and self.refiner_training_strength >= 1:
+            raise ConfigError(
+                "refiner_training_invert_schedule trains the timesteps above refiner_training_strength; "
+                f"with refiner_training_strength {self.refiner_training_strength} none are left (use a value below 1)"
+            )
         if self.ignore_final_epochs and self.max_train_steps is None:
             raise ConfigError("ignore_final_epochs needs max_train_steps (the step count that ends the run)")
         if self.disk_low_threshold is not None:

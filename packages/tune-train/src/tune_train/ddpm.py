@@ -220,7 +220,8 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     its name. ``config`` supplies SimpleTuner's ``prediction_type`` (overrides the checkpoint's
     scheduler config; it is recorded in ``model.extras`` so validation samples the same way),
     ``snr_gamma``, ``use_soft_min_snr`` and ``refiner_training`` / ``refiner_training_strength``
-    (train only the lowest ``strength`` share of the timesteps, the range a refiner denoises),
+    (train only the lowest ``strength`` share of the timesteps, the range a refiner denoises;
+    with ``refiner_training_invert_schedule`` the rest, from that share up to pure noise),
     and ``diff2flow_enabled`` / ``diff2flow_loss`` (train on the flow velocity; refused for flow
     families, which need no bridge)."""
     override = getattr(config, "prediction_type", None)
@@ -246,7 +247,14 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     scheme = DDPMScheme.from_scheduler(model.scheduler, prediction_type=prediction_type)
     if getattr(config, "refiner_training", False):
         strength = float(getattr(config, "refiner_training_strength", 0.2))
-        scheme.max_timestep = max(1, int(round(scheme.num_train_timesteps * strength)))
+        boundary = max(1, int(round(scheme.num_train_timesteps * strength)))
+        if getattr(config, "refiner_training_invert_schedule", False):
+            # The first stage's range: from the boundary up to pure noise (eDiffi-style experts).
+            scheme.min_timestep = min(boundary, scheme.num_train_timesteps - 1)
+        else:
+            scheme.max_timestep = boundary
+    elif getattr(config, "refiner_training_invert_schedule", False):
+        log.warning("refiner_training_invert_schedule changes nothing without refiner_training: true")
     scheme.snr_gamma = getattr(config, "snr_gamma", None)
     scheme.soft_min_snr = bool(getattr(config, "use_soft_min_snr", False))
     if scheme.soft_min_snr and not scheme.snr_gamma:

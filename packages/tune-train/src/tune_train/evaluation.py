@@ -213,7 +213,9 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
                 trainer.data.load_references(dataset_id, batch, step=0), dataset_id, device
             )
             geometry = [SampleGeometry.from_planned(planned) for planned in batch]
-            prompt_batch.update(family.batch_conditions(model, geometry, device=device, dtype=dtype))
+            prompt_batch.update(family.batch_conditions(
+                model, geometry, device=device, dtype=dtype, dataset=trainer.data.prepared[dataset_id].config
+            ))
             # Masked datasets: the same loss mask training weights these images with.
             mask = trainer.data.load_masks(dataset_id, batch, tuple(latents.shape[-2:]))
             mask = mask.to(device) if mask is not None else None

@@ -292,7 +292,10 @@ class Trainer:
         # Per-sample geometry (original size, crop, target size) for families that condition on
         # it (size/crop micro-conditioning); the others add nothing.
         geometry = [SampleGeometry.from_planned(planned) for planned in batch]
-        prompt_batch.update(self.family.batch_conditions(self.model, geometry, device=device, dtype=dtype))
+        # ... and the dataset's own settings (a per-dataset data_aesthetic_score, for one).
+        prompt_batch.update(self.family.batch_conditions(
+            self.model, geometry, device=device, dtype=dtype, dataset=self.data.prepared[dataset_id].config
+        ))
         # Loss masks draw nothing from the generator: turning them on leaves the noise unchanged.
         mask = self.data.load_masks(dataset_id, batch, tuple(latents.shape[-2:]))
         if self.token_router is not None and mask is not None:

@@ -16,10 +16,12 @@ What is particular to SDXL, read off diffusers' ``StableDiffusionXLPipeline`` an
 - micro-conditioning: ``add_time_ids`` = original size (h, w) + crop top-left (top, left) +
   target size (h, w), per sample, from the bucket planner's geometry
   (:meth:`SDXLFamily.batch_conditions`); the refiner (its ``model_index.json`` says
-  ``requires_aesthetics_score``) replaces the target size with an aesthetic score:
-  ``sdxl_aesthetic_score``, default 6.0 (the img2img pipeline's default, so validation and
-  inference see what training taught). Without geometry (a caller that has none) ``predict`` uses
-  the latents' own size, no crop: what the pipeline does at inference.
+  ``requires_aesthetics_score``) replaces the target size with an aesthetic score: the batch's
+  dataset's ``data_aesthetic_score`` (SimpleTuner's key; in config.json it is every dataset's
+  default), else ``sdxl_aesthetic_score`` (also validation's), else 7.0, SimpleTuner's default
+  (the img2img pipeline's own default is 6.0: pass ``aesthetic_score`` at inference to ask for
+  what training taught). Without geometry (a caller that has none) ``predict`` uses the latents'
+  own size, no crop: what the pipeline does at inference.
 - latents: ``vae_latent * scaling_factor`` (0.13025), no shift; 4 channels at 1/8 of the pixels.
 - validation: ``StableDiffusionXLPipeline`` with classifier-free guidance against the negative
   prompt (``force_zeros_for_empty_prompt`` when none), an Euler scheduler with the trained
@@ -45,9 +47,9 @@ from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, S
 
 _ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 _FFS = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
-AESTHETIC_SCORE = 6.0
-"""The refiner's default aesthetic-score conditioning for training and validation
-(``StableDiffusionXLImg2ImgPipeline``'s ``aesthetic_score`` default)."""
+AESTHETIC_SCORE = 7.0
+"""The refiner's default aesthetic-score conditioning for training and validation: SimpleTuner's
+``data_aesthetic_score`` default, so a SimpleTuner config trains what it trained there."""
 NEGATIVE_AESTHETIC_SCORE = 2.5
 """The img2img pipeline's ``negative_aesthetic_score`` default (the negative prompt's score)."""
 REFINER_STRENGTH = 0.3
@@ -108,8 +110,9 @@ class SDXLFamily(ModelFamily):
         return "image" if flavour == "refiner" else None
 
     def configure_training(self, model: LoadedModel, options: Any) -> None:
-        """The refiner's options (:data:`REFINER_OPTIONS`): ``sdxl_aesthetic_score`` (training and
-        validation), ``sdxl_negative_aesthetic_score`` and ``sdxl_refiner_strength`` (validation).
+        """The refiner's options (:data:`REFINER_OPTIONS`): ``sdxl_aesthetic_score`` (validation,
+        and training where the dataset sets no ``data_aesthetic_score``),
+        ``sdxl_negative_aesthetic_score`` and ``sdxl_refiner_strength`` (validation).
         Each must be a number; the strength in (0, 1]."""
         for key, (extra, default) in REFINER_OPTIONS.items():
             value = options.get(key, default)
@@ -274,11 +277,14 @@ class SDXLFamily(ModelFamily):
         return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
 
     # ----------------------------------------------------------------- micro-conditioning
-    def time_ids(self, model: LoadedModel, geometry: Sequence[SampleGeometry]) -> torch.Tensor:
-        """``add_time_ids`` ``[B, 6]`` (refiner ``[B, 5]``), float32, as the pipeline builds them."""
+    def time_ids(
+        self, model: LoadedModel, geometry: Sequence[SampleGeometry], *, aesthetic_score: float | None = None
+    ) -> torch.Tensor:
+        """``add_time_ids`` ``[B, 6]`` (refiner ``[B, 5]``), float32, as the pipeline builds them;
+        the refiner's score is ``aesthetic_score`` when given, else the run's (``sdxl_aesthetic_score``)."""
         rows = []
+        score = aesthetic_score if aesthetic_score is not None else model.extras.get("aesthetic_score", AESTHETIC_SCORE)
         for item in geometry:
-            score = model.extras.get("aesthetic_score", AESTHETIC_SCORE)
             tail = (score,) if model.extras.get("requires_aesthetics_score") else tuple(item.target_size)
             rows.append([*item.original_size, *item.crop_top_left, *tail])
         return torch.tensor(rows, dtype=torch.float32)
@@ -290,9 +296,12 @@ class SDXLFamily(ModelFamily):
         *,
         device: str | torch.device,
         dtype: torch.dtype,
+        dataset: Any = None,
     ) -> dict[str, Any]:
-        """``add_time_ids`` from each sample's original size, crop and target size."""
-        return {"add_time_ids": self.time_ids(model, geometry).to(device=device, dtype=dtype)}
+        """``add_time_ids`` from each sample's original size, crop and target size (the refiner:
+        original size, crop and the ``dataset``'s ``data_aesthetic_score``, when it sets one)."""
+        score = getattr(dataset, "data_aesthetic_score", None)
+        return {"add_time_ids": self.time_ids(model, geometry, aesthetic_score=score).to(device=device, dtype=dtype)}
 
     # ----------------------------------------------------------------- denoiser
     def predict(
