@@ -49,7 +49,8 @@ class TrainedAdapter:
     """(prompt, path relative to ``output_dir``): final images first, then before-training ones."""
     ema_state_dict: dict[str, torch.Tensor] | None = None
     """The EMA weights (``use_ema``) in the same layout as ``state_dict``; the trainer also writes
-    them as ``pytorch_lora_weights_ema.safetensors`` (output ``lora_ema``). None without EMA."""
+    them as ``pytorch_lora_weights_ema.safetensors`` (output ``lora_ema``), or for ``full`` as the
+    model folder ``<model_folder>_ema/`` (output ``transformer_ema``). None without EMA."""
     adapter_type: str = "lora"
     """What ``state_dict`` holds: ``lora`` (PEFT/diffusers keys, DoRA included), ``lycoris`` (the
     lycoris-lora library's own keys, ``lycoris_<module>.<weight>``) or ``full`` (every weight of
