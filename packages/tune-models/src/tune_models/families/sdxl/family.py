@@ -227,9 +227,6 @@ class SDXLFamily(ModelFamily):
                 )
         return results
 
-    def collate_prompts(
-        self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype
-    ) -> dict[str, Any]:
     @staticmethod
     def _encode(model: LoadedModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds [B, 77, 2048], pooled_prompt_embeds [B, 1280])`` on the encoders' device,
@@ -252,6 +249,9 @@ class SDXLFamily(ModelFamily):
         embeds, pooled = self._encode(model, list(prompts))
         return [{"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]} for i in range(len(prompts))]
 
+    def collate_prompts(
+        self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype
+    ) -> dict[str, Any]:
         return _shared.stack_prompts(
             items, device, dtype, label=self.label, keys=("prompt_embeds", "pooled_prompt_embeds")
         )
