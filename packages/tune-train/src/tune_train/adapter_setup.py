@@ -43,6 +43,15 @@ class TrainedWeights:
     """PiSSA/OLoRA: the LoRA factors at step 0 (diffusers keys), needed to export for the original base."""
     lycoris_config: dict[str, Any] | None = None
     """The parsed ``lycoris_config`` JSON (LyCORIS runs)."""
+    text_encoder_params: list[torch.nn.Parameter] = attrs.field(factory=list)
+    """The text encoders' LoRA weights (``train_text_encoder``), also in :attr:`trainable`; the
+    optimizer gives them their own group (``text_encoder_lr``)."""
+
+    @property
+    def transformer_params(self) -> list[torch.nn.Parameter]:
+        """:attr:`trainable` without the text encoders' weights."""
+        theirs = {id(p) for p in self.text_encoder_params}
+        return [p for p in self.trainable if id(p) not in theirs]
 
     # ------------------------------------------------------------------ export
     def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
@@ -56,10 +65,13 @@ class TrainedWeights:
             return {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
         from tune_models.adapters import training_lora_state_dict
 
+        from tune_models import text_encoder_lora
+
         tensors = training_lora_state_dict(model)
         if self.initial_factors:
             tensors = fold_initial_factors(tensors, self.initial_factors)
-        return tensors
+        # ``text_encoder.`` / ``text_encoder_2.`` keys beside the denoiser's (train_text_encoder).
+        return tensors | text_encoder_lora.state_dict(model)
 
     def header(self, model: Any) -> dict[str, str]:
         """safetensors header entries the loaders need (LoRA alpha; the LyCORIS settings)."""
@@ -77,6 +89,13 @@ class TrainedWeights:
             prefix = getattr(model.family, "lora_prefix", "transformer")  # ``unet`` for UNet families
             packed = {f"{prefix}.{k}": v for k, v in config.items()}
             header["lora_adapter_metadata"] = json.dumps(packed, indent=2, sort_keys=True, default=str)
+        from tune_models import text_encoder_lora
+
+        encoders = text_encoder_lora.metadata(model)
+        if encoders:  # each encoder's alpha and rank, where diffusers' loader reads them
+            packed = json.loads(header["lora_adapter_metadata"]) | encoders
+            header["lora_adapter_metadata"] = json.dumps(packed, indent=2, sort_keys=True, default=str)
+            header["tune.text_encoders"] = ",".join(text_encoder_lora.trained_components(model))
         return header
 
     def model_config(self, model: Any) -> dict[str, Any] | None:
@@ -160,14 +179,42 @@ def _build_peft_lora(model: Any, family: Any, config: TrainConfig) -> TrainedWei
         weights.initial_factors = {
             k: v.float() for k, v in training_lora_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k
         }
+    if config.train_text_encoder:
+        from tune_train.text_encoder_training import add_loras
+
+        weights.text_encoder_params = add_loras(model, config)
+        weights.trainable = trainable + weights.text_encoder_params
     if config.init_lora:
         # Continue from an existing adapter (diffusers or the family's ComfyUI layout).
         from tune_models.adapters import load_training_lora, lora_file_scale
 
-        load_training_lora(
-            model, family.lora_state_dict(config.init_lora), file_scale=lora_file_scale(config.init_lora)
-        )
+        state_dict = family.lora_state_dict(config.init_lora)
+        scale = lora_file_scale(config.init_lora)
+        load_training_lora(model, state_dict, file_scale=scale)
+        _init_text_encoders(model, config, state_dict, scale)
     return weights
+
+
+def _init_text_encoders(model: Any, config: TrainConfig, state_dict: dict[str, torch.Tensor], scale: float) -> None:
+    """``init_lora``'s text-encoder keys: restored into the encoders' LoRA with
+    ``train_text_encoder``; otherwise said to be unused (the run would silently drop them)."""
+    from tune_models import text_encoder_lora
+
+    components = model.family.text_encoder_lora_components
+    present = sorted({k.split(".", 1)[0] for k in state_dict if k.split(".", 1)[0] in components})
+    if not present:
+        return
+    if not config.train_text_encoder:
+        log.warning(
+            "init_lora %s has text-encoder weights (%s) that this run does not train or export; "
+            "set train_text_encoder: true to continue them", config.init_lora, ", ".join(present),
+        )
+        return
+    try:
+        restored = text_encoder_lora.load_state_dict(model, state_dict, file_scale=scale)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    log.info("init_lora: restored the text-encoder LoRA of %s", ", ".join(restored))
 
 
 def _check_loftq() -> None:

@@ -100,9 +100,22 @@ def trained_adapter(trainer: Trainer) -> TrainedAdapter:
             "lora_format": config.lora_format,
             "final_loss": round(trainer.losses[-1], 6) if trainer.losses else None,
             **file_setting,
+            **_text_encoder_settings(trainer),
         },
         validation_images=trainer._card_images(),
     )
+
+
+def _text_encoder_settings(trainer: Trainer) -> dict[str, Any]:
+    """``train_text_encoder`` for the card and ModelSpec: which encoders the file trains, and their rate."""
+    from tune_models.text_encoder_lora import trained_components
+
+    trained = trained_components(trainer.model)
+    if not trained:
+        return {}
+    config = trainer.config
+    rate = config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate
+    return {"train_text_encoder": ", ".join(trained), "text_encoder_lr": rate}
 
 
 def write_ema_lora(trainer: Trainer) -> Path:

@@ -274,6 +274,10 @@ class TrainConfig:
     """Key layout of the saved LoRA. Default ``diffusers``. Choices: diffusers, comfyui."""
     init_lora: str | None = None
     """Start from this existing LoRA file instead of a fresh one. Default none."""
+    train_text_encoder: bool = False
+    """Also train a LoRA on the text encoders (same ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_init_type`` and ``use_dora`` as the denoiser's, on their attention and MLP linears). Only families whose diffusers pipeline loads text-encoder LoRAs (SDXL: both CLIPs; Flux.1: CLIP-L; SD3: CLIP-L and CLIP-G; ``tune check`` names them); the LoRA file then carries ``text_encoder.`` / ``text_encoder_2.`` keys. Prompts pass through the trained encoders every step (their part of the text cache is not used), so steps are slower and the encoders stay on the accelerator. Needs ``model_type: lora`` with ``lora_type: standard``. Default false."""
+    text_encoder_lr: float | None = _field(None, _positive, _finite)
+    """Learning rate of the text-encoder LoRA (``train_text_encoder``), its own optimizer parameter group; the learning-rate schedule scales it as it scales ``learning_rate``. Default: ``learning_rate``."""
 
     # --- noise schedule --------------------------------------------------------------------------
     flow_schedule_shift: float | None = _field(None, _non_negative)
@@ -568,6 +572,19 @@ class TrainConfig:
                 "use_dora with lora_format 'comfyui' is not supported (the ComfyUI key mapping carries "
                 "plain LoRA only); use lora_format diffusers"
             )
+        if self.train_text_encoder:
+            if self.model_type != "lora" or self.lora_type != "standard":
+                raise ConfigError(
+                    "train_text_encoder trains a PEFT LoRA on the text encoders: it needs model_type 'lora' "
+                    f"with lora_type 'standard' (got model_type {self.model_type!r}, lora_type {self.lora_type!r})"
+                )
+            if self.lora_init_type in ("pissa", "olora"):
+                raise ConfigError(
+                    f"train_text_encoder cannot be combined with lora_init_type {self.lora_init_type!r} "
+                    "(it would change the text encoders' base weights); use default or gaussian"
+                )
+        elif self.text_encoder_lr is not None:
+            raise ConfigError("text_encoder_lr is set but train_text_encoder is not: set train_text_encoder: true")
         if self.lora_init_type in ("pissa", "olora"):
             if self.use_dora:
                 raise ConfigError(f"use_dora cannot be combined with lora_init_type {self.lora_init_type!r}")

@@ -639,21 +639,31 @@ class TrainingData:
         the dataset's own ``caption_dropout_probability`` does (decided by tune-data per item and step).
         """
         dataset = self.prepared[dataset_id]
-        drop_caption = [
-            drop or caption_dropped(dataset.config, planned.record.path, seed=self.seed, step=step)
-            for planned, drop in zip(batch, drop_caption)
-        ]
+        captions = self.batch_captions(dataset_id, batch, drop_caption, step=step)
         current = [dataset.current(planned) for planned in batch]
         if dataset.encode_on_demand:
             self._encode_missing(dataset, current)
         latents = torch.stack(
             [self._load(dataset.latent_cache, latent_key(dataset, planned))["latents"] for planned in current]
         )
-        prompts = []
-        for planned, drop in zip(batch, drop_caption):
-            caption = "" if drop else planned.record.caption
-            prompts.append(self._load(dataset.text_cache, self.text_entry(dataset, planned, caption)))
+        prompts = [
+            self._load(dataset.text_cache, self.text_entry(dataset, planned, caption))
+            for planned, caption in zip(batch, captions)
+        ]
         return latents, prompts
+
+    def batch_captions(
+        self, dataset_id: str, batch: Sequence[PlannedImage], drop_caption: Sequence[bool], *, step: int = 0
+    ) -> list[str]:
+        """The captions :meth:`load_batch` feeds for the same arguments: each sample's, or the
+        empty prompt where the run-wide draw or the dataset's ``caption_dropout_probability``
+        drops it (a text encoder trained live encodes exactly these)."""
+        dataset = self.prepared[dataset_id]
+        return [
+            "" if drop or caption_dropped(dataset.config, planned.record.path, seed=self.seed, step=step)
+            else planned.record.caption
+            for planned, drop in zip(batch, drop_caption)
+        ]
 
     def _encode_missing(self, dataset: PreparedDataset, batch: Sequence[PlannedImage]) -> None:
         missing = [p for p in batch if not dataset.latent_cache.has(latent_key(dataset, p))]

@@ -185,6 +185,12 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
         for batch in eval_batches(trainer.data, dataset_id, config.train_batch_size, config.num_eval_images):
             loaded = trainer.data.load_batch(dataset_id, batch, [False] * len(batch), step=0)
             latents, prompts = loaded[0], loaded[1]
+            if getattr(getattr(trainer, "weights", None), "text_encoder_params", None):  # trained text encoders
+                from tune_train.text_encoder_training import encoders_in_eval, live_prompts
+
+                captions = trainer.data.batch_captions(dataset_id, batch, [False] * len(batch), step=0)
+                with encoders_in_eval(model), trainer.accelerator.autocast():
+                    prompts = live_prompts(family, model, captions, prompts)
             # One generator per image, seeded by its place in the fixed order: the noise of an
             # image does not depend on the batch size, the run's seed or the step.
             generators = [torch.Generator().manual_seed(EVAL_NOISE_SEED + 7919 * (index + i)) for i in range(len(batch))]

@@ -72,6 +72,19 @@ def _require(module: str, install: str) -> Any:
         raise ImportError(f"this optimizer needs {module.split('.')[0]!r}, which is not installed: {install}") from exc
 
 
+def first_param(params: Sequence[Any]) -> torch.Tensor | None:
+    """The first parameter of a list of parameters or of parameter groups (``{"params": [...]}``,
+    as the trainer passes with ``train_text_encoder``), for device checks; None when empty."""
+    for item in params:
+        if isinstance(item, dict):
+            found = first_param(list(item["params"]))
+            if found is not None:
+                return found
+        else:
+            return item
+    return None
+
+
 def _make(cls: Any, params: Iterable[torch.nn.Parameter], learning_rate: float, config: Any, **defaults: Any):
     kwargs = defaults | parse_optimizer_config(getattr(config, "optimizer_config", None))
     try:
@@ -91,7 +104,8 @@ def _adam_defaults(config: Any) -> dict[str, Any]:
 def build_adamw(params: Iterable[torch.nn.Parameter], learning_rate: float, config: Any) -> torch.optim.Optimizer:
     """torch's AdamW; ``fused`` on CUDA (faster, same maths), ``foreach`` elsewhere."""
     params = list(params)
-    on_cuda = bool(params) and params[0].is_cuda
+    first = first_param(params)
+    on_cuda = first is not None and first.is_cuda
     return _make(torch.optim.AdamW, params, learning_rate, config, **_adam_defaults(config), fused=on_cuda or None)
 
 
@@ -130,8 +144,9 @@ build_bnb_paged_adamw8bit = _bnb("PagedAdamW8bit")
 def _torchao(name: str, min_capability: tuple[int, int] | None = None):
     def build(params, learning_rate: float, config: Any):
         params = list(params)
-        if min_capability and params and params[0].is_cuda:
-            capability = torch.cuda.get_device_capability(params[0].device)
+        first = first_param(params)
+        if min_capability and first is not None and first.is_cuda:
+            capability = torch.cuda.get_device_capability(first.device)
             if capability < min_capability:
                 raise RuntimeError(
                     f"optimizer {config.optimizer!r} needs a GPU with FP8 support (CUDA compute capability "

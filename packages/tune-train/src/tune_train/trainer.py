@@ -37,6 +37,7 @@ from tune_data.config import DatasetConfig
 from tune_train import artifacts, run_state, setup_model, validation
 from tune_train import checkpoint as ckpt
 from tune_train import ddpm, evaluation, flow, optim, tread
+from tune_train import text_encoder_training
 from tune_train.artifacts import TrainedAdapter
 from tune_train.config import TrainConfig
 from tune_train.data import TrainingData, check_mask_support, check_reference_support, reference_kwargs
@@ -176,6 +177,8 @@ class Trainer:
         check_prompt_references(self.data, self.family, self.flavour.name)
         check_mask_support(self.data, self.family)
         tread.check_support(self.family, config.tread_config)
+        text_encoder_training.check_support(self.family, config)
+        text_encoder_training.check_processes(self.accelerator.num_processes, config)
         self.sampler = self.data.build_sampler(
             config.train_batch_size,
             rank=self.accelerator.process_index,
@@ -202,12 +205,18 @@ class Trainer:
             self.model, self.family, config, optimizer_param_dtype=getattr(build_optimizer, "param_dtype", None)
         )
         self.trainable = self.weights.trainable
+        # train_text_encoder: the LoRA'd encoders stay on the accelerator (they encode every step).
+        text_encoder_training.place(self.model, device)
         # TREAD (tread_config): training forwards send a share of the image tokens around the
         # configured block spans; eval-mode forwards (validation, eval_loss) are untouched.
         self.token_router = tread.install(self.model, self.family, config.tread_config)
         offloaded = setup_model.place_transformer(transformer, offload, device)
 
-        self.optimizer = build_optimizer(self.trainable, config.learning_rate, config)
+        # With train_text_encoder the encoders' LoRA is a second parameter group at text_encoder_lr.
+        params = text_encoder_training.param_groups(
+            self.weights.transformer_params, self.weights.text_encoder_params, config
+        )
+        self.optimizer = build_optimizer(params, config.learning_rate, config)
         self.lr_scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         # An offloaded transformer must not be moved whole onto the device by accelerate.
         self.model.transformer, self.optimizer = self.accelerator.prepare(
@@ -234,8 +243,11 @@ class Trainer:
         run_state.restore(self, path)
 
     def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        from tune_models.text_encoder_lora import named_parameters
+
         transformer = self.accelerator.unwrap_model(self.model.transformer)
-        return [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+        # Text-encoder LoRA weights (train_text_encoder) are named ``text_encoder.<parameter>``.
+        return [(name, p) for name, p in transformer.named_parameters() if p.requires_grad] + named_parameters(self.model)
 
     # ------------------------------------------------------------------ one step
     def compute_loss(self, dataset_id: str, batch: Sequence[Any], generator: torch.Generator) -> torch.Tensor:
@@ -288,6 +300,10 @@ class Trainer:
             noisy = flow.add_noise(latents, model_noise, sigmas)
             target = flow.velocity_target(latents, noise)
         dtype = self.accelerator.unwrap_model(self.model.transformer).dtype
+        if self.weights.text_encoder_params:  # train_text_encoder: the same captions, encoded live
+            captions = self.data.batch_captions(dataset_id, batch, drop, step=self.global_step)
+            with self.accelerator.autocast():
+                prompts = text_encoder_training.live_prompts(self.family, self.model, captions, prompts)
         prompt_batch = self.family.collate_prompts(prompts, device=device, dtype=dtype)
         # Per-sample geometry (original size, crop, target size) for families that condition on
         # it (size/crop micro-conditioning); the others add nothing.

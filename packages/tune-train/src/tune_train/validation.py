@@ -79,15 +79,19 @@ def validate(trainer: Trainer) -> list[str]:
     if trainer.ema is not None and config.ema_validation != "none":
         ema_variant = ("-ema", trainer.ema.swapped_in)
         variants = [ema_variant] if config.ema_validation == "ema_only" else [*variants, ema_variant]
+    from tune_train.text_encoder_training import encoders_in_eval, is_trained
+
     try:
-        with torch.no_grad(), trainer._eval_weights():
+        # A trained text encoder (train_text_encoder) is the pipeline's own: its LoRA shapes the images.
+        with torch.no_grad(), trainer._eval_weights(), encoders_in_eval(model):
             for suffix, weights in variants:
                 with weights():
                     paths += _validation_images(trainer, pipeline, prompts, folder, suffix, image)
     finally:
         model.vae.to("cpu")
         for encoder in model.text_encoders:
-            encoder.to("cpu")
+            if not is_trained(model, encoder):  # a trained one stays on the device for training
+                encoder.to("cpu")
         transformer.train()
         set_assistant_enabled(model, True)
     if config.evaluation_type == "clip":
