@@ -83,3 +83,24 @@ def test_eval_datasets_are_never_trained_on_and_pooling_gives_the_image_weighted
         assert pooled.eval_losses[step] == pytest.approx(weighted, rel=1e-5)
     # ...which is not simply the mean of the two datasets' numbers.
     assert pooled.eval_losses[0] != pytest.approx((by["typed"][0] + by["named"][0]) / 2, rel=1e-6)
+
+
+def test_tune_check_shows_held_out_datasets_and_counts_no_steps_for_them(
+    tmp_path, tiny_zimage, shapes_dir, eval_dirs, write_run
+):
+    from tune.plan import build_plan, format_plan
+
+    config = write_run(tmp_path, model=tiny_zimage, data=shapes_dir, steps=2, extra={"--eval_dataset_id": "named"})
+    backend = tmp_path / "multidatabackend.json"
+    datasets = json.loads(backend.read_text())
+    base = {k: datasets[0][k] for k in ("caption_strategy", "resolution", "minimum_image_size", "crop")}
+    datasets[1:1] = [
+        {**base, "id": "typed", "dataset_type": "eval", "instance_data_dir": str(eval_dirs["typed"])},
+        {**base, "id": "named", "instance_data_dir": str(eval_dirs["named"])},
+    ]
+    backend.write_text(json.dumps(datasets))
+    plan = build_plan(load_config(config))
+    rows = {row["id"]: row for row in plan["datasets"]}
+    assert rows["typed"].get("held_out") and rows["named"].get("held_out") and not rows["shapes"].get("held_out")
+    assert plan["steps"]["batches_per_epoch"] == 4  # the 8 training images in batches of 2, nothing held out
+    assert format_plan(plan).count("held out: measured for eval_loss, never trained on") == 2

@@ -174,6 +174,8 @@ def _dataset_section(loaded: LoadedConfig, problems: list[str]) -> list[dict[str
             row["default"] = dataset.default
             continue
         row.update(path=dataset.instance_data_dir, repeats=dataset.repeats, probability=dataset.probability)
+        if dataset.held_out or dataset.id == loaded.train.eval_dataset_id:
+            row["held_out"] = True  # scored for eval_loss, never trained on (no steps of its own)
         row["resolution"] = f"{dataset.resolution:g} ({dataset.resolution_type})"
         try:
             dataset.require_implemented()
@@ -224,7 +226,7 @@ def _steps(loaded: LoadedConfig, datasets: list[dict[str, Any]]) -> dict[str, An
         "gradient_accumulation_steps": accumulation,
         "effective_batch": train.train_batch_size * accumulation,
     }
-    images = [row for row in datasets if row["dataset_type"] == "image"]
+    images = [row for row in datasets if row["dataset_type"] == "image" and not row.get("held_out")]
     batches = None
     if images and all("batches_per_epoch" in row for row in images):
         batches = sum(row["batches_per_epoch"] for row in images)
@@ -436,6 +438,8 @@ def _dataset_lines(row: dict[str, Any]) -> list[str]:
     if row["dataset_type"] != "image":
         return [f"{head} cache: {_scalar(row.get('path'))}{' (default)' if row.get('default') else ''}"]
     out = [f"{head} {row.get('path')}", f"    resolution {row['resolution']}, repeats {row['repeats']}"]
+    if row.get("held_out"):
+        out.append("    held out: measured for eval_loss, never trained on")
     if row.get("conditioning_data"):
         out.append(f"    paired with conditioning: {', '.join(row['conditioning_data'])}")
     if row.get("loss_mask"):
