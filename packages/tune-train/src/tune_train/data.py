@@ -29,6 +29,7 @@ from tune_data.discovery import DiscoveryReport, discover
 from tune_data.prefetch import ReadAheadSampler
 from tune_data.sampler import BucketBatchSampler, MultiDatasetSampler, dataset_weights
 from tune_data.storage import StorageProvider, open_storage
+from tune_train.distributed import shard
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,9 @@ class TrainingData:
         self.read_ahead: ReadAheadSampler | None = None
         """The sampler :meth:`build_sampler` returned, which reads the next batches' cache entries
         on a worker thread; :meth:`load_batch` takes them from it."""
+        self.shard: tuple[int, int] = (0, 1)
+        """(rank, world size): with several processes, :meth:`cache_latents` and :meth:`cache_text`
+        encode only this process's share (the trainer waits for all of them before training)."""
 
     def _load(self, cache: TensorCache, key: str) -> dict[str, torch.Tensor]:
         """A cache entry of the batch being trained, read ahead when it was (else read now)."""
@@ -336,15 +340,11 @@ class TrainingData:
         for dataset in self.prepared.values():
             if dataset.encode_on_demand:
                 continue
-            encoded += self._encode_references(
-                dataset, [p for images in dataset.buckets.values() for p in images], encode_images, batch_size
-            )
-            todo = [
-                planned
-                for images in dataset.buckets.values()
-                for planned in images
-                if not dataset.latent_cache.has(latent_key(dataset, planned))
-            ]
+            # Sharded before looking at the cache, so the shares do not depend on what another
+            # process has written meanwhile.
+            mine = shard([p for images in dataset.buckets.values() for p in images], *self.shard)
+            encoded += self._encode_references(dataset, mine, encode_images, batch_size)
+            todo = [planned for planned in mine if not dataset.latent_cache.has(latent_key(dataset, planned))]
             if not todo:
                 continue
             # Group by bucket so each VAE batch has one shape.
@@ -551,7 +551,7 @@ class TrainingData:
             for d in self.prepared.values()
         }
         for cache in caches.values():
-            todo = sorted(c for c in self.captions() if not cache.has(text_key(cache, c)))
+            todo = [c for c in shard(sorted(self.captions()), *self.shard) if not cache.has(text_key(cache, c))]
             bar = tqdm(total=len(todo), desc="caching text embeddings", disable=not self.progress or not todo)
             # As for latents: a worker thread writes (or uploads) while the encoder runs on; each
             # entry is atomic, so a crash leaves only whole entries and a rerun encodes the rest.

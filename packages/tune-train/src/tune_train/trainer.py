@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tune_data.config import DatasetConfig
 from tune_train import artifacts, run_state, setup_model, validation
 from tune_train import checkpoint as ckpt
-from tune_train import ddpm, evaluation, flow, optim, tread
+from tune_train import ddpm, distributed, evaluation, flow, optim, tread
 from tune_train import text_encoder_training
 from tune_train.artifacts import TrainedAdapter
 from tune_train.config import TrainConfig
@@ -62,9 +62,11 @@ def _plugin_hook():
     return plugin_manager().hook
 
 
-def step_generator(seed: int, step: int, micro_step: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on the seed and the position in training."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 101 + micro_step) % (2**63 - 1))
+def step_generator(seed: int, step: int, micro_step: int = 0, rank: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on the seed, the position in training and the process
+    (each rank of a multi-GPU run draws its own noise and timesteps; rank 0 draws what a
+    single-process run draws)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 101 + micro_step + rank * 998_244_353) % (2**63 - 1))
 
 
 class DiskLowError(RuntimeError):
@@ -151,7 +153,7 @@ class Trainer:
         # Model: frozen base weights in the storage dtype; the LoRA trains in fp32.
         self.family = get_family(config.model_family)
         self.flavour = self.family.flavour(config.model_flavour)
-        source = setup_model.model_source(config, self.family, self.flavour)
+        source = setup_model.model_source(config, self.family, self.flavour, self.accelerator.device)
         weight_dtype = setup_model.storage_dtype(config)
         self.model_identity = f"{self.family.name}:{source.pretrained_model_name_or_path}:{source.pretrained_transformer_model_name_or_path}"
         # Names that plugins resolve are checked now, before minutes of loading.
@@ -172,7 +174,9 @@ class Trainer:
             conditioning_sampling=config.conditioning_multidataset_sampling,
             text_settings=setup_model.text_cache_settings(config),
         )
-        self.data.discover()
+        # Rank 0 discovers first and writes the metadata cache; the others then read it.
+        with self.accelerator.main_process_first():
+            self.data.discover()
         check_reference_support(self.data, self.family, self.flavour.name)
         check_prompt_references(self.data, self.family, self.flavour.name)
         check_mask_support(self.data, self.family)
@@ -190,6 +194,7 @@ class Trainer:
         self.model = self.family.load(source, self.flavour.name, dtype=weight_dtype, device="cpu")
         self.family.configure_training(self.model, config.family_options)
         setup_model.quantise_text_encoders(self.model, config, self.accelerator.device)
+        setup_model.group_offload_encoders(self.model, config, self.accelerator.device)
         # The noise scheme is the family's declaration: None trains flow matching (tune_train.flow).
         self.ddpm = ddpm.scheme_for(self.family, self.model, config)
         # Caches are filled before anything big moves to the accelerator.
@@ -218,9 +223,19 @@ class Trainer:
         )
         self.optimizer = build_optimizer(params, config.learning_rate, config)
         self.lr_scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        # An offloaded transformer must not be moved whole onto the device by accelerate.
-        self.model.transformer, self.optimizer = self.accelerator.prepare(
+        # An offloaded transformer must not be moved whole onto the device by accelerate. With
+        # several processes accelerate wraps it in DDP; only the training forward goes through
+        # that wrapper (tune_train.distributed), everything else keeps the plain module.
+        if self.accelerator.num_processes > 1:
+            distributed.ignore_frozen_tensors(transformer)
+        self._prepared_transformer, self.optimizer = self.accelerator.prepare(
             transformer, self.optimizer, device_placement=[not offloaded, None]
+        )
+        self.model.transformer = self.accelerator.unwrap_model(self._prepared_transformer)
+        self._training_model = (
+            self.model
+            if self._prepared_transformer is self.model.transformer
+            else attrs.evolve(self.model, transformer=distributed.training_view(self._prepared_transformer, self.model.transformer))
         )
         self.ema = setup_model.build_ema(config, self.trainable, device)
 
@@ -234,10 +249,13 @@ class Trainer:
         self._is_setup = True
 
     def _cache_embeddings(self) -> None:
-        """Fill the latent and text caches (:func:`tune_train.setup_model.cache_embeddings`)."""
+        """Fill the latent and text caches (:func:`tune_train.setup_model.cache_embeddings`).
+        With several processes each encodes its share, then all wait until every entry exists."""
+        self.data.shard = (self.accelerator.process_index, self.accelerator.num_processes)
         self.latents_encoded, self.prompts_encoded = setup_model.cache_embeddings(
             self.accelerator.device, self.model, self.family, self.data, vae_batch_size=self.config.vae_batch_size
         )
+        self.accelerator.wait_for_everyone()
 
     def _resume(self, path: Path) -> None:
         run_state.restore(self, path)
@@ -319,7 +337,7 @@ class Trainer:
         mask = mask.to(device) if mask is not None else None
         with self.accelerator.autocast():
             prediction = self.family.predict(
-                self.model, noisy.to(device), sigmas.to(device), prompt_batch,
+                self._training_model, noisy.to(device), sigmas.to(device), prompt_batch,
                 **reference_kwargs(references, dataset_id, device),
             )
         if scheme is not None:
@@ -342,14 +360,16 @@ class Trainer:
         step = self.global_step
         accumulation = config.gradient_accumulation_steps
         # LoRA dropout draws from torch's global RNG: seed it from the position too.
-        torch.manual_seed(step_generator(config.seed, step, 997).initial_seed())
+        torch.manual_seed(step_generator(config.seed, step, 997, self.accelerator.process_index).initial_seed())
         total = 0.0
         for micro in range(accumulation):
             dataset_id, batch = next(self.sampler_iter)
             sync = micro == accumulation - 1
-            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.transformer)
+            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self._prepared_transformer)
             with context:
-                loss = self.compute_loss(dataset_id, batch, step_generator(config.seed, step, micro))
+                loss = self.compute_loss(
+                    dataset_id, batch, step_generator(config.seed, step, micro, self.accelerator.process_index)
+                )
                 loss = self._prior_weighted(dataset_id, batch, loss)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -358,6 +378,8 @@ class Trainer:
                     )
                 self.accelerator.backward(loss / accumulation)
             total += loss.item() / accumulation
+        if self.accelerator.num_processes > 1:  # the logged loss is every rank's batch, not rank 0's
+            total = self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "mean").item()
         bad = nonfinite_groups([(name, p.grad) for name, p in self._trainable_named()])
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -525,6 +547,8 @@ class Trainer:
                 total_limit=self.config.checkpoints_total_limit,
             )
             self.hook.tune_checkpoint_saved(trainer=self, step=self.global_step, path=str(path))
+        # Every rank leaves only once the checkpoint exists: the end of train() looks for it on disk.
+        self.accelerator.wait_for_everyone()
         return path
 
     # ------------------------------------------------------------------ exporting
