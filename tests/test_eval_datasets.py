@@ -104,3 +104,18 @@ def test_tune_check_shows_held_out_datasets_and_counts_no_steps_for_them(
     assert rows["typed"].get("held_out") and rows["named"].get("held_out") and not rows["shapes"].get("held_out")
     assert plan["steps"]["batches_per_epoch"] == 4  # the 8 training images in batches of 2, nothing held out
     assert format_plan(plan).count("held out: measured for eval_loss, never trained on") == 2
+
+
+def test_loading_refuses_an_eval_interval_with_nothing_held_out(tmp_path):
+    from tune.config import ConfigError
+
+    backend = tmp_path / "multidatabackend.json"
+    train = {"id": "pets", "instance_data_dir": str(tmp_path)}
+    text = {"id": "text", "dataset_type": "text_embeds", "default": True}
+    keys = {"model_family": "z-image", "max_train_steps": 1, "eval_steps_interval": 5, "data_backend_config": str(backend)}
+    backend.write_text(json.dumps([train, text]))
+    with pytest.raises(ConfigError, match="eval_steps_interval needs a held-out dataset.*dataset_type 'eval'"):
+        load_config(keys)
+    backend.write_text(json.dumps([train, {**train, "id": "pets-eval", "dataset_type": "eval"}, text]))
+    loaded = load_config(keys)
+    assert [d.held_out for d in loaded.datasets if d.is_image] == [False, True]

@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 from tune_data.config import INHERITABLE_KEYS, DatasetConfig, DatasetConfigError, load_dataset_configs
 from tune_train.config import ConfigError, TrainConfig
+from tune_train.held_out import check_eval_datasets
 
 __all__ = ["ALIASES", "ConfigError", "LoadedConfig", "ignored_options", "load_config", "simpletuner_options"]
 
@@ -431,6 +432,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
         defaults = {key: getattr(train, key) for key in TRAIN_DATASET_DEFAULTS}
         defaults.update(dataset_defaults)
         datasets, dataset_notes = _load_datasets(train, inline_datasets, defaults, bases)
+        try:  # eval_dataset_id / dataset_type eval against the eval keys, before any weights load
+            check_eval_datasets(train, datasets)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {where})") from None
     else:
         warnings.append("no data_backend_config: there are no datasets to train on")
 

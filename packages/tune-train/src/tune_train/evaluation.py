@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tune_train import flow
+from tune_train.held_out import check_eval_datasets  # noqa: F401 - part of this module's API
 from tune_train.loss_log import StepLog
 from tune_train.masks import weighted_mse
 
@@ -72,36 +73,6 @@ def eval_timestep_grid(scheme: Any, count: int) -> torch.Tensor:
     high = scheme.num_train_timesteps if scheme.max_timestep is None else scheme.max_timestep
     grid = scheme.min_timestep + (torch.arange(count, dtype=torch.float64) + 0.5) * (high - scheme.min_timestep) / count
     return grid.floor().long().clamp(scheme.min_timestep, high - 1)
-
-
-def check_eval_datasets(config: Any, datasets: Sequence[Any]) -> list[str]:
-    """The held-out datasets' ids, in the file's order: ``eval_dataset_id`` and every
-    ``dataset_type: eval`` dataset. Checks that ``eval_dataset_id`` names an image dataset, that
-    one image dataset is left to train on, and that the eval intervals have a dataset to measure."""
-    from tune_train.config import ConfigError
-
-    images = [d for d in datasets if d.dataset_type == "image" and not getattr(d, "disabled", False)]
-    wanted = config.eval_dataset_id
-    if wanted and wanted not in {d.id for d in images}:
-        known = ", ".join(repr(d.id) for d in images) or "none"
-        raise ConfigError(f"eval_dataset_id {wanted!r} names no enabled image dataset (image datasets: {known})")
-    held = [d.id for d in images if d.id == wanted or getattr(d, "held_out", False)]
-    if held and len(held) == len(images):
-        if held == [wanted]:
-            raise ConfigError(
-                f"eval_dataset_id {wanted!r} is the only image dataset: nothing would be left to train on"
-            )
-        raise ConfigError(
-            f"every image dataset ({', '.join(map(repr, held))}) is held out (eval_dataset_id or "
-            "dataset_type 'eval'): nothing would be left to train on"
-        )
-    for key in ("eval_steps_interval", "eval_epoch_interval"):
-        if getattr(config, key) and not held:
-            raise ConfigError(
-                f"{key} needs a held-out dataset to measure eval_loss on: eval_dataset_id, or a dataset "
-                "of dataset_type 'eval' in the data backend config"
-            )
-    return held
 
 
 def eval_image_count(data: Any, dataset_id: str, limit: int | None = None) -> int:
