@@ -125,6 +125,13 @@ class ChromaFamily(FluxFamily):
 
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """Classifier-free guidance ``guidance`` (> 1 enables it) against ``negative_prompt``."""
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the double then single blocks; Chroma's blocks take their arguments
+        unlike Flux.1's (:mod:`tune_models.families.chroma.token_routing`)."""
+        from tune_models.families.chroma.token_routing import ChromaTokenRouting
+
+        return ChromaTokenRouting()
+
         return {
             "negative_prompt": negative_prompt if guidance > 1 else None,
             "max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512),

@@ -363,6 +363,13 @@ class Flux2Family(ModelFamily):
         )[0]
         return self.unpack(out[:, : height * width], height, width)
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the double then single blocks; reference tokens are never routed
+        (:mod:`tune_models.families.flux2.token_routing`)."""
+        from tune_models.families.flux2.token_routing import Flux2TokenRouting
+
+        return Flux2TokenRouting()
+
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
         pipeline = super().validation_pipeline(model)

@@ -360,6 +360,13 @@ class QwenImageFamily(ModelFamily):
         )[0]
         return self.unpack(out[:, : tokens[0].shape[1]], height, width)
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the blocks; edit references are never routed
+        (:mod:`tune_models.families.qwen_image.token_routing`)."""
+        from tune_models.families.qwen_image.token_routing import QwenImageTokenRouting
+
+        return QwenImageTokenRouting()
+
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
         """``QwenImagePipeline`` for ``base``; an edit flavour's edit pipeline (with the loaded

@@ -1,0 +1,69 @@
+"""TREAD token routing for Qwen-Image (see :mod:`tune_models.token_routing`).
+
+The routable blocks are the ``transformer_blocks`` (all double-stream). A block is called
+``block(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+image_rotary_emb, joint_attention_kwargs, modulate_index)`` and returns
+``(encoder_hidden_states, hidden_states)``; ``hidden_states`` holds only image tokens, and the
+text mask covers only the text (the attention processor appends an all-true mask for however many
+image tokens it gets), so it needs no cutting. RoPE is a pair ``(image_freqs, text_freqs)`` of
+complex frequencies without a batch dimension; ``modulate_index`` (``zero_cond_t`` checkpoints)
+has one entry per image token and sample.
+
+Edit flavours append each reference's clean tokens after the target's (``img_shapes`` lists the
+target first, then the references). Only the target's tokens are routed: the references go
+through every block, so the edit always sees the whole image it starts from.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Any
+
+import torch
+
+from tune_models.token_routing import TokenRouting
+
+
+def _cut(value: torch.Tensor, keep: torch.Tensor, total: int, dim: int) -> torch.Tensor:
+    """``value`` along ``dim`` with its first ``total`` (target) positions cut to ``keep``; the
+    reference positions after them stay."""
+    image = value.narrow(dim, 0, total).index_select(dim, keep.to(value.device))
+    return torch.cat([image, value.narrow(dim, total, value.shape[dim] - total)], dim=dim)
+
+
+class QwenImageTokenRouting(TokenRouting):
+    def blocks(self, transformer: Any) -> list[torch.nn.Module]:
+        return list(transformer.transformer_blocks)
+
+    def image_token_count(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        shapes = kwargs.get("img_shapes")
+        if not shapes:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return int(hidden.shape[1])
+        # One entry per sample: the target's (frames, rows, cols) first, then each reference's.
+        first = shapes[0]
+        target = first[0] if isinstance(first, list) else first
+        return prod(int(n) for n in target)
+
+    def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
+        return call["hidden_states"][:, :count]
+
+    def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
+        return {**call, "hidden_states": torch.cat([tokens, call["hidden_states"][:, count:]], dim=1)}
+
+    def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
+        out = dict(call)
+        rope = call.get("image_rotary_emb")
+        if rope is not None:
+            image_freqs, text_freqs = rope
+            out["image_rotary_emb"] = (_cut(image_freqs, keep, total, 0), text_freqs)
+        index = call.get("modulate_index")
+        if index is not None:
+            out["modulate_index"] = _cut(index, keep, total, 1)
+        return out
+
+    def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:
+        return output[1][:, :count]
+
+    def with_output_image_tokens(self, output: tuple, tokens: torch.Tensor, count: int) -> tuple:
+        return (output[0], torch.cat([tokens, output[1][:, count:]], dim=1))
