@@ -54,7 +54,16 @@ def test_eval_datasets_are_never_trained_on_and_pooling_gives_the_image_weighted
     tmp_path, tiny_zimage, shapes_dir, eval_dirs, write_run
 ):
     # Pooling off (SimpleTuner's default): one number per held-out dataset.
-    split = _loop(write_run, tmp_path / "split", tiny_zimage, shapes_dir, eval_dirs)
+    split = _loop(write_run, tmp_path / "split", tiny_zimage, shapes_dir, eval_dirs, **{"--report_to": "tensorboard"})
+    split.setup()
+    tracked: list[tuple[int, str]] = []
+    log = split.accelerator.log
+
+    def spy_log(values, step=None, **kwargs):
+        tracked.extend((step, name) for name in values if name.startswith("eval"))
+        return log(values, step=step, **kwargs)
+
+    split.accelerator.log = spy_log
     trained_on: list[str] = []
     original = split.compute_loss
 
@@ -68,6 +77,7 @@ def test_eval_datasets_are_never_trained_on_and_pooling_gives_the_image_weighted
     assert trained_on and set(trained_on) == {"shapes"}  # no batch ever comes from a held-out dataset
     assert [(step, metric) for step, metric, _ in _rows(tmp_path / "split")] == [
         (0, "eval_loss/typed"), (0, "eval_loss/named"), (2, "eval_loss/typed"), (2, "eval_loss/named")]
+    assert tracked == [(0, "eval_loss/typed"), (0, "eval_loss/named"), (2, "eval_loss/typed"), (2, "eval_loss/named")]
     assert split.eval_losses == {} and sorted(split.eval_losses_by_dataset) == ["named", "typed"]
     by = split.eval_losses_by_dataset
     assert sorted(by["typed"]) == [0, 2] and by["typed"][0] != by["named"][0]

@@ -39,7 +39,7 @@ class UploadFailure:
     """One upload that did not reach the Hub: what it was and why."""
 
     what: str
-    """What was being uploaded (``checkpoint-200``, ``the final adapter``)."""
+    """What was being uploaded (the checkpoint folder's name, ``checkpoint-200``)."""
     error: str
     """``ExceptionType: message``."""
 
