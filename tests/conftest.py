@@ -27,6 +27,15 @@ def tiny_zimage(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL base pipeline, built once per session: its warm start takes about a minute
+    on a shared CPU, so every SDXL test module uses this one."""
+    from tune_models.testing import build_tiny_pipeline
+
+    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_assistant(tiny_zimage, tmp_path_factory) -> Path:
     from tune_models.testing import build_tiny_assistant_lora
 

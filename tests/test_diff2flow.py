@@ -16,13 +16,6 @@ pytestmark = pytest.mark.slow
 DIFF2FLOW = {"--diff2flow_enabled": True, "--diff2flow_loss": True}
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from tune_models.testing import build_tiny_pipeline
-
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
-
-
 def _loop(config: Path) -> Loop:
     loaded = load_config(config)
     assert not {"diff2flow_enabled", "diff2flow_loss"} & set(loaded.ignored)

@@ -20,13 +20,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 DECAY = 0.6
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from tune_models.testing import build_tiny_pipeline
-
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
-
-
 def _config(write_run, root: Path, model: Path, data: Path, steps: int, **extra) -> Path:
     return write_run(root, model=model, data=data, steps=steps, extra={
         "--model_family": "sdxl", "--model_flavour": "base", "--model_type": "full", "--optimizer": "adamw",
@@ -54,20 +47,39 @@ class _WeightsAfterEachStep:
         self.steps.append({name: p.detach().float().clone() for name, p in trainer._trainable_named()})
 
 
-def test_full_unet_fine_tune_exports_the_unet_and_its_ema_the_pipeline_loads(tmp_path, tiny_sdxl, shapes_dir, write_run):
-    from diffusers import UNet2DConditionModel
+class Killed(Exception):
+    pass
 
-    config = _config(write_run, tmp_path, tiny_sdxl, shapes_dir, 3, **{
+
+class _KillAfterStep2:
+    @pluggy.HookimplMarker("tune")
+    def tune_checkpoint_saved(self, trainer, step, path):  # noqa: ARG002
+        if step == 2:
+            raise Killed(path)
+
+
+def _registered(plugin, name: str, run):
+    plugin_manager().register(plugin, name=name)
+    try:
+        return run()
+    finally:
+        plugin_manager().unregister(name=name)
+
+
+def test_full_unet_fine_tune_with_ema_exports_both_validates_both_and_resumes_the_same_ema(
+    tmp_path, tiny_sdxl, shapes_dir, write_run
+):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    validation = {
         "--validation_disable": False, "--validation_prompt": "a blue square", "--validation_resolution": "32",
         "--validation_num_inference_steps": 1, "--ema_validation": "comparison",
-    })
+    }
     recorder = _WeightsAfterEachStep()
-    plugin_manager().register(recorder, name="weights-after-each-step")
-    try:
-        result = Trainer.from_config(config, progress=False).train()
-    finally:
-        plugin_manager().unregister(name="weights-after-each-step")
-    out = tmp_path / "output"
+    config = _config(write_run, tmp_path / "a", tiny_sdxl, shapes_dir, 4, **validation)
+    result = _registered(recorder, "weights-after-each-step", Trainer.from_config(config, progress=False).train)
+    out = tmp_path / "a" / "output"
     assert Path(result.outputs["transformer"]) == out / "unet"
     assert Path(result.outputs["transformer_ema"]) == out / "unet_ema"
     assert (out / "unet_ema" / "config.json").is_file()
@@ -82,7 +94,7 @@ def test_full_unet_fine_tune_exports_the_unet_and_its_ema_the_pipeline_loads(tmp
     for weights in recorder.steps:
         for name, value in weights.items():
             expected[name] = DECAY * expected[name] + (1 - DECAY) * value
-    assert len(recorder.steps) == 3 and len(expected) == len(base)
+    assert len(recorder.steps) == 4 and len(expected) == len(base)
     for name, value in expected.items():
         torch.testing.assert_close(ema[name], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(tuned[name], recorder.steps[-1][name])
@@ -98,46 +110,25 @@ def test_full_unet_fine_tune_exports_the_unet_and_its_ema_the_pipeline_loads(tmp
     assert np.abs(with_ema - plain).max() > 1e-4 and np.abs(with_ema - with_tuned).max() > 1e-4
 
     # ema_validation comparison: the final validation made an image with each.
-    names = sorted(p.name for p in (out / "validation" / "step-000003").glob("*.png"))
-    assert names == ["validation-32x32-ema.png", "validation-32x32.png"]
     from PIL import Image
 
-    first, second = (np.asarray(Image.open(out / "validation" / "step-000003" / n), dtype=int) for n in names)
+    folder = out / "validation" / "step-000004"
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert names == ["validation-32x32-ema.png", "validation-32x32.png"]
+    first, second = (np.asarray(Image.open(folder / n), dtype=int) for n in names)
     assert np.abs(first - second).max() > 0
 
-
-def test_resumed_full_unet_fine_tune_continues_the_same_ema(tmp_path, tiny_sdxl, shapes_dir, write_run):
-    from safetensors.torch import load_file
-
-    class Killed(Exception):
-        pass
-
-    class KillAfterStep2:
-        @pluggy.HookimplMarker("tune")
-        def tune_checkpoint_saved(self, trainer, step, path):  # noqa: ARG002
-            if step == 2:
-                raise Killed(path)
-
-    straight = Trainer.from_config(_config(write_run, tmp_path / "a", tiny_sdxl, shapes_dir, 4), progress=False).train()
+    # Killed after checkpoint-2 and resumed: the same losses and the same EMA as the straight run.
     broken = _config(write_run, tmp_path / "b", tiny_sdxl, shapes_dir, 4, **{"--checkpoint_step_interval": 2})
-    plugin_manager().register(KillAfterStep2(), name="kill-after-2")
-    try:
-        with pytest.raises(Killed):
-            Trainer.from_config(broken, progress=False).train()
-    finally:
-        plugin_manager().unregister(name="kill-after-2")
+    with pytest.raises(Killed):
+        _registered(_KillAfterStep2(), "kill-after-2", Trainer.from_config(broken, progress=False).train)
     state = torch.load(tmp_path / "b" / "output" / "checkpoint-2" / "training_state.pt", weights_only=False)
     assert state["ema"]["num_updates"] == 2
     resumed = Trainer.from_config(broken, progress=False)
     resumed.config.resume_from_checkpoint = "latest"
-    result = resumed.train()
-    assert result.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-7)
-
-    def weights(run, key):
-        return load_file(Path(run.outputs[key]) / "diffusion_pytorch_model.safetensors")
-
-    ema_a, ema_b, tuned = weights(straight, "transformer_ema"), weights(result, "transformer_ema"), weights(result, "transformer")
-    assert set(ema_a) == set(ema_b) == set(tuned)
-    for key in ema_a:
-        torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(ema_b[key], tuned[key]) for key in tuned)
+    again = resumed.train()
+    assert again.losses == pytest.approx(result.losses, rel=1e-5, abs=1e-7)
+    ema_b = load_file(Path(again.outputs["transformer_ema"]) / "diffusion_pytorch_model.safetensors")
+    assert set(ema_b) == set(ema)
+    for key, value in ema.items():
+        torch.testing.assert_close(ema_b[key], value, rtol=1e-5, atol=1e-7)

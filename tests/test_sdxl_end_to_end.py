@@ -15,13 +15,6 @@ from tune_train.trainer import Trainer as Loop
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from tune_models.testing import build_tiny_pipeline
-
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
-
-
 def _sdxl_run(write_run, root, model, data, steps, **extra):
     return write_run(
         root,
