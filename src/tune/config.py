@@ -194,6 +194,12 @@ def _is_int_list(field: str) -> bool:
     return any(typing.get_origin(a) is tuple and typing.get_args(a)[:1] == (int,) for a in args)
 
 
+def _accepts_str(field: str) -> bool:
+    """Whether TrainConfig's ``field`` also takes a string (``dict[str, Any] | str | None``)."""
+    hint = typing.get_type_hints(TrainConfig)[field]
+    return str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))
+
+
 def _coerce(key: str, field: str, value: Any) -> Any:
     """``value`` as written for ``key`` in config.json, converted to ``field``'s type."""
     base, optional = _field_types()[field]
@@ -243,6 +249,8 @@ def _coerce(key: str, field: str, value: Any) -> Any:
             except json.JSONDecodeError:
                 raise bad() from None
         if isinstance(value, dict):
+            return value
+        if isinstance(value, str) and _accepts_str(field):  # or the path of a JSON file (quantization_config)
             return value
         raise bad()
     if base is tuple:  # a list of names: JSON list, or a JSON-list string, or comma-separated
@@ -417,8 +425,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
             f"report_to {report_to!r} is not implemented in tune yet; using {values['report_to']!r}"
         )
 
-    for key in ("data_backend_config", "user_prompt_library", "lycoris_config"):
-        if values.get(key) is not None:
+    for key in ("data_backend_config", "user_prompt_library", "lycoris_config", "quantization_config"):
+        if isinstance(values.get(key), str):
             values[key] = str(_locate(key, values[key], bases))
 
     try:

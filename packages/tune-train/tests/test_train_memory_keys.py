@@ -103,8 +103,12 @@ def _config(**kwargs) -> TrainConfig:
 
 def test_memory_keys_validate_with_the_users_key():
     assert _config(quantize_via="accelerator").quantize_via == "accelerator"
-    with pytest.raises(ConfigError, match="quantize_via 'pipeline' is not implemented.*cpu, accelerator"):
+    assert _config(quantize_via="pipeline", base_model_precision="int8-torchao").quantize_via == "pipeline"
+    with pytest.raises(ConfigError, match="quantize_via 'pipeline' needs base_model_precision"):
         _config(quantize_via="pipeline")
+    with pytest.raises(ConfigError, match="int8-torchao' and quantization_config both quantise"):
+        _config(quantize_via="pipeline", base_model_precision="int8-torchao",
+                quantization_config={"transformer": {"load_in_4bit": True}})
     assert _config(gradient_checkpointing=True, gradient_checkpointing_interval=0).gradient_checkpointing_interval is None
     with pytest.raises(ConfigError, match="gradient_checkpointing_interval must be >= 1, got -2"):
         _config(gradient_checkpointing=True, gradient_checkpointing_interval=-2)

@@ -133,6 +133,11 @@ class ModelSource:
     """File name inside ``assistant_lora_path`` when it is a repository or folder."""
     disable_assistant_lora: bool = False
     """Train without the flavour's assistant adapter."""
+    transformer_quantization: Any = None
+    """Quantise the denoiser while diffusers loads it: a diffusers quantization config
+    (``TorchAoConfig``, ``BitsAndBytesConfig``, ...), or a function that takes the denoiser built
+    empty (on the meta device, to read its layer names from) and returns one. ``None``: load
+    the weights as stored."""
 
 
 @attrs.define(eq=False)

@@ -10,7 +10,7 @@ why tune quantises an already-loaded module instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tune_quant.presets import BasePreset, device_problem, log, require, selected_linears
 
@@ -69,6 +69,29 @@ class BnbPreset(BasePreset):
             _set_child(module, name, self._replacement(layer))
         log.info("%s replaced %d Linear layers", self.name, len(chosen))
         return module
+
+    def pipeline_problem(self, device: str) -> str | None:
+        """diffusers' bitsandbytes loader refuses to run without a GPU (``apply`` does not)."""
+        return device_problem(device, f"{self.name} through quantize_via 'pipeline'", cuda_only=True)
+
+    def pipeline_config(
+        self, skeleton: torch.nn.Module, *, dtype: torch.dtype, exclude: Sequence[str] = ()
+    ) -> Any:
+        """diffusers' ``BitsAndBytesConfig`` for this preset, skipping the Linear layers :meth:`apply`
+        leaves alone (``llm_int8_skip_modules``, full names). diffusers also matches a skipped
+        name against each layer's own short name, so a block's layer called like a skipped
+        top-level one (``proj_out``) stays unquantised too."""
+        import torch
+        from diffusers import BitsAndBytesConfig
+
+        chosen = {name for name, _ in selected_linears(skeleton, exclude)}
+        skip = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and name not in chosen]
+        if self.kind == "nf4":
+            return BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=skip,
+            )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip)
 
 
 NF4 = BnbPreset("nf4-bnb", "nf4")

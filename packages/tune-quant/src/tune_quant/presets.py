@@ -45,6 +45,11 @@ class Quantiser(Protocol):
     def apply(self, module: torch.nn.Module, *, exclude: Sequence[str] = ()) -> torch.nn.Module:
         """Quantise ``module``'s selected Linear weights in place and return the module."""
 
+    # Optional, for ``quantize_via: pipeline`` (see :mod:`tune_quant.pipeline`):
+    # ``pipeline_config(skeleton, *, dtype, exclude=()) -> diffusers quantization config`` for the
+    # layers ``apply`` would quantise in ``skeleton`` (the model built empty, on the meta device);
+    # ``pipeline_problem(device) -> str | None`` for what the diffusers loader needs beyond ``check``.
+
 
 #: Top-level child names containing one of these stay unquantised by default: timestep/text/patch
 #: embedders and norms (Flux's ``time_text_embed``, ``x_embedder``, ``norm_out``; Z-Image's

@@ -60,6 +60,21 @@ class TorchAOPreset(BasePreset):
         log.info("%s quantised %d Linear layers", self.name, len(chosen))
         return module
 
+    def pipeline_config(
+        self, skeleton: torch.nn.Module, *, dtype: torch.dtype, exclude: Sequence[str] = ()
+    ) -> Any:
+        """diffusers' ``TorchAoConfig`` quantising, as the weights load, exactly the layers
+        :meth:`apply` would (named one by one in a torchao ``FqnToConfig``; others stay as loaded).
+        ``skeleton`` is the model built empty, to read the layer names from."""
+        from diffusers import TorchAoConfig
+        from torchao.quantization import FqnToConfig
+
+        chosen = [name for name, _ in selected_linears(skeleton, exclude, self._compatible)]
+        if not chosen:
+            log.warning("%s: no Linear layer selected for quantisation; the model loads unchanged", self.name)
+        config = self._make_config()
+        return TorchAoConfig(FqnToConfig({name: config for name in chosen}))
+
 
 def _int8() -> Any:
     from torchao.quantization import Int8WeightOnlyConfig

@@ -40,7 +40,7 @@ CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ema_device": (("cpu", "accelerator"),) * 2,
     "ema_validation": (("none", "ema_only", "comparison"),) * 2,
     "disk_low_action": (("stop", "wait", "script"),) * 2,
-    "quantize_via": (("cpu", "accelerator", "pipeline"), ("cpu", "accelerator")),
+    "quantize_via": (("cpu", "accelerator", "pipeline"),) * 2,
     "base_model_default_dtype": (("bf16", "fp32"),) * 2,
     "group_offload_type": (("block_level", "leaf_level"),) * 2,
     "evaluation_type": (("none", "clip"),) * 2,
@@ -411,7 +411,9 @@ class TrainConfig:
     text_encoder_4_precision: str = "no_change"
     """As text_encoder_1_precision, for a fourth text encoder. Default ``no_change``."""
     quantize_via: str = _field("cpu", _choices)
-    """Where quantisation runs. Default ``cpu``: the whole transformer is quantised in CPU memory (slow; needs RAM for the bf16 model). ``accelerator``: block by block on the GPU (fast; the GPU holds the resident part plus one bf16 block, and the last ``musubi_blocks_to_swap`` blocks go back to the CPU once quantised); on a CPU-only run it is the same as cpu. ``pipeline`` (quantise while diffusers loads) is not implemented yet: use accelerator."""
+    """Where quantisation runs. Default ``cpu``: the whole transformer is quantised in CPU memory (slow; needs RAM for the bf16 model). ``accelerator``: block by block on the GPU (fast; the GPU holds the resident part plus one bf16 block, and the last ``musubi_blocks_to_swap`` blocks go back to the CPU once quantised); on a CPU-only run it is the same as cpu. ``pipeline``: diffusers quantises each weight as it loads (its ``quantization_config``), so the bf16 transformer never exists whole: from the ``base_model_precision`` preset (the torchao and bitsandbytes presets, same layers as cpu; diffusers' bitsandbytes loader needs a GPU) or from ``quantization_config``."""
+    quantization_config: dict[str, Any] | str | None = _field(None, converter=_json_object)
+    """With ``quantize_via: pipeline``: diffusers quantization configs by component, as a JSON object or the path of a JSON file. tune reads the denoiser's entry (``transformer``, ``unet`` or ``default``): a diffusers config in its saved form, its class from ``quant_method`` (``torchao``, ``bitsandbytes``, ``quanto``) or from its keys (``load_in_4bit``/``load_in_8bit``: bitsandbytes; ``quant_type``: torchao, naming a torchao config class such as ``Int8WeightOnlyConfig``, with ``quant_type_kwargs``; ``weights_dtype``: quanto). Every Linear is quantised except those in ``modules_to_not_convert`` (``llm_int8_skip_modules`` for bitsandbytes). Text encoders take ``text_encoder_N_precision`` instead. Not with ``base_model_precision``. Default none."""
     base_model_default_dtype: str = _field("bf16", _choices)
     """Dtype of the frozen weights that are not quantised. Default ``bf16``. Choices: bf16, fp32."""
     enable_group_offload: bool = False
@@ -424,6 +426,10 @@ class TrainConfig:
     """Overlap offload transfers with compute on a CUDA stream (CUDA only). Default false."""
     group_offload_to_disk_path: str | None = None
     """Spill offloaded weights to this folder instead of CPU memory. Default none."""
+    group_offload_text_encoder: bool = False
+    """With ``enable_group_offload``: group-offload the text encoders too (same type, blocks per group, stream and disk settings), so filling the text cache and validation never hold a whole encoder on the accelerator (FLUX.2's 24 B Mistral). ``block_level`` groups the blocks of an encoder's top-level block list; an encoder whose blocks sit deeper (CLIP, T5) moves as one group: use ``leaf_level`` there. Default false."""
+    group_offload_vae: bool = False
+    """With ``enable_group_offload``: group-offload the VAE too, while filling the latent cache and in validation. Default false."""
     enable_model_cpu_offload: bool = False
     """Move whole models to the CPU while unused (validation, caching). Default false."""
     musubi_blocks_to_swap: int = _field(0, _non_negative)
@@ -487,6 +493,18 @@ class TrainConfig:
             self.offload_settings()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        for key in ("group_offload_text_encoder", "group_offload_vae"):
+            if getattr(self, key) and not self.enable_group_offload:
+                raise ConfigError(
+                    f"{key} needs enable_group_offload: true (it offloads with the transformer's group "
+                    "offload settings); set enable_group_offload or drop the key"
+                )
+        if self.group_offload_text_encoder and getattr(self, "train_text_encoder", False):
+            raise ConfigError(
+                "group_offload_text_encoder cannot be combined with train_text_encoder: the trained "
+                "encoders stay on the accelerator; drop one of them"
+            )
+        self._check_pipeline_quantisation()
         if self.enable_group_offload and str(self.base_model_precision).endswith("-quanto"):
             raise ConfigError(
                 f"enable_group_offload cannot move optimum-quanto weights (base_model_precision "
@@ -544,6 +562,54 @@ class TrainConfig:
                 f"validation_guidance_skip_layers_start ({start if start is not None else 'default 0.01'}) must be "
                 f"below validation_guidance_skip_layers_stop ({stop if stop is not None else 'default 0.2'})"
             )
+
+    def _check_pipeline_quantisation(self) -> None:
+        """``quantize_via: pipeline`` needs something to load with, from one key only."""
+        if self.quantization_config is not None and self.quantize_via != "pipeline":
+            raise ConfigError(
+                f"quantization_config is used only with quantize_via: pipeline (quantize_via is "
+                f"{self.quantize_via!r}); set quantize_via to pipeline or use base_model_precision"
+            )
+        if self.quantize_via != "pipeline":
+            return
+        preset = self.base_model_precision not in (None, "no_change")
+        entry = self.pipeline_quantization_entry()
+        if preset and entry is not None:
+            raise ConfigError(
+                f"base_model_precision {self.base_model_precision!r} and quantization_config both "
+                "quantise the transformer; keep one"
+            )
+        if not preset and entry is None:
+            raise ConfigError(
+                "quantize_via 'pipeline' needs base_model_precision (a preset such as int8-torchao) or "
+                "a transformer entry in quantization_config"
+            )
+        if self.model_type == "full":
+            raise ConfigError("quantize_via 'pipeline' quantises the base weights; model_type 'full' trains them all")
+
+    def pipeline_quantization_entry(self) -> dict[str, Any] | None:
+        """The transformer's entry of ``quantization_config`` (read from the file it names, when a
+        path), checked; ``None`` without one."""
+        value = self.quantization_config
+        if value is None:
+            return None
+        if isinstance(value, str):
+            import json
+            from pathlib import Path
+
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"quantization_config must be a JSON object or the path of a JSON file; no file {value!r}")
+            try:
+                value = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"quantization_config {value!r} is not valid JSON: {exc}") from exc
+        from tune_quant.pipeline import denoiser_entry
+
+        try:
+            return denoiser_entry(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     def _check_adapter_choices(self) -> None:
         """Combinations of model_type / lora_type / init options that cannot work together."""

@@ -47,8 +47,10 @@ def mixed_precision(config: TrainConfig) -> str:
     return config.mixed_precision if config.mixed_precision in ("bf16", "fp16") else "no"
 
 
-def model_source(config: TrainConfig, family: Any, flavour: Any) -> Any:
-    """Where the base weights come from (``ModelSource``), from the run's ``pretrained_*`` keys."""
+def model_source(config: TrainConfig, family: Any, flavour: Any, device: torch.device | None = None) -> Any:
+    """Where the base weights come from (``ModelSource``), from the run's ``pretrained_*`` keys;
+    with ``quantize_via: pipeline``, also how diffusers quantises the transformer as it loads
+    (checked for ``device`` now, before anything loads)."""
     from tune_models.family import ModelSource
 
     if config.pretrained_gemma_model_name_or_path and family.text_encoder_config_key != "pretrained_gemma_model_name_or_path":
@@ -66,7 +68,27 @@ def model_source(config: TrainConfig, family: Any, flavour: Any) -> Any:
         assistant_lora_path=config.assistant_lora_path,
         assistant_lora_weight_name=config.assistant_lora_weight_name,
         disable_assistant_lora=config.disable_assistant_lora,
+        transformer_quantization=pipeline_quantization(config, device or torch.device("cpu")),
     )
+
+
+def pipeline_quantization(config: TrainConfig, device: torch.device) -> Any:
+    """The transformer's diffusers quantization for ``quantize_via: pipeline`` (``None`` otherwise):
+    the ``base_model_precision`` preset's (a function of the empty model: the preset picks its
+    layers by name) or the config ``quantization_config`` describes."""
+    if config.quantize_via != "pipeline":
+        return None
+    from tune_quant.pipeline import config_from_entry, preset_config
+    from tune_quant.presets import QuantisationUnavailable
+
+    entry = config.pipeline_quantization_entry()
+    try:
+        if entry is not None:
+            return config_from_entry(entry)
+        return preset_config(config.base_model_precision, device=device.type, dtype=storage_dtype(config))
+    except (QuantisationUnavailable, ValueError, ImportError) as exc:
+        key = "quantization_config" if entry is not None else f"base_model_precision {config.base_model_precision!r}"
+        raise ConfigError(f"{key} with quantize_via 'pipeline': {exc}") from exc
 
 
 def storage_dtype(config: TrainConfig) -> torch.dtype:
@@ -118,7 +140,15 @@ def quantise_text_encoders(model: Any, config: TrainConfig, device: torch.device
 def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch.device) -> Any:
     """Quantise the frozen transformer (``base_model_precision``) and switch on gradient
     checkpointing; returns the run's offload settings (checked against ``device``)."""
-    if config.base_model_precision not in (None, "no_change"):
+    if config.quantize_via == "pipeline":
+        # diffusers quantised it while loading (model_source); a family loader that builds the
+        # transformer another way (a whole-checkpoint file) would have left it as stored.
+        if not getattr(transformer, "is_quantized", False):
+            raise ConfigError(
+                "quantize_via 'pipeline': this model's transformer was not loaded through diffusers' "
+                "quantizer (e.g. it comes from a whole-checkpoint file); use quantize_via cpu or accelerator"
+            )
+    elif config.base_model_precision not in (None, "no_change"):
         if any(not p.is_floating_point() for p in transformer.parameters()):
             raise ConfigError(
                 f"base_model_precision {config.base_model_precision!r}: the transformer's checkpoint "
@@ -187,6 +217,40 @@ def build_ema(config: TrainConfig, trainable: Sequence[torch.nn.Parameter], devi
     )
 
 
+def group_offload_encoders(model: Any, config: TrainConfig, device: torch.device) -> list[str]:
+    """Install diffusers' group offloading, with the transformer's settings (``group_offload_type``,
+    ``group_offload_blocks_per_group``, ``group_offload_use_stream``, ``group_offload_to_disk_path``),
+    on the text encoders (``group_offload_text_encoder``) and the VAE (``group_offload_vae``).
+
+    Their weights then stay off the accelerator except for the group running, through caching
+    and validation alike; :func:`move` leaves them where the hooks put them. Returns the names
+    of the components offloaded."""
+    chosen: list[tuple[str, Any]] = []
+    if config.group_offload_text_encoder:
+        chosen += [(f"text_encoder_{i}", e) for i, e in enumerate(model.text_encoders, start=1)]
+    if config.group_offload_vae:
+        chosen.append(("vae", model.vae))
+    if not chosen:
+        return []
+    from tune_offload.strategies import apply_offload
+
+    settings = config.offload_settings()
+    for _, component in chosen:
+        apply_offload(component, settings, onload_device=device, strategy="group")
+    return [name for name, _ in chosen]
+
+
+def move(component: Any, device: torch.device | str) -> bool:
+    """Move a frozen component (VAE, text encoder) whole to ``device``, unless group offloading
+    places its weights (:func:`group_offload_encoders`); True when it moved."""
+    from tune_offload.strategies import is_group_offloaded
+
+    if isinstance(component, torch.nn.Module) and is_group_offloaded(component):
+        return False
+    component.to(device)
+    return True
+
+
 def cache_embeddings(
     device: torch.device, model: Any, family: Any, data: Any, *, vae_batch_size: int
 ) -> tuple[Any, Any]:
@@ -196,7 +260,8 @@ def cache_embeddings(
     The VAE and the text encoders are never on the device together (SimpleTuner's
     ``offload_during_startup``, always on here: a 24 B text encoder beside the VAE is what
     runs a card out of memory), and a component moves only once something needs encoding,
-    so a run whose caches are full moves nothing.
+    so a run whose caches are full moves nothing. A group-offloaded one
+    (:func:`group_offload_encoders`) is never moved whole: its hooks bring each group in.
     """
     moved: list[Any] = []
     caching = True
@@ -204,8 +269,7 @@ def cache_embeddings(
     def onload(*components: Any) -> None:
         if caching:  # on-demand VAE encoding during training keeps the VAE where it is
             for component in components:
-                if not any(component is m for m in moved):
-                    component.to(device)
+                if not any(component is m for m in moved) and move(component, device):
                     moved.append(component)
 
     def offload() -> None:

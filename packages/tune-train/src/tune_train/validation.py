@@ -19,6 +19,7 @@ import torch
 
 from tune_train import evaluation
 from tune_train.config import TrainConfig
+from tune_train.setup_model import move
 
 if TYPE_CHECKING:
     from tune_train.trainer import Trainer
@@ -64,12 +65,13 @@ def validate(trainer: Trainer) -> list[str]:
     model = trainer.model
     transformer = trainer.accelerator.unwrap_model(model.transformer)
     # The VAE and text encoders live on the CPU between validations (see setup_model); they
-    # visit the device only while images are made.
+    # visit the device only while images are made; group-offloaded ones (group_offload_vae,
+    # group_offload_text_encoder) are never moved whole: their hooks bring each group in.
     set_assistant_enabled(model, False)
     transformer.eval()
-    model.vae.to(trainer.accelerator.device)
+    move(model.vae, trainer.accelerator.device)
     for encoder in model.text_encoders:
-        encoder.to(trainer.accelerator.device)
+        move(encoder, trainer.accelerator.device)
     pipeline = trainer.family.validation_pipeline(model)
     image = _input_image(trainer)
     paths = []
@@ -88,10 +90,10 @@ def validate(trainer: Trainer) -> list[str]:
                 with weights():
                     paths += _validation_images(trainer, pipeline, prompts, folder, suffix, image)
     finally:
-        model.vae.to("cpu")
+        move(model.vae, "cpu")
         for encoder in model.text_encoders:
             if not is_trained(model, encoder):  # a trained one stays on the device for training
-                encoder.to("cpu")
+                move(encoder, "cpu")
         transformer.train()
         set_assistant_enabled(model, True)
     if config.evaluation_type == "clip":

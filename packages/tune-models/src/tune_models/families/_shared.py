@@ -131,7 +131,18 @@ def load_transformer(
     config). diffusers converts original layouts (BFL, ComfyUI, Stability, ...) for the classes it
     has a converter for, and reads its own layout saved as one file for those classes too."""
     location = source.pretrained_transformer_model_name_or_path or root
-    if not is_single_file(location):
+    single = is_single_file(location)
+    if source.transformer_quantization is not None:
+        if str(location).lower().endswith(".gguf"):
+            raise ValueError(
+                f"{location!r} is a GGUF checkpoint, already quantised; it cannot be quantised again "
+                "while loading (quantize_via pipeline): drop base_model_precision / quantization_config"
+            )
+        config_location, config_sub = (root, default_subfolder) if single else (
+            location, subfolder(default_subfolder, source.pretrained_transformer_subfolder))
+        kwargs = {**kwargs, "quantization_config": _quantization_config(
+            source.transformer_quantization, model_class, config_location, config_sub, revision=kwargs.get("revision"))}
+    if not single:
         return model_class.from_pretrained(
             location,
             subfolder=subfolder(default_subfolder, source.pretrained_transformer_subfolder),
@@ -150,6 +161,8 @@ def load_transformer(
             "give a diffusers folder (with config.json) instead"
         )
     extra = {"config_revision": kwargs["revision"]} if kwargs.get("revision") else {}
+    if "quantization_config" in kwargs:
+        extra["quantization_config"] = kwargs["quantization_config"]
     extra.update(_gguf_options(location, dtype))
     try:
         model = model_class.from_single_file(
@@ -167,6 +180,22 @@ def load_transformer(
             f"(e.g. {missing[0]}); is it a checkpoint of this family?"
         )
     return model
+
+
+def _quantization_config(
+    quantization: Any, model_class: Any, location: str, sub: str | None, *, revision: str | None
+) -> Any:
+    """``ModelSource.transformer_quantization`` as a diffusers config: a function of the empty
+    model is called with ``model_class`` built from its config on the meta device (no weights
+    read, so it costs well under a second even for a 20 B model)."""
+    if not callable(quantization):
+        return quantization
+    from accelerate import init_empty_weights
+
+    config = model_class.load_config(location, subfolder=sub, **({"revision": revision} if revision else {}))
+    with init_empty_weights():
+        skeleton = model_class.from_config(config)
+    return quantization(skeleton)
 
 
 def freeze(*modules: Any, device: str | torch.device) -> None:

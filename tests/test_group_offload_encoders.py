@@ -1,0 +1,91 @@
+"""group_offload_text_encoder / group_offload_vae: the encoders carry diffusers' group-offload
+hooks, and the caches and the validation image are the same as without them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+VALIDATION = {
+    "--validation_disable": False,
+    "--validation_prompt": "a blue square",
+    "--validation_resolution": "32",
+    "--validation_num_inference_steps": 2,
+}
+
+
+def _cached(root) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.relative_to(root)): load_file(p) for p in sorted(root.rglob("*.safetensors"))}
+
+
+def test_group_offloaded_encoders_cache_and_validate_as_without(tmp_path, tiny_zimage, shapes_dir, write_run):
+    from tune import Trainer
+    from tune_offload.strategies import is_group_offloaded
+
+    def run(name, **keys):
+        config = write_run(tmp_path / name, model=tiny_zimage, data=shapes_dir, steps=1, extra={**VALIDATION, **keys})
+        trainer = Trainer.from_config(config, progress=False)
+        return trainer, trainer.train()
+
+    _, plain = run("plain")
+    trainer, offloaded = run("offloaded", **{
+        "--enable_group_offload": True, "--group_offload_text_encoder": True, "--group_offload_vae": True,
+    })
+    model = trainer._run.model
+    assert is_group_offloaded(model.vae) and all(is_group_offloaded(e) for e in model.text_encoders)
+
+    plain_cache, offloaded_cache = _cached(tmp_path / "plain" / "cache"), _cached(tmp_path / "offloaded" / "cache")
+    assert plain_cache and plain_cache.keys() == offloaded_cache.keys()
+    for name, tensors in plain_cache.items():
+        assert tensors.keys() == offloaded_cache[name].keys()
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, offloaded_cache[name][key]), (name, key)
+
+    image = "validation/step-000000/validation-32x32.png"
+    plain_image = np.asarray(Image.open(tmp_path / "plain" / "output" / image))
+    offloaded_image = np.asarray(Image.open(tmp_path / "offloaded" / "output" / image))
+    assert plain_image.std() > 0 and np.array_equal(plain_image, offloaded_image)
+    assert offloaded.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("key", ["group_offload_text_encoder", "group_offload_vae"])
+def test_encoder_offload_without_enable_group_offload_names_both_keys(key):
+    from tune_train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=f"{key} needs enable_group_offload: true"):
+        TrainConfig(model_family="z-image", max_train_steps=1, **{key: True})
+    assert getattr(TrainConfig(model_family="z-image", max_train_steps=1, enable_group_offload=True, **{key: True}), key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloaded_encoders_on_the_gpu_match_and_stay_off_it(tmp_path, tiny_zimage, shapes_dir, write_run, offload_type):
+    from tune import Trainer
+
+    def run(name, **keys):
+        config = write_run(tmp_path / name, model=tiny_zimage, data=shapes_dir, steps=1,
+                           extra={**VALIDATION, "--mixed_precision": "bf16", **keys})
+        trainer = Trainer.from_config(config, progress=False)
+        return trainer, trainer.train()
+
+    _, plain = run("plain", **{"--enable_group_offload": True})
+    trainer, offloaded = run("offloaded", **{
+        "--enable_group_offload": True, "--group_offload_type": offload_type,
+        "--group_offload_text_encoder": True, "--group_offload_vae": True,
+    })
+    model = trainer._run.model
+    for component in (model.vae, *model.text_encoders):  # back off the GPU after caching and validation
+        assert {p.device.type for p in component.parameters()} == {"cpu"}
+    plain_cache, offloaded_cache = _cached(tmp_path / "plain" / "cache"), _cached(tmp_path / "offloaded" / "cache")
+    assert plain_cache.keys() == offloaded_cache.keys()
+    for name, tensors in plain_cache.items():
+        for key, tensor in tensors.items():
+            torch.testing.assert_close(tensor, offloaded_cache[name][key], rtol=1e-2, atol=1e-2)
+    image = "validation/step-000000/validation-32x32.png"
+    a = np.asarray(Image.open(tmp_path / "plain" / "output" / image)).astype(int)
+    b = np.asarray(Image.open(tmp_path / "offloaded" / "output" / image)).astype(int)
+    assert np.abs(a - b).max() <= 2

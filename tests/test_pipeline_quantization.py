@@ -1,0 +1,92 @@
+"""quantize_via: pipeline: diffusers quantises the transformer while it loads, from the
+base_model_precision preset (the same layers as quantize_via cpu) or from quantization_config;
+the LoRA trains on top and saves the keys a bf16 base gives; presets without a pipeline form are
+refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+pytest.importorskip("torchao")
+
+
+def _keys(path) -> set[str]:
+    with safe_open(str(path), "pt") as handle:
+        return set(handle.keys())
+
+
+def _quantised(trainer) -> set[str]:
+    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    return {name for name, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and type(m.weight.data).__name__ == "Int8Tensor"}
+
+
+def _train(root, write_run, tiny_zimage, shapes_dir, steps=3, **keys):
+    from tune import Trainer
+
+    config = write_run(root, model=tiny_zimage, data=shapes_dir, steps=steps, extra=keys)
+    trainer = Trainer.from_config(config, progress=False)
+    return trainer, trainer.train()
+
+
+def test_int8_torchao_through_the_pipeline_trains_a_lora_like_cpu_quantisation(
+    tmp_path, tiny_zimage, shapes_dir, write_run
+):
+    _, plain = _train(tmp_path / "plain", write_run, tiny_zimage, shapes_dir)
+    cpu_trainer, on_cpu = _train(tmp_path / "cpu", write_run, tiny_zimage, shapes_dir,
+                                 **{"--base_model_precision": "int8-torchao"})
+    trainer, piped = _train(tmp_path / "pipe", write_run, tiny_zimage, shapes_dir,
+                            **{"--base_model_precision": "int8-torchao", "--quantize_via": "pipeline"})
+
+    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    assert transformer.is_quantized  # diffusers' quantizer did it while loading
+    layers = _quantised(trainer)
+    assert layers and layers == _quantised(cpu_trainer)  # the preset's layers, embedders left alone
+    assert not any(name.startswith(("t_embedder", "cap_embedder")) for name in layers)
+    assert _keys(piped.outputs["lora"]) == _keys(plain.outputs["lora"])
+    assert piped.losses == pytest.approx(on_cpu.losses, rel=1e-3)
+
+
+def test_quantization_config_entry_loads_the_transformer_quantised(tmp_path, tiny_zimage, shapes_dir, write_run):
+    described = {"transformer": {"quant_type": "Int8WeightOnlyConfig", "modules_to_not_convert": ["t_embedder"]}}
+    config_file = tmp_path / "quant.json"
+    config_file.write_text(json.dumps(described))
+    trainer, result = _train(tmp_path / "run", write_run, tiny_zimage, shapes_dir, steps=1,
+                             **{"--quantize_via": "pipeline", "--quantization_config": str(config_file)})
+    layers = _quantised(trainer)
+    assert any(name.startswith("cap_embedder") for name in layers)  # every Linear but the ones named
+    assert not any(name.startswith("t_embedder") for name in layers)
+    assert result.losses and _keys(result.outputs["lora"])
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"--base_model_precision": "int8-quanto"},
+         "base_model_precision 'int8-quanto' has no quantize_via 'pipeline' form.*quantize_via cpu or accelerator"),
+        ({"--base_model_precision": "nf4-bnb"},
+         "nf4-bnb through quantize_via 'pipeline' needs a CUDA GPU.*quantize_via cpu or accelerator"),
+        ({}, "quantize_via 'pipeline' needs base_model_precision"),
+        ({"--quantization_config": {"text_encoder": {"load_in_8bit": True}}},
+         "quantization_config names text_encoder: tune quantises only the denoiser"),
+        ({"--quantization_config": {"transformer": {"bits": 4}}},
+         r"quantization_config\['transformer'\]: cannot tell which diffusers quantization backend"),
+    ],
+)
+def test_unsupported_pipeline_quantisation_is_refused_by_name(tmp_path, tiny_zimage, shapes_dir, write_run, keys, message):
+    if torch.cuda.is_available() and keys.get("--base_model_precision") == "nf4-bnb":
+        pytest.skip("a GPU is here: diffusers' bitsandbytes loader can run")
+    with pytest.raises(Exception, match=message):
+        _train(tmp_path, write_run, tiny_zimage, shapes_dir, steps=1, **{"--quantize_via": "pipeline", **keys})
+
+
+def test_quantization_config_needs_quantize_via_pipeline():
+    from tune_train.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="quantization_config is used only with quantize_via: pipeline"):
+        TrainConfig(model_family="z-image", max_train_steps=1,
+                    quantization_config='{"transformer": {"load_in_4bit": true}}')
