@@ -90,3 +90,14 @@ def test_without_a_score_the_refiner_trains_at_simpletuners_default(tmp_path, ti
         by_dataset.setdefault(dataset, set()).update(time_ids[:, 4].tolist())
     assert by_dataset == {"shapes": {7.0}, "shapes-low": {2.0}}
     assert max(timesteps.max().item() for _, timesteps, _ in seen) < 200
+
+
+def test_tune_check_shows_the_inverted_range(tmp_path, tiny_refiner, shapes_dir, write_run):
+    from tune.plan import build_plan
+
+    config = write_run(tmp_path, model=tiny_refiner, data=shapes_dir, steps=1, extra={
+        "--model_family": "sdxl", "--model_flavour": "refiner", "--refiner_training": True,
+        "--refiner_training_strength": 0.35, "--refiner_training_invert_schedule": True,
+    })
+    timesteps = build_plan(load_config(config))["noise"]["timesteps"]
+    assert timesteps == "all but the lowest 0.35 (refiner_training_invert_schedule)"
