@@ -36,6 +36,29 @@ def test_ema_equals_the_closed_form_average_after_n_updates(foreach, on_storage)
     assert ema.num_updates == 5
 
 
+def test_a_big_ema_updates_a_chunk_at_a_time_with_the_same_result(monkeypatch):
+    """A full model's EMA moves and converts a chunk of tensors at a time (bounded extra memory);
+    the average is the same as in one go, bf16 weights included."""
+    import tune_train.ema as ema_module
+
+    params = [torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16)) for _ in range(7)]
+    whole = EMA(params, decay=0.8)
+    monkeypatch.setattr(ema_module, "CHUNK_BYTES", 3 * 64 * 64 * 4 - 1)  # three tensors a chunk
+    chunked = EMA(params, decay=0.8)
+    assert list(chunked._chunks()) == [(0, 3), (3, 6), (6, 7)]
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.5)
+        chunked.step(step)
+        monkeypatch.setattr(ema_module, "CHUNK_BYTES", 2**40)
+        assert list(whole._chunks()) == [(0, 7)]
+        whole.step(step)
+        monkeypatch.setattr(ema_module, "CHUNK_BYTES", 3 * 64 * 64 * 4 - 1)
+    for a, b in zip(chunked.shadow, whole.shadow):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_update_interval_skips_steps_and_swapped_in_restores_the_trained_weights():
     weight = torch.nn.Parameter(torch.zeros(2))
     ema = EMA([weight], decay=0.5, update_interval=2)

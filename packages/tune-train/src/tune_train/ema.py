@@ -20,6 +20,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 
+CHUNK_BYTES = 256 * 2**20
+"""How much of the EMA one update moves and converts at once (see :meth:`EMA.step`)."""
+
+
 class EMA:
     """Shadow copies of ``params`` and the update rule."""
 
@@ -58,19 +62,34 @@ class EMA:
             device = self.storage_device
         else:
             device = self.params[0].device
-        shadow = [s.to(device) for s in self.shadow]
-        current = [p.detach().to(device, torch.float32) for p in self.params]
-        if self.foreach:
-            torch._foreach_lerp_(shadow, current, weight)
-        else:
-            for s, c in zip(shadow, current):
-                s.lerp_(c, weight)
-        if device != self.storage_device:
-            self.shadow = [s.to(self.storage_device) for s in shadow]
-        else:
-            self.shadow = shadow
+        # A chunk of tensors at a time: the shadow's visit to the device and the fp32 copies of
+        # the weights then take at most about CHUNK_BYTES each, not the whole model twice over
+        # (a full fine-tune's EMA is as big as the model in fp32).
+        for start, stop in self._chunks():
+            shadow = [s.to(device) for s in self.shadow[start:stop]]
+            current = [p.detach().to(device, torch.float32) for p in self.params[start:stop]]
+            if self.foreach:
+                torch._foreach_lerp_(shadow, current, weight)
+            else:
+                for s, c in zip(shadow, current):
+                    s.lerp_(c, weight)
+            if device != self.storage_device:
+                shadow = [s.to(self.storage_device) for s in shadow]
+            self.shadow[start:stop] = shadow
         self.num_updates += 1
         return True
+
+    def _chunks(self) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` ranges of the tensors, each about :data:`CHUNK_BYTES` of fp32 (one
+        tensor at least): a LoRA's EMA is one chunk, a full model's some hundreds."""
+        start, size = 0, 0
+        for index, tensor in enumerate(self.shadow):
+            size += tensor.numel() * tensor.element_size()
+            if size >= CHUNK_BYTES:
+                yield start, index + 1
+                start, size = index + 1, 0
+        if start < len(self.shadow):
+            yield start, len(self.shadow)
 
     def decay_at(self, global_step: int) -> float:
         """The decay of an update after optimizer step ``global_step``: 0 during the warm-up."""
