@@ -51,6 +51,28 @@ def test_group_offloaded_encoders_cache_and_validate_as_without(tmp_path, tiny_z
     assert offloaded.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
+def test_block_level_groups_an_encoders_nested_blocks():
+    """A CLIP text encoder keeps its layers below ``encoder``: block_level offload still makes one
+    group per layer (diffusers alone would move the whole encoder as one group)."""
+    import copy
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tune_offload.strategies import OffloadSettings, apply_offload
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2,
+                            vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    plain = CLIPTextModel(config).eval()
+    offloaded = apply_offload(copy.deepcopy(plain), OffloadSettings(enable_group_offload=True), onload_device="cpu")
+    layers = {name for name, _ in plain.named_modules() if name.rsplit(".", 1)[-1].isdigit()}
+    hooked = {name for name, m in offloaded.named_modules()
+              if getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook("group_offloading")}
+    assert len(layers) == 3 and layers <= hooked
+    ids = torch.randint(2, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).last_hidden_state, offloaded(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize("key", ["group_offload_text_encoder", "group_offload_vae"])
 def test_encoder_offload_without_enable_group_offload_names_both_keys(key):
     from tune_train.config import ConfigError, TrainConfig

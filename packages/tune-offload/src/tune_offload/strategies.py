@@ -230,8 +230,30 @@ class GroupOffload:
         else:
             from diffusers.hooks import apply_group_offloading
 
+            if settings.group_offload_type == "block_level":
+                kwargs["block_modules"] = block_path(module) or None
             apply_group_offloading(module, **kwargs)
         return module
+
+
+def block_path(module: torch.nn.Module) -> list[str]:
+    """Names of the modules between ``module`` and its largest block list (``ModuleList`` or
+    ``Sequential``, by parameter count), for diffusers' ``block_modules``.
+
+    diffusers' ``block_level`` groups only the block lists that are direct children; anything
+    else moves as one group. A transformers text encoder often keeps its blocks deeper
+    (``text_model.encoder.layers`` in CLIP, ``encoder.block`` in T5,
+    ``model.language_model.layers`` in Mistral 3), so without this path it would move whole.
+    Empty when the largest list is a direct child (or there is none)."""
+    import torch
+
+    best, best_size = "", 0
+    for name, child in module.named_modules():
+        if name and isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            size = sum(p.numel() for p in child.parameters())
+            if size > best_size:
+                best, best_size = name, size
+    return best.split(".")[:-1]
 
 
 class ModelCpuOffload:

@@ -427,7 +427,7 @@ class TrainConfig:
     group_offload_to_disk_path: str | None = None
     """Spill offloaded weights to this folder instead of CPU memory. Default none."""
     group_offload_text_encoder: bool = False
-    """With ``enable_group_offload``: group-offload the text encoders too (same type, blocks per group, stream and disk settings), so filling the text cache and validation never hold a whole encoder on the accelerator (FLUX.2's 24 B Mistral). ``block_level`` groups the blocks of an encoder's top-level block list; an encoder whose blocks sit deeper (CLIP, T5) moves as one group: use ``leaf_level`` there. Default false."""
+    """With ``enable_group_offload``: group-offload the text encoders too (same type, blocks per group, stream and disk settings), so filling the text cache and validation never hold a whole encoder on the accelerator (FLUX.2's 24 B Mistral). ``block_level`` groups the blocks of an encoder's largest block list, wherever it sits (CLIP's ``encoder.layers``, T5's ``encoder.block``). Not with ``train_text_encoder``. Default false."""
     group_offload_vae: bool = False
     """With ``enable_group_offload``: group-offload the VAE too, while filling the latent cache and in validation. Default false."""
     enable_model_cpu_offload: bool = False
