@@ -15,7 +15,13 @@ from pathlib import Path
 
 import attrs
 
-from tune.config import ALIASES, TRAIN_DATASET_DEFAULTS, dataset_default_options, ignored_options
+from tune.config import (
+    ALIASES,
+    TRAIN_DATASET_DEFAULTS,
+    all_family_training_options,
+    dataset_default_options,
+    ignored_options,
+)
 from tune_train.config import TrainConfig, field_docs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +90,19 @@ def render() -> str:
         + ".",
         "",
     ]
+    lines += [
+        "## Model-family options",
+        "",
+        "Keys named after a model family are that family's own options, used only when it is the",
+        "`model_family` (the family checks their values when the run starts). A misspelt one is an",
+        "error that suggests the right key.",
+        "",
+        "| family | key | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for family, options in sorted(all_family_training_options().items()):
+        lines += [f"| {family} | `{key}` | {_cell(meaning)} |" for key, meaning in sorted(options.items())]
+    lines.append("")
     ignored = ignored_options()
     lines += [
         f"## Accepted but ignored SimpleTuner options ({len(ignored)})",

@@ -435,6 +435,26 @@ def test_an_unknown_key_named_after_another_family_is_still_an_error():
         load_config({"model_family": "flux", "flux2_guidance_value": 2.5})
 
 
+def test_a_misspelt_family_option_is_an_error_naming_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'flux_guidance_value'") as caught:
+        load_config({"model_family": "flux", "flux_guidance_valu": 2.5})
+    assert "flux_guidance_mode" in str(caught.value)  # and lists the family's options
+
+
+def test_a_simpletuner_family_key_the_family_does_not_implement_is_ignored_not_passed_on():
+    loaded = load_config({"model_family": "flux", "flux_fast_schedule": True, "flux_guidance_value": 2.0})
+    assert loaded.train.family_options == {"flux_guidance_value": 2.0}
+    assert "flux_fast_schedule" in loaded.ignored
+    assert any("flux_fast_schedule" in warning for warning in loaded.warnings)
+
+
+def test_the_reference_lists_family_options_and_no_longer_calls_them_ignored():
+    committed = (ROOT / "docs" / "config-reference.md").read_text(encoding="utf-8")
+    assert "| flux | `flux_guidance_mode` |" in committed
+    assert "flux_guidance_mode" not in ignored_options()
+    assert "flux_fast_schedule" in ignored_options()  # SimpleTuner has it; tune's Flux does not
+
+
 def test_plan_names_block_swap_and_activation_offload(workdir, fake_family):
     path = write_project(workdir, {"musubi_blocks_to_swap": 15, "offload_checkpointed_activations": True})
     offload = build_plan(load_config(path))["precision"]["offload"]

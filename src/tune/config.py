@@ -116,9 +116,21 @@ def dataset_default_options() -> frozenset[str]:
     return frozenset(INHERITABLE_KEYS) & (simpletuner_options() - set(_fields()))
 
 
+def all_family_training_options() -> dict[str, dict[str, str]]:
+    """Every registered family's declared options: family name -> {key: meaning}."""
+    from tune_models.registry import model_families
+
+    return {
+        entry.name: dict(entry.info["training_options"])
+        for entry in model_families
+        if entry.info.get("training_options")
+    }
+
+
 def ignored_options() -> list[str]:
     """SimpleTuner options tune accepts but ignores (for the reference page)."""
     used = set(_fields()) | set(ALIASES) | dataset_default_options()
+    used |= {key for options in all_family_training_options().values() for key in options}
     return sorted(name for name in simpletuner_options() - used if not _FAMILY_LORA_TARGET.match(name))
 
 
@@ -313,6 +325,26 @@ def _family_prefix(name: str, family: str) -> bool:
     return any(_same_family("_".join(words[:n]), family) for n in range(1, len(words)))
 
 
+def family_training_options(family: str) -> dict[str, str] | None:
+    """The config keys model family ``family`` declared at registration (key -> meaning), or
+    None when it declared none or is not registered (its keys then pass unchecked)."""
+    from tune_data.plugins import PluginError
+    from tune_models.registry import model_families
+
+    try:
+        options = model_families.get(family).info.get("training_options")
+    except PluginError:
+        return None
+    return dict(options) if options is not None else None
+
+
+def _unknown_family_option_error(key: str, name: str, family: str, declared: Mapping[str, str], where: str) -> str:
+    close = difflib.get_close_matches(name, list(declared), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    known = ", ".join(sorted(declared)) or "none"
+    return f"unknown config key {key!r} in {where}: model_family {family!r} has no such option; {hint}its options: {known}"
+
+
 def _unknown_key_error(key: str, where: str) -> str:
     known = sorted(set(_fields()) | set(ALIASES) | simpletuner_options())
     close = difflib.get_close_matches(key, known, n=1)
@@ -387,11 +419,14 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
             unknown[name] = (key, value)
 
     family = values.get("model_family")
+    declared = family_training_options(family) if family else None
     # A key SimpleTuner does not know may still be the chosen family's own option
-    # (flux2_guidance_value for flux2): the family validates it when the run starts.
+    # (flux2_guidance_value for flux2): the family validates its value when the run starts.
     for name, (key, value) in unknown.items():
-        if family and _family_prefix(name, family):
+        if family and _family_prefix(name, family) and (declared is None or name in declared):
             values.setdefault("family_options", {})[name] = _plain_value(value)
+        elif family and _family_prefix(name, family):
+            errors.append(_unknown_family_option_error(key, name, family, declared, where))
         else:
             errors.append(_unknown_key_error(key, where))
     if errors:
@@ -412,9 +447,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, env: str 
         values["lora_target"], written["lora_target"] = coerced, key
 
     # Keys named after the chosen family (flux_guidance_value for flux) are the family's options:
-    # passed to it as they are written, and validated by the family when the run starts.
+    # passed to it as they are written, and validated by the family when the run starts. Those
+    # SimpleTuner has and the family does not implement stay "accepted but ignored".
     for name, value in prefixed.items():
-        if _family_prefix(name, family):
+        if _family_prefix(name, family) and (declared is None or name in declared):
             values.setdefault("family_options", {})[name] = _plain_value(value)
             ignored.remove(name)
 

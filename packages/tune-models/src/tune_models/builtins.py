@@ -13,13 +13,13 @@ from collections.abc import Callable
 from tune_data.plugins import hookimpl
 
 from tune_models.families.chroma.flavours import CHROMA_FLAVOURS
-from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_LORA_TARGETS
-from tune_models.families.flux2.flavours import FLUX2_FLAVOURS, FLUX2_LORA_TARGETS
+from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_LORA_TARGETS, FLUX_TRAINING_OPTIONS
+from tune_models.families.flux2.flavours import FLUX2_FLAVOURS, FLUX2_LORA_TARGETS, FLUX2_TRAINING_OPTIONS
 from tune_models.families.lumina2.flavours import LUMINA2_FLAVOURS, LUMINA2_LORA_TARGETS
 from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS, QWEN_IMAGE_LORA_TARGETS
-from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_LORA_TARGETS
+from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_LORA_TARGETS, SANA_TRAINING_OPTIONS
 from tune_models.families.sd3.flavours import SD3_FLAVOURS, SD3_LORA_TARGETS
-from tune_models.families.sdxl.flavours import SDXL_FLAVOURS, SDXL_LORA_TARGETS
+from tune_models.families.sdxl.flavours import SDXL_FLAVOURS, SDXL_LORA_TARGETS, SDXL_TRAINING_OPTIONS
 from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS
 
 _ZIMAGE = "tune_models.families.zimage.family:FAMILY"
@@ -42,6 +42,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="dev",
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
+        training_options=FLUX_TRAINING_OPTIONS,
     )
     register(
         "flux2",
@@ -51,6 +52,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="dev",
         default_lora_target="all",
         lora_targets=FLUX2_LORA_TARGETS,
+        training_options=FLUX2_TRAINING_OPTIONS,
     )
     register(
         "sd3",
@@ -60,6 +62,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="medium",
         default_lora_target="all",
         lora_targets=SD3_LORA_TARGETS,
+        training_options={},
     )
     register(
         "sdxl",
@@ -69,6 +72,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="base",
         default_lora_target="all",
         lora_targets=SDXL_LORA_TARGETS,
+        training_options=SDXL_TRAINING_OPTIONS,
         prediction="epsilon",  # the declared noise scheme, for `tune check` without importing torch
     )
     register(
@@ -79,6 +83,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="base",
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
+        training_options={},
     )
     # ``qwen_image`` already matches ``qwen-image`` (names ignore case, - and _).
     register(
@@ -89,6 +94,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="base",
         default_lora_target="all",
         lora_targets=QWEN_IMAGE_LORA_TARGETS,
+        training_options={},
     )
     register(
         "sana",
@@ -98,6 +104,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="sana1.5-1.6b",
         default_lora_target="all",
         lora_targets=SANA_LORA_TARGETS,
+        training_options=SANA_TRAINING_OPTIONS,
     )
     register(
         "lumina2",
@@ -108,12 +115,14 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_flavour="base",
         default_lora_target="all",
         lora_targets=LUMINA2_LORA_TARGETS,
+        training_options={},
     )
     info = {
         "flavours": ZIMAGE_FLAVOURS,
         "default_flavour": "turbo",
         "default_lora_target": "all",
         "lora_targets": ["all", "attention"],
+        "training_options": {},
     }
     # ``z_image`` already matches ``z-image`` (names ignore case, - and _); ``zimage`` is an alias.
     register(

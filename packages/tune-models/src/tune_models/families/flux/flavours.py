@@ -27,3 +27,14 @@ FLUX_FLAVOURS: dict[str, dict[str, Any]] = {
     ),
 }
 FLUX_LORA_TARGETS = ["all", "all+ffs", "context", "context+ffs", "mmdit", "tiny", "nano"]
+
+FLUX_TRAINING_OPTIONS: dict[str, str] = {
+    "flux_guidance_mode": "How the guidance input is set while training: constant (default) or random-range.",
+    "flux_guidance_value": "The constant guidance value while training (default 1.0).",
+    "flux_guidance_min": "Lowest guidance drawn with random-range (default 0.0).",
+    "flux_guidance_max": "Highest guidance drawn with random-range (default 4.0).",
+    "flux_attention_masked_training": "Hide the T5 padding tokens from the transformer while training (default false).",
+}
+"""The family's own config keys (passed to ``configure_training``), each with what it does:
+registered as ``training_options`` so ``tune check`` and the config reference know them without
+importing the family."""

@@ -17,3 +17,13 @@ FLUX2_FLAVOURS: dict[str, dict[str, Any]] = {
     ),
 }
 FLUX2_LORA_TARGETS = ["all", "all+ffs", "attention", "full"]
+
+FLUX2_TRAINING_OPTIONS: dict[str, str] = {
+    "flux2_guidance_mode": "How the guidance input is set while training: constant (default) or random-range.",
+    "flux2_guidance_value": "The constant guidance value while training (default 1.0).",
+    "flux2_guidance_min": "Lowest guidance drawn with random-range (default 1.0).",
+    "flux2_guidance_max": "Highest guidance drawn with random-range (default 4.0).",
+}
+"""The family's own config keys (passed to ``configure_training``), each with what it does:
+registered as ``training_options`` so ``tune check`` and the config reference know them without
+importing the family."""

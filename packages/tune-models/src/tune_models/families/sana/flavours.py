@@ -60,3 +60,10 @@ times the DC-AE's 32), from the flavours' ``resolution`` facts: the ``resolution
 ``validation_resolution`` that suit it (the latter is the default). Loading a
 checkpoint whose transformer says otherwise logs a warning (a 1024 px folder under a 512 px
 flavour trains with the wrong expectations)."""
+
+SANA_TRAINING_OPTIONS: dict[str, str] = {
+    "sana_complex_human_instruction": "Lines put before every prompt (a list or one string); false or [] encodes prompts without them; null keeps the default.",
+}
+"""The family's own config keys (passed to ``configure_training``), each with what it does:
+registered as ``training_options`` so ``tune check`` and the config reference know them without
+importing the family."""

@@ -23,3 +23,12 @@ SDXL_FLAVOURS: dict[str, dict[str, Any]] = {
     ),
 }
 SDXL_LORA_TARGETS = ["all", "all+ffs"]
+
+SDXL_TRAINING_OPTIONS: dict[str, str] = {
+    "sdxl_aesthetic_score": "Refiner: aesthetic score of validation, and of training where a dataset sets no data_aesthetic_score (default 7.0).",
+    "sdxl_negative_aesthetic_score": "Refiner: the negative aesthetic score of validation (default 2.5).",
+    "sdxl_refiner_strength": "Refiner: img2img strength of validation, in (0, 1] (default 0.3).",
+}
+"""The family's own config keys (passed to ``configure_training``), each with what it does:
+registered as ``training_options`` so ``tune check`` and the config reference know them without
+importing the family."""
