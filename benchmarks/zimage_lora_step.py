@@ -21,11 +21,19 @@ Rows:
   ...:ffn-chunk[N] each block's MLP runs over checkpointed N-token slices (default 1024;
                    tune_offload.ffn_chunking, enable_chunked_feed_forward)
   ...:side-alloc   block swap allocates its copies on the side stream (the first design)
+  ...:tread[R]     TREAD token routing (tread_config): a share R (default 0.5) of the image
+                   tokens skips the main layers 2 .. -2 (tune_train.tread)
   P+ramtorch       preset P, frozen linears resident in pinned CPU memory (ramtorch strategy)
 
 Run (on a CUDA machine, from the repo root):
   PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python benchmarks/zimage_lora_step.py \\
       --json zimage_lora_step.json
+
+Data-parallel (DDP, one process per GPU, as ``tune_train`` trains under ``torchrun`` /
+``accelerate launch``): launch the same script with torchrun; each rank trains its own batch,
+the LoRA gradients are averaged, and rank 0 prints its step time and peak (throughput is
+world size / step time):
+  torchrun --standalone --nproc_per_node 2 benchmarks/zimage_lora_step.py --rows bf16 --json ddp.json
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over warm-up and timed steps, with the
 model, LoRA and optimizer in place (so it includes the weights); the time is the mean of the
@@ -38,6 +46,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -67,6 +76,7 @@ TINY_CONFIG = dict(CONFIG, dim=32, n_layers=4, n_refiner_layers=1, n_heads=2, n_
                    cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
 """``--tiny``: the same classes at toy size, to smoke-test this script on a CPU."""
 DEVICE = "cuda"
+RANK, WORLD_SIZE = 0, 1  # set under torchrun (data-parallel rows)
 DEFAULT_ROWS = "reference,bf16,int8-torchao,nf4-bnb,int8-torchao+swap15"
 GIB = 1024**3
 H100_BF16_TFLOPS = 798.0  # measured dense bf16 matmul rate of the lent H100 (DESIGN.md)
@@ -109,19 +119,21 @@ def parse_row(row: str) -> dict:
     block inputs wait in CPU memory, the MLP chunk size (0 = off), and whether block swap
     allocates its copies on the side stream (the first design) instead of stream-ordered."""
     row, *options = row.split(":")
-    chunk = 0
+    chunk, tread = 0, 0.0
     for option in options:
         if option.startswith("ffn-chunk"):
             chunk = int(option[len("ffn-chunk"):] or 1024)
-    unknown = {o for o in options if not o.startswith("ffn-chunk")} - {"lora-bf16", "act-offload", "side-alloc"}
+        if option.startswith("tread"):
+            tread = float(option[len("tread"):] or 0.5)
+    unknown = {o for o in options if not o.startswith(("ffn-chunk", "tread"))} - {"lora-bf16", "act-offload", "side-alloc"}
     if unknown:
         raise ValueError(f"unknown row options {sorted(unknown)} "
-                         "(known: lora-bf16, act-offload, ffn-chunk[N], side-alloc)")
+                         "(known: lora-bf16, act-offload, ffn-chunk[N], side-alloc, tread[R])")
     ramtorch = row.endswith("+ramtorch")
     preset, _, swap = row.removesuffix("+ramtorch").partition("+swap")
     return dict(preset=preset, blocks_to_swap=int(swap) if swap else 0, ramtorch=ramtorch,
                 lora_dtype=torch.bfloat16 if "lora-bf16" in options else torch.float32,
-                act_offload="act-offload" in options, ffn_chunk=chunk,
+                act_offload="act-offload" in options, ffn_chunk=chunk, tread=tread,
                 stream_ordered="side-alloc" not in options)
 
 
@@ -174,17 +186,37 @@ def setup(row: str):
         from tune_offload import OffloadSettings, apply_offload
 
         apply_offload(transformer, OffloadSettings(ramtorch=True), onload_device=DEVICE)
+    if settings["tread"]:
+        from tune_train import tread
+
+        route = {"selection_ratio": settings["tread"], "start_layer_idx": 2, "end_layer_idx": -2}
+        tread.install(model, family, {"routes": [route]})
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda" or None)
     return model, params, optimizer, swapper, preset
 
 
+def data_parallel(model):
+    """The model with its training forward through DDP, the way ``tune_train`` wraps it
+    (frozen tensors ignored, attributes read from the plain module)."""
+    import attrs
+    from torch.nn.parallel import DistributedDataParallel
+    from tune_train.distributed import ignore_frozen_tensors, training_view
+
+    transformer = model.transformer
+    ignore_frozen_tensors(transformer)
+    ddp = DistributedDataParallel(transformer, device_ids=[torch.cuda.current_device()] if DEVICE == "cuda" else None)
+    return attrs.evolve(model, transformer=training_view(ddp, transformer))
+
+
 def run_row(row: str, args) -> dict:
     t0 = time.perf_counter()
     model, params, optimizer, swapper, preset = setup(row)
+    if torch.distributed.is_initialized():
+        model = data_parallel(model)
     setup_s = time.perf_counter() - t0
     transformer = model.transformer
-    g = torch.Generator(DEVICE).manual_seed(0)
+    g = torch.Generator(DEVICE).manual_seed(RANK)  # each rank its own batch
     size = args.resolution // 8
     x0 = torch.randn(1, 16, size, size, device=DEVICE, generator=g, dtype=torch.bfloat16)
     noise = torch.randn(x0.shape, device=DEVICE, generator=g, dtype=torch.bfloat16)
@@ -247,7 +279,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--tiny", action="store_true", help="toy-size model on the CPU (smoke test)")
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, RANK, WORLD_SIZE
     if args.tiny:
         DEVICE = "cpu"
         CONFIG.update(TINY_CONFIG)
@@ -256,6 +288,11 @@ def main() -> int:
         print("needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one GPU per process
+        RANK, WORLD_SIZE = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if DEVICE == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     began = time.perf_counter()
     results = []
     for row in args.rows.split(","):
@@ -267,24 +304,31 @@ def main() -> int:
         except Exception as exc:  # one broken preset must not hide the others' numbers
             traceback.print_exc()
             result = dict(row=row, error=f"{type(exc).__name__}: {exc}"[:400])
-        print(json.dumps(result), flush=True)
+        if RANK == 0:
+            print(json.dumps(result), flush=True)
         results.append(result)
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if RANK != 0:
+        return 0
     tflop = model_tflop_per_step(args.caption_len, (args.resolution // 16) ** 2)
     base = next((r["s_per_step"] for r in results if r["row"] == "bf16" and "s_per_step" in r), None)
     for r in results:
         if "s_per_step" in r:
             r["ratio_to_bf16"] = round(r["s_per_step"] / base, 3) if base else None
-            r["mfu"] = round(tflop / r["s_per_step"] / H100_BF16_TFLOPS, 3)
+            r["mfu"] = round(tflop / r["s_per_step"] / H100_BF16_TFLOPS, 3)  # per GPU
+            r["images_per_s"] = round(WORLD_SIZE / r["s_per_step"], 3)  # batch 1 per rank
     print()
-    print(f"{'preset':<30} {'peak GiB':>9} {'s/step':>8} {'x bf16':>7} {'MFU':>6}")
+    print(f"{'preset':<30} {'peak GiB':>9} {'s/step':>8} {'x bf16':>7} {'MFU':>6} {'img/s':>6}  ({WORLD_SIZE} GPU)")
     for r in results:
         if "s_per_step" in r:
             ratio = f"{r['ratio_to_bf16']:.2f}" if r.get("ratio_to_bf16") else "-"
-            print(f"{r['row']:<30} {r['peak_gib']:>9.2f} {r['s_per_step']:>8.3f} {ratio:>7} {r['mfu']:>6.1%}")
+            print(f"{r['row']:<30} {r['peak_gib']:>9.2f} {r['s_per_step']:>8.3f} {ratio:>7} {r['mfu']:>6.1%} {r['images_per_s']:>6.2f}")
         else:
             print(f"{r['row']:<30} {r['error']}")
     meta = dict(
@@ -292,7 +336,7 @@ def main() -> int:
         resolution=args.resolution, caption_len=args.caption_len, warmup=args.warmup,
         steps=args.steps, model_tflop_per_step=round(tflop, 1), lora_rank=16,
         lora_targets="ZImageFamily 'all' preset", gradient_checkpointing=True, batch=1,
-        config=CONFIG,
+        config=CONFIG, world_size=WORLD_SIZE,
     )
     for name in ("diffusers", "peft", "torchao", "bitsandbytes"):
         try:
