@@ -90,3 +90,35 @@ def test_quantization_config_needs_quantize_via_pipeline():
     with pytest.raises(ConfigError, match="quantization_config is used only with quantize_via: pipeline"):
         TrainConfig(model_family="z-image", max_train_steps=1,
                     quantization_config='{"transformer": {"load_in_4bit": true}}')
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nf4_bnb_through_the_pipeline_quantises_the_cpu_paths_layers(tmp_path, tiny_zimage, shapes_dir, write_run):
+    pytest.importorskip("bitsandbytes")
+
+    def four_bit(trainer) -> set[str]:
+        transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+        return {name for name, m in transformer.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+
+    common = {"--mixed_precision": "bf16", "--base_model_precision": "nf4-bnb"}
+    cpu_trainer, on_cpu = _train(tmp_path / "cpu", write_run, tiny_zimage, shapes_dir, **common)
+    trainer, piped = _train(tmp_path / "pipe", write_run, tiny_zimage, shapes_dir, **common,
+                            **{"--quantize_via": "pipeline"})
+    assert four_bit(trainer) and four_bit(trainer) == four_bit(cpu_trainer)
+    assert _keys(piped.outputs["lora"]) == _keys(on_cpu.outputs["lora"])
+    assert piped.losses == pytest.approx(on_cpu.losses, rel=0.05)
+
+
+def test_tune_check_names_a_preset_without_a_pipeline_form_and_the_offloaded_encoders(tmp_path, shapes_dir, write_run):
+    from tune.config import load_config
+    from tune.plan import build_plan
+
+    model = tmp_path / "model"  # tune check loads no weights
+    config = write_run(tmp_path / "quanto", model=model, data=shapes_dir, steps=1,
+                       extra={"--quantize_via": "pipeline", "--base_model_precision": "int8-quanto"})
+    problems = build_plan(load_config(config))["problems"]
+    assert any("'int8-quanto' has no quantize_via 'pipeline' form" in p for p in problems)
+    config = write_run(tmp_path / "offload", model=model, data=shapes_dir, steps=1,
+                       extra={"--enable_group_offload": True, "--group_offload_vae": True})
+    assert build_plan(load_config(config))["precision"]["offload"].endswith("; the VAE too")

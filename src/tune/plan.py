@@ -272,7 +272,13 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
     }
 
     if train.base_model_precision != "no_change":
-        _registry_check("tune_quant.registry", "quantisers", train.base_model_precision, problems, "base_model_precision")
+        found = _registry_check("tune_quant.registry", "quantisers", train.base_model_precision, problems, "base_model_precision")
+        if found is not None and train.quantize_via == "pipeline":
+            from tune_quant.pipeline import no_pipeline_form
+
+            problem = no_pipeline_form(train.base_model_precision)
+            if problem:
+                problems.append(problem)
     for index, preset in enumerate(train.text_encoder_precisions(), start=1):
         if preset != "no_change":
             _registry_check("tune_quant.registry", "quantisers", preset, problems, f"text_encoder_{index}_precision")
@@ -288,6 +294,9 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
         offload += ", CUDA stream" if train.group_offload_use_stream else ""
         offload += f", to disk at {train.group_offload_to_disk_path}" if train.group_offload_to_disk_path else ""
         offload += ")"
+        also = [name for name, on in (("text encoders", train.group_offload_text_encoder),
+                                      ("VAE", train.group_offload_vae)) if on]
+        offload += f"; the {' and the '.join(also)} too" if also else ""
     else:
         offload = "model CPU offload" if train.enable_model_cpu_offload else "none"
     if train.offload_checkpointed_activations:

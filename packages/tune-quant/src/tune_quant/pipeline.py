@@ -41,19 +41,29 @@ def preset_config(
     on ``device``; raises :class:`QuantisationUnavailable` naming the preset otherwise."""
     from tune_quant.registry import quantisers
 
+    missing = no_pipeline_form(preset)
+    if missing:
+        raise QuantisationUnavailable(missing)
     quantiser = quantisers.load(preset)
-    make = getattr(quantiser, "pipeline_config", None)
-    if make is None:
-        raise QuantisationUnavailable(
-            f"base_model_precision {preset!r} has no quantize_via 'pipeline' form (diffusers cannot "
-            f"load with it); {_OTHER_WAYS}"
-        )
+    make = quantiser.pipeline_config
     quantiser.check(str(device))
     probe = getattr(quantiser, "pipeline_problem", None)
     message = probe(str(device)) if probe is not None else None
     if message:
         raise QuantisationUnavailable(f"{message}; {_OTHER_WAYS}")
     return lambda skeleton: make(skeleton, dtype=dtype, exclude=exclude)
+
+
+def no_pipeline_form(preset: str) -> str | None:
+    """The refusal for a registered ``preset`` without ``pipeline_config``, else ``None``."""
+    from tune_quant.registry import quantisers
+
+    if hasattr(quantisers.load(preset), "pipeline_config"):
+        return None
+    return (
+        f"base_model_precision {preset!r} has no quantize_via 'pipeline' form (diffusers cannot "
+        f"load with it); {_OTHER_WAYS}"
+    )
 
 
 def denoiser_entry(components: Any, *, key: str = "quantization_config") -> dict[str, Any] | None:
