@@ -497,19 +497,21 @@ class ModelFamily:
         :meth:`prompts_use_references` is true also takes ``reference_images=`` (see there)."""
         raise NotImplementedError(f"{type(self).__name__}.encode_prompts")
 
+    def encode_prompts_for_training(
+        self, model: LoadedModel, prompts: list[str], cached: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, the :meth:`encode_prompts` entry (``train_text_encoder``) with what the
+        encoders of :attr:`text_encoder_lora_components` produce computed live, *with* gradients
+        on the encoders' device (their LoRA trains through it); what only frozen encoders make (a
+        T5's embeddings) is taken from ``cached``, the prompts' text-cache entries, so those
+        encoders need not run. :meth:`collate_prompts` batches the result."""
+        raise NotImplementedError(f"{type(self).__name__}.encode_prompts_for_training")
+
     def collate_prompts(
         self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype
     ) -> dict[str, Any]:
         """Batch cached prompt dicts into what :meth:`predict` takes."""
         raise NotImplementedError(f"{type(self).__name__}.collate_prompts")
-
-    def encode_prompts_for_training(self, model: LoadedModel, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
-        """Per prompt, the entries of :meth:`encode_prompts` that the encoders of
-        :attr:`text_encoder_lora_components` produce, computed *with* gradients on the encoders'
-        device (``train_text_encoder``: their LoRA trains through them). The trainer lays them
-        over the cached entries, so an entry only frozen encoders make (a T5's) keeps coming from
-        the text cache."""
-        raise NotImplementedError(f"{type(self).__name__}.encode_prompts_for_training")
 
     def _vae_scale(self, vae: Any) -> int:
         """Pixels per latent along one side for ``vae``: ``2 ** (levels - 1)`` for the

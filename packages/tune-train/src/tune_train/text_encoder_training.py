@@ -7,9 +7,8 @@ What changes in a run, and why each piece lives where it does:
   (:mod:`tune_models.text_encoder_lora`) and keeps those encoders on the accelerator for the run
   (they run every step);
 - each step: the prompts of the batch (after caption dropout) are encoded live, with gradients, by
-  :meth:`ModelFamily.encode_prompts_for_training`, and laid over the cached entries
-  (:func:`live_prompts`): what only frozen encoders make (a T5's embeddings) still comes from the
-  text cache;
+  :meth:`ModelFamily.encode_prompts_for_training` (:func:`live_prompts`): what only frozen
+  encoders make (a T5's embeddings) still comes from the text cache;
 - the optimizer gets the encoders' LoRA as its own parameter group at ``text_encoder_lr``
   (:func:`param_groups`); gradient clipping, the non-finite gradient guard, EMA and checkpoints
   see them through the trainer's trainable list and named parameters;
@@ -98,10 +97,9 @@ def param_groups(
 def live_prompts(
     family: Any, model: Any, captions: Sequence[str], cached: Sequence[dict[str, torch.Tensor]]
 ) -> list[dict[str, Any]]:
-    """The batch's prompt entries: the cached ones with every entry the trained encoders make
-    replaced by a live, differentiable encoding of the same (possibly dropped) caption."""
-    live = family.encode_prompts_for_training(model, list(captions))
-    return [{**old, **new} for old, new in zip(cached, live)]
+    """The batch's prompt entries: what the trained encoders make encoded live (differentiable)
+    from the same (possibly dropped) captions, the rest from the cached entries."""
+    return family.encode_prompts_for_training(model, list(captions), list(cached))
 
 
 @contextlib.contextmanager

@@ -92,3 +92,12 @@ def from_comfyui(state_dict: dict[str, torch.Tensor], components: dict[str, str]
         out[f"{path}{LORA_A}"] = down
         out[f"{path}{LORA_B}"] = up
     return out
+
+
+def split_comfyui_text_encoder_keys(
+    state_dict: dict[str, torch.Tensor], components: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(lora_te<N>_ keys of ``components``' prefixes, the rest)`` of a ComfyUI-layout state dict."""
+    prefixes = tuple(components.values())
+    encoders = {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
+    return encoders, {k: v for k, v in state_dict.items() if k not in encoders}

@@ -44,6 +44,8 @@ class ChromaFamily(FluxFamily):
     text_encoder_classes = ("T5EncoderModel",)
     default_extras = {}
     tiny_module = "tune_models.families.chroma.tiny"
+    text_encoder_lora_components = ()
+    """Chroma's only encoder is a T5 (Flux's CLIP-L LoRA does not apply); train_text_encoder is refused."""
 
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:
         """Chroma has no training options of its own (no guidance input; masking is always on)."""

@@ -89,6 +89,10 @@ class FluxFamily(ModelFamily):
     ``lora_state_dict`` otherwise reads any layout diffusers knows (its own, kohya, BFL/ai-toolkit,
     XLabs)."""
     tiny_module = "tune_models.families.flux.tiny"
+    # train_text_encoder: a LoRA on the CLIP-L, the one encoder FluxPipeline.load_lora_weights
+    # reads (text_encoder.); the T5's embeddings keep coming from the text cache.
+    text_encoder_lora_components = ("text_encoder",)
+    text_encoder_lora_module_prefix = "text_model."
 
     # ----------------------------------------------------------------- options
     def accepts_references(self, flavour: str | None) -> bool:
@@ -126,15 +130,12 @@ class FluxFamily(ModelFamily):
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not one string")
         length = self._max_sequence_length(model.flavour)
-        clip, t5 = model.text_encoder, model.text_encoder_2
-        clip_device, t5_device = next(clip.parameters()).device, next(t5.parameters()).device
+        t5 = model.text_encoder_2
+        t5_device = next(t5.parameters()).device
         results: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            clip_ids = model.tokenizer(
-                chunk, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            pooled = clip(clip_ids.to(clip_device), output_hidden_states=False).pooler_output
+            pooled = self._clip_pooled(model, chunk)
             t5_inputs = model.tokenizer_2(
                 chunk, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
             )
@@ -148,6 +149,22 @@ class FluxFamily(ModelFamily):
                     }
                 )
         return results
+
+    def _clip_pooled(self, model: LoadedModel, prompts: list[str]) -> torch.Tensor:
+        """CLIP-L's pooled output ``[B, 768]`` on its device (with gradients where it trains)."""
+        clip = model.text_encoder
+        ids = model.tokenizer(
+            prompts, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return clip(ids.to(next(clip.parameters()).device), output_hidden_states=False).pooler_output
+
+    def encode_prompts_for_training(
+        self, model: LoadedModel, prompts: list[str], cached: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """``pooled_prompt_embeds`` from the trained CLIP-L, live; the T5's ``prompt_embeds`` and
+        ``attention_mask`` from ``cached``."""
+        pooled = self._clip_pooled(model, list(prompts))
+        return [{**entry, "pooled_prompt_embeds": pooled[i]} for i, entry in enumerate(cached)]
 
     def collate_prompts(
         self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype

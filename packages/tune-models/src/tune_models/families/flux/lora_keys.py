@@ -46,6 +46,7 @@ import re
 
 import torch
 
+from tune_models.families import _clip_lora_keys
 from tune_models.families._shared import (
     comfyui_lora_modules,
     diffusers_lora_modules,
@@ -97,6 +98,10 @@ _KINDS = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "s
 _NATIVE_KINDS = {v: k for k, v in _KINDS.items()}
 
 
+TEXT_ENCODERS = {"text_encoder": "lora_te1_"}
+"""Text-encoder LoRA keys (``train_text_encoder``): Flux.1's CLIP-L (``text_encoder.``) as ComfyUI's ``lora_te1_`` (:mod:`tune_models.families._clip_lora_keys`)."""
+
+
 def to_comfyui(
     state_dict: dict[str, torch.Tensor], *, alpha: float | None = None, fuse: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -107,6 +112,7 @@ def to_comfyui(
     ``fuse=False`` keeps projections of fused modules separate under ``diffusion_model.`` +
     diffusers names (not loadable by ComfyUI; for inspection).
     """
+    encoders, state_dict = _clip_lora_keys.split_text_encoder_keys(state_dict, TEXT_ENCODERS)
     modules = diffusers_lora_modules(state_dict)
     out: dict[str, torch.Tensor] = {}
 
@@ -141,12 +147,13 @@ def to_comfyui(
         spec = (_DOUBLE_FUSED if native_block.startswith("double_blocks") else _SINGLE_FUSED)[target]
         down, up, n = fuse_present_lora(present, spec)
         emit(f"{native_block}.{target}", down, up, None if alpha is None else n * alpha)
-    return out
+    return out | _clip_lora_keys.to_comfyui(encoders, TEXT_ENCODERS, alpha=alpha)
 
 
 def from_comfyui(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a ComfyUI-layout Flux LoRA back to diffusers layout (``transformer.`` keys)."""
-    out: dict[str, torch.Tensor] = {}
+    encoders, state_dict = _clip_lora_keys.split_comfyui_text_encoder_keys(state_dict, TEXT_ENCODERS)
+    out: dict[str, torch.Tensor] = _clip_lora_keys.from_comfyui(encoders, TEXT_ENCODERS) if encoders else {}
 
     def emit(module: str, down: torch.Tensor, up: torch.Tensor) -> None:
         put_diffusers(out, module, down, up)

@@ -79,6 +79,10 @@ class SD3Family(ModelFamily):
     """``lora_state_dict`` reads our ComfyUI layout itself, anything else (diffusers, kohya)
     through diffusers."""
     tiny_module = "tune_models.families.sd3.tiny"
+    # train_text_encoder: a LoRA on both CLIPs, as StableDiffusion3Pipeline.load_lora_weights reads
+    # them; the T5's part of prompt_embeds keeps coming from the text cache.
+    text_encoder_lora_components = ("text_encoder", "text_encoder_2")
+    text_encoder_lora_module_prefix = "text_model."
 
     # ----------------------------------------------------------------- loading
     # ``load`` and ``lora_state_dict`` are the base class's.
@@ -103,23 +107,14 @@ class SD3Family(ModelFamily):
         results: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            hidden, pooled = [], []
-            for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
-                ids = tokenizer(
-                    chunk, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt"
-                ).input_ids
-                out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
-                pooled.append(out[0])
-                hidden.append(out.hidden_states[-2])
             t5 = model.text_encoder_3
             ids = model.tokenizer_3(
                 chunk, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt"
             ).input_ids
             t5_embeds = t5(ids.to(next(t5.parameters()).device))[0]
-            clip = torch.cat([h.to(t5_embeds.device, t5_embeds.dtype) for h in hidden], dim=-1)
-            clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
-            embeds = torch.cat([clip, t5_embeds], dim=-2)
-            pooled_all = torch.cat([p.to(t5_embeds.device) for p in pooled], dim=-1)
+            clip, pooled_all = self._clip(model, chunk, width=t5_embeds.shape[-1])
+            embeds = torch.cat([clip.to(t5_embeds.device, t5_embeds.dtype), t5_embeds], dim=-2)
+            pooled_all = pooled_all.to(t5_embeds.device)
             for i in range(len(chunk)):
                 results.append(
                     {
@@ -128,6 +123,36 @@ class SD3Family(ModelFamily):
                     }
                 )
         return results
+
+    def _clip(self, model: LoadedModel, prompts: list[str], *, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both CLIPs' part of ``prompt_embeds`` (penultimate hidden states side by side, zero-padded
+        to the T5's ``width``: ``[B, 77, width]``) and ``pooled_prompt_embeds`` ``[B, 2048]``, on the
+        second CLIP's device, with gradients where the CLIPs train."""
+        hidden, pooled = [], []
+        for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        device = hidden[-1].device
+        clip = torch.cat([h.to(device) for h in hidden], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        return clip, torch.cat([p.to(device) for p in pooled], dim=-1)
+
+    def encode_prompts_for_training(
+        self, model: LoadedModel, prompts: list[str], cached: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """Both CLIPs live (the first 77 rows of ``prompt_embeds`` and ``pooled_prompt_embeds``),
+        the T5's rows after them from ``cached``."""
+        width = cached[0]["prompt_embeds"].shape[-1]
+        clip, pooled = self._clip(model, list(prompts), width=width)
+        out = []
+        for i, entry in enumerate(cached):
+            t5 = entry["prompt_embeds"][self.clip_max_length :].to(clip.device, clip.dtype)
+            out.append({**entry, "prompt_embeds": torch.cat([clip[i], t5], dim=0), "pooled_prompt_embeds": pooled[i]})
+        return out
 
     def collate_prompts(
         self, items: list[dict[str, torch.Tensor]], device: str | torch.device, dtype: torch.dtype

@@ -35,6 +35,7 @@ import re
 
 import torch
 
+from tune_models.families import _clip_lora_keys
 from tune_models.families._shared import (
     comfyui_lora_modules,
     diffusers_lora_modules,
@@ -81,8 +82,13 @@ def _swapped(diffusers_module: str, down: torch.Tensor, up: torch.Tensor) -> boo
     return diffusers_module.endswith("norm1_context.linear") and up.shape[0] == 2 * down.shape[1]
 
 
+TEXT_ENCODERS = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+"""Text-encoder LoRA keys (``train_text_encoder``): SD3's CLIP-L / CLIP-G (``text_encoder.`` / ``text_encoder_2.``) as ComfyUI's ``lora_te1_`` / ``lora_te2_`` (:mod:`tune_models.families._clip_lora_keys`)."""
+
+
 def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = None) -> dict[str, torch.Tensor]:
     """Convert a diffusers/PEFT SD3 LoRA to ComfyUI's key names (see the module docstring)."""
+    encoders, state_dict = _clip_lora_keys.split_text_encoder_keys(state_dict, TEXT_ENCODERS)
     out: dict[str, torch.Tensor] = {}
 
     def emit(native: str, down: torch.Tensor, up: torch.Tensor, module_alpha: float | None) -> None:
@@ -105,12 +111,13 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = Non
     for (block, target), present in groups.items():
         down, up, n = fuse_present_lora(present, [(name, 1) for name in _FUSED[target]])
         emit(f"{block}.{target}", down, up, None if alpha is None else n * alpha)
-    return out
+    return out | _clip_lora_keys.to_comfyui(encoders, TEXT_ENCODERS, alpha=alpha)
 
 
 def from_comfyui(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a ComfyUI-layout SD3 LoRA back to diffusers layout (``transformer.`` keys)."""
-    out: dict[str, torch.Tensor] = {}
+    encoders, state_dict = _clip_lora_keys.split_comfyui_text_encoder_keys(state_dict, TEXT_ENCODERS)
+    out: dict[str, torch.Tensor] = _clip_lora_keys.from_comfyui(encoders, TEXT_ENCODERS) if encoders else {}
 
     def emit(module: str, down: torch.Tensor, up: torch.Tensor) -> None:
         put_diffusers(out, module, down, up)

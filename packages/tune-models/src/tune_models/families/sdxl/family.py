@@ -243,9 +243,11 @@ class SDXLFamily(ModelFamily):
             hidden.append(out.hidden_states[-2])
         return torch.cat([h.to(hidden[-1].device) for h in hidden], dim=-1), pooled
 
-    def encode_prompts_for_training(self, model: LoadedModel, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+    def encode_prompts_for_training(
+        self, model: LoadedModel, prompts: list[str], cached: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
         """Both entries of :meth:`encode_prompts`, with gradients: both CLIPs train, so nothing of
-        a prompt comes from the text cache."""
+        a prompt comes from the text cache (``cached`` is not read)."""
         embeds, pooled = self._encode(model, list(prompts))
         return [{"prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]} for i in range(len(prompts))]
 
