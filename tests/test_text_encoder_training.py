@@ -155,3 +155,44 @@ def test_a_family_without_text_encoder_loras_is_refused(tmp_path, shapes_dir, wr
     loaded = load_config(config)
     with pytest.raises(ConfigError, match=r"train_text_encoder: model_family 'z-image'.*families that can: .*sdxl"):
         Loop(loaded.train, loaded.datasets, progress=False).setup()
+
+
+def test_flux_trains_the_clip_lora_and_keeps_the_t5_cached(tmp_path, shapes_dir, write_run):
+    from diffusers import FluxPipeline
+
+    from tune_models.testing import build_tiny_pipeline
+
+    tiny_flux = build_tiny_pipeline("flux", tmp_path / "tiny-flux")
+    trainer = _loop(write_run, tmp_path / "run", tiny_flux, shapes_dir, 2,
+                    **{"--model_family": "flux", "--model_flavour": "dev", "--learning_rate": 5e-2,
+                       "--validation_disable": False, "--validation_prompt": "a blue square",
+                       "--validation_resolution": "32", "--validation_num_inference_steps": 2})
+    trainer.setup()
+    t5 = trainer.model.text_encoder_2
+    forward = t5.forward
+
+    def no_t5(*args, **kwargs):
+        raise AssertionError("the frozen T5 ran during a training step; its embeddings are cached")
+
+    t5.forward = no_t5
+    trainer.sampler_iter = iter(trainer.sampler)
+    try:
+        trainer.train_step()
+    finally:
+        t5.forward = forward
+    result = trainer.train()
+    lora = _keys(Path(result.outputs["lora"]))
+    te = [k for k in lora if not k.startswith("transformer.")]
+    assert te and all(k.startswith("text_encoder.text_model.") for k in te)  # the CLIP-L only, no T5
+    assert max(lora[k].abs().max().item() for k in te if ".lora_B." in k) > 1e-4
+    assert not any(p.requires_grad for p in trainer.model.text_encoder_2.parameters())
+
+    def pooled(pipe):
+        ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids).pooler_output
+
+    plain = FluxPipeline.from_pretrained(tiny_flux)
+    loaded = FluxPipeline.from_pretrained(tiny_flux)
+    loaded.load_lora_weights(result.outputs["lora"])
+    assert (pooled(loaded) - pooled(plain)).abs().max() > 1e-4
