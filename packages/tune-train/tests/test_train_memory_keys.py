@@ -62,7 +62,7 @@ def _trainer(images: int, captions: int) -> tuple[Trainer, list, Data]:
                             text_encoders=[Component("te1", log), Component("te2", log)])
     trainer = Trainer.__new__(Trainer)
     trainer.config = SimpleNamespace(vae_batch_size=2)
-    trainer.accelerator = SimpleNamespace(device=DEVICE)
+    trainer.accelerator = SimpleNamespace(device=DEVICE, process_index=0, num_processes=1, wait_for_everyone=lambda: None)
     trainer.model = model
     trainer.family = SimpleNamespace(encode_images=lambda m, p: "latents", encode_prompts=lambda m, p: ["embeds"])
     trainer.data = Data(model, images=images, captions=captions)
