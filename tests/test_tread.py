@@ -1,6 +1,7 @@
-"""TREAD token routing (``tread_config``) through the real loop on the tiny Z-Image and Flux: the
-run trains end to end with routed forwards, lowers its loss on a fixed batch, and eval-mode work
-(eval_loss, validation) runs the whole model; a family without routing is refused before loading."""
+"""TREAD token routing (``tread_config``) through the real loop on the tiny model of every family
+that routes (Z-Image, Flux, FLUX.2, Qwen-Image, SD3, Chroma): the run trains end to end with routed
+forwards, lowers its loss on a fixed batch, saves its LoRA, and eval-mode work (validation) runs
+the whole model; a family without routing is refused before loading."""
 
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ ROUTES = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_i
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
+def tiny_model(tmp_path_factory, tiny_zimage):
+    """``tiny_model(family)``: the family's tiny pipeline folder, built once per module."""
     from tune_models.testing import build_tiny_pipeline
 
-    return build_tiny_pipeline("flux", tmp_path_factory.mktemp("tiny-flux"))
+    built = {"z-image": tiny_zimage}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_pipeline(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
 
 
 def _fixed_loss(loop: Loop, batch) -> float:
@@ -33,13 +42,18 @@ def _fixed_loss(loop: Loop, batch) -> float:
         return loop.compute_loss("shapes", batch, step_generator(99, 0)).item()
 
 
-@pytest.mark.parametrize("family", ["z-image", "flux"])
-def test_a_tread_run_trains_routed_and_lowers_the_loss(family, tmp_path, tiny_zimage, tiny_flux, shapes_dir, write_run):
-    model, flavour = (tiny_zimage, "base") if family == "z-image" else (tiny_flux, "tiny")
-    extra = {"--model_family": family, "--model_flavour": flavour, "--tread_config": ROUTES,
-             "--learning_rate": 2e-2}
+@pytest.mark.parametrize("family", ["z-image", "flux", "flux2", "qwen_image", "sd3", "chroma"])
+def test_a_tread_run_trains_routed_and_lowers_the_loss(family, tmp_path, tiny_model, shapes_dir, write_run):
+    extra = {"--model_family": family, "--model_flavour": "base" if family == "z-image" else "tiny",
+             "--tread_config": ROUTES, "--learning_rate": 5e-2 if family == "chroma" else 2e-2}
+    # The tiny FLUX.2 (one token per 16 px: 4 at 32 px, so 64 px images), Chroma and SD3 learn
+    # slowly in 30 steps, with or without routing (measured falls: 2.5 %, 2.0 %, 1.5 %, the same
+    # unrouted): a 0.5 % fall is asked of them.
+    dataset_extra = {"aspect_bucket_alignment": 16, **({"resolution": 64} if family == "flux2" else {})}
+    fall = 0.995 if family in ("flux2", "chroma", "sd3") else 0.98
+    model = tiny_model(family)
     path = write_run(tmp_path, model=model, data=shapes_dir, steps=30, extra=extra,
-                     dataset_extra={"aspect_bucket_alignment": 16})
+                     dataset_extra=dataset_extra)
     loaded = load_config(path)
     assert "tread_config" not in " ".join(loaded.ignored)
     loop = Loop(loaded.train, loaded.datasets, progress=False)
@@ -56,15 +70,16 @@ def test_a_tread_run_trains_routed_and_lowers_the_loss(family, tmp_path, tiny_zi
     loop.validate()  # ... and validation (eval mode, several denoising steps) was not
     assert router.calls == after_training
     after = _fixed_loss(loop, batch)
-    assert after < before * 0.98, (before, after)
+    assert after < before * fall, (before, after)
+    assert Path(result.outputs["lora"]).is_file()  # the routed run's LoRA is saved like any other
 
 
 def test_tread_is_refused_before_loading_for_a_family_without_routing(tmp_path, shapes_dir, write_run):
     # The path is never read: the refusal comes before any weights load.
     path = write_run(tmp_path, model=tmp_path / "no-such-model", data=shapes_dir, steps=1,
-                     extra={"--model_family": "sd3", "--model_flavour": None, "--tread_config": ROUTES})
+                     extra={"--model_family": "sana", "--model_flavour": None, "--tread_config": ROUTES})
     loaded = load_config(path)
     loop = Loop(loaded.train, loaded.datasets, progress=False)
-    with pytest.raises(ConfigError, match=r"tread_config: model_family 'sd3' does not support TREAD.*flux.*z-image"):
+    with pytest.raises(ConfigError, match=r"tread_config: model_family 'sana' does not support TREAD.*chroma, .*flux2, qwen_image, sd3, z-image"):
         loop.setup()
     assert not hasattr(loop, "model")  # refused before any weights loaded
