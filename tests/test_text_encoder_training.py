@@ -150,9 +150,13 @@ def test_init_lora_restores_the_text_encoder_and_comfyui_names_round_trip(tmp_pa
 
 
 def test_a_family_without_text_encoder_loras_is_refused(tmp_path, shapes_dir, write_run):
+    from tune.plan import build_plan, format_plan
+
     config = write_run(tmp_path, model=tmp_path / "unused", data=shapes_dir, steps=1,
                        extra={"--model_family": "z-image", "--train_text_encoder": True})
     loaded = load_config(config)
+    plan = format_plan(build_plan(loaded))  # tune check says so first, without loading anything
+    assert "train_text_encoder: model_family 'z-image' cannot train its text encoder; families that can: flux, sd3, sdxl" in plan
     with pytest.raises(ConfigError, match=r"train_text_encoder: model_family 'z-image'.*families that can: .*sdxl"):
         Loop(loaded.train, loaded.datasets, progress=False).setup()
 
@@ -196,3 +200,12 @@ def test_flux_trains_the_clip_lora_and_keeps_the_t5_cached(tmp_path, shapes_dir,
     loaded = FluxPipeline.from_pretrained(tiny_flux)
     loaded.load_lora_weights(result.outputs["lora"])
     assert (pooled(loaded) - pooled(plain)).abs().max() > 1e-4
+
+
+def test_tune_check_names_the_trained_encoders_and_their_rate(tmp_path, shapes_dir, write_run):
+    from tune.plan import build_plan, format_plan
+
+    config = write_run(tmp_path, model=tmp_path / "unused", data=shapes_dir, steps=1, extra=SETTINGS)
+    plan = build_plan(load_config(config))
+    assert plan["lora"]["text_encoders"].startswith("text_encoder, text_encoder_2 at lr 0.02")
+    assert "no text cache for them" in format_plan(plan)

@@ -81,6 +81,7 @@ def _family_section(loaded: LoadedConfig, problems: list[str]) -> tuple[dict[str
     family["lora_targets"] = sorted(info.get("lora_targets") or info.get("lora_target_presets") or [])
     family["default_lora_target"] = info.get("default_lora_target")
     family["prediction"] = info.get("prediction", "flow")  # the family's declared noise scheme
+    family["text_encoder_loras"] = list(info.get("text_encoder_loras") or [])  # train_text_encoder
     return {"family": family, "flavour": flavour}, facts
 
 
@@ -337,6 +338,8 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
         "format": train.lora_format,
         "init_lora": train.init_lora,
     }
+    if train.train_text_encoder:
+        plan["lora"]["text_encoders"] = _text_encoder_plan(train, plan["family"], problems)
     if train.flow_schedule_auto_shift:
         shift = "auto (by image size)"
     elif train.flow_schedule_shift is not None:
@@ -375,6 +378,23 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
     plan["warnings"] = list(loaded.warnings) + _flow_snr_gamma_warning(train, prediction)
     plan["problems"] = problems
     return plan
+
+
+def _text_encoder_plan(train: Any, family: dict[str, Any], problems: list[str]) -> str:
+    """``train_text_encoder``: the encoders that get a LoRA and their rate, or a problem naming
+    the families that can (read from the registrations, without importing the families)."""
+    components = family.get("text_encoder_loras") or []
+    if family.get("name") and not components:
+        from tune_models.registry import model_families
+
+        able = sorted(entry.name for entry in model_families if entry.info.get("text_encoder_loras"))
+        problems.append(
+            f"train_text_encoder: model_family {family['name']!r} cannot train its text encoder; "
+            f"families that can: {', '.join(able) or 'none'}"
+        )
+        return "refused"
+    rate = train.text_encoder_lr if train.text_encoder_lr is not None else f"{train.learning_rate:g} (learning_rate)"
+    return f"{', '.join(components)} at lr {rate}; encoded live each step (no text cache for them)"
 
 
 def _validation(loaded: LoadedConfig, facts: dict[str, Any]) -> dict[str, Any] | str:

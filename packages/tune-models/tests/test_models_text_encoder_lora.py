@@ -109,3 +109,13 @@ def test_exported_keys_load_into_the_family_pipeline(case, tmp_path):
 def test_a_family_without_text_encoder_loras_refuses(chroma):
     with pytest.raises(ValueError, match=r"train_text_encoder: model_family 'chroma'.*families that can: flux, sd3, sdxl"):
         check_support(chroma)
+
+
+def test_registrations_declare_the_same_text_encoder_loras_as_the_families():
+    """``tune check`` reads the registration (no torch import); it must agree with the family."""
+    from tune_models.family import get_family
+    from tune_models.registry import model_families
+
+    for entry in model_families:
+        family = get_family(entry.name)
+        assert tuple(entry.info.get("text_encoder_loras") or ()) == tuple(family.text_encoder_lora_components), entry.name

@@ -43,6 +43,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
         training_options=FLUX_TRAINING_OPTIONS,
+        text_encoder_loras=("text_encoder",),  # train_text_encoder: FluxFamily.text_encoder_lora_components
     )
     register(
         "flux2",
@@ -63,6 +64,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_lora_target="all",
         lora_targets=SD3_LORA_TARGETS,
         training_options={},
+        text_encoder_loras=("text_encoder", "text_encoder_2"),
     )
     register(
         "sdxl",
@@ -73,6 +75,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         default_lora_target="all",
         lora_targets=SDXL_LORA_TARGETS,
         training_options=SDXL_TRAINING_OPTIONS,
+        text_encoder_loras=("text_encoder", "text_encoder_2"),
         prediction="epsilon",  # the declared noise scheme, for `tune check` without importing torch
     )
     register(
