@@ -40,7 +40,9 @@ def test_int8_torchao_through_the_pipeline_trains_a_lora_like_cpu_quantisation(
     cpu_trainer, on_cpu = _train(tmp_path / "cpu", write_run, tiny_zimage, shapes_dir,
                                  **{"--base_model_precision": "int8-torchao"})
     trainer, piped = _train(tmp_path / "pipe", write_run, tiny_zimage, shapes_dir,
-                            **{"--base_model_precision": "int8-torchao", "--quantize_via": "pipeline"})
+                            **{"--base_model_precision": "int8-torchao", "--quantize_via": "pipeline",
+                               "--validation_disable": False, "--validation_prompt": "a blue square",
+                               "--validation_resolution": "32", "--validation_num_inference_steps": 2})
 
     transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
     assert transformer.is_quantized  # diffusers' quantizer did it while loading
@@ -49,6 +51,7 @@ def test_int8_torchao_through_the_pipeline_trains_a_lora_like_cpu_quantisation(
     assert not any(name.startswith(("t_embedder", "cap_embedder")) for name in layers)
     assert _keys(piped.outputs["lora"]) == _keys(plain.outputs["lora"])
     assert piped.losses == pytest.approx(on_cpu.losses, rel=1e-3)
+    assert (tmp_path / "pipe" / "output" / "validation" / "step-000003" / "validation-32x32.png").is_file()
 
 
 def test_quantization_config_entry_loads_the_transformer_quantised(tmp_path, tiny_zimage, shapes_dir, write_run):
