@@ -1,10 +1,10 @@
-"""TREAD token routing on small FLUX.2, Qwen-Image, SD3 and Chroma transformers (real diffusers
+"""TREAD token routing on small FLUX.2, Qwen-Image, SD3, Chroma and Flux Kontext transformers (real diffusers
 classes, random weights): ratio 0 is the plain model and routed forwards keep the full token
 count; inside a one-block span the kept tokens get exactly what the unrouted block gives when run
 on the kept tokens alone with positions computed afresh from their ids (so each one kept its own
 RoPE position, text and references theirs) and the skipped ones cross unchanged; gradients reach
 the blocks before, inside and after a span, the same with gradient checkpointing; reference
-tokens (FLUX.2 and Qwen-Image edit) are never routed; masked-in tokens follow each family's
+tokens (FLUX.2, Qwen-Image edit, Flux Kontext) are never routed; masked-in tokens follow each family's
 packing; block swap composes with routing."""
 
 from __future__ import annotations
@@ -74,6 +74,21 @@ def _sd3():
     return model, latents, prompts, None
 
 
+def _flux_kontext():
+    """Flux.1 with a Kontext reference (Flux.1 without one is covered in test_train_tread.py)."""
+    from diffusers import FluxTransformer2DModel
+
+    from tune_models.families.flux.tiny import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 2})
+    model = _loaded("flux", transformer, {"guidance": {"mode": "constant", "value": 1.0}})
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 8, 8, generator=g)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g)}
+    return model, latents, prompts, [torch.randn(2, 16, 4, 6, generator=g)]
+
+
 def _chroma():
     from diffusers import ChromaTransformer2DModel
 
@@ -90,7 +105,7 @@ def _chroma():
     return model, latents, prompts, None
 
 
-MODELS = {"flux2": _flux2, "qwen_image": _qwen, "sd3": _sd3, "chroma": _chroma}
+MODELS = {"flux2": _flux2, "qwen_image": _qwen, "sd3": _sd3, "chroma": _chroma, "flux": _flux_kontext}
 SIGMAS = torch.tensor([0.3, 0.7])
 
 
@@ -102,8 +117,9 @@ def _predict(model, latents, prompts, references=None, seed=0):
 
 def _cases():
     for name in sorted(MODELS):
-        yield name, False
-        if name in ("flux2", "qwen_image"):
+        if name != "flux":
+            yield name, False
+        if name in ("flux", "flux2", "qwen_image"):
             yield name, True
 
 
@@ -149,8 +165,12 @@ def _reference_call(name, model, call, keep, total, refs):
         if refs:
             ids = torch.cat([ids, family.reference_ids([(2, 3)], torch.device("cpu"))])
         ids = torch.cat([family.text_ids(prompts_len, torch.device("cpu")), ids])
-    else:  # chroma: (0, row, col) image ids after zero text ids
+    else:  # flux, chroma: (0, row, col) image ids after zero text ids; Kontext's reference at t = 1
         ids = family.image_ids(8, 8, torch.device("cpu"), torch.float32)[keep]
+        if refs:
+            ref_ids = family.image_ids(4, 6, torch.device("cpu"), torch.float32)
+            ref_ids[:, 0] = 1
+            ids = torch.cat([ids, ref_ids])
         ids = torch.cat([torch.zeros(prompts_len, 3), ids])
     rope = transformer.pos_embed(ids)
     out = {**call, "image_rotary_emb": rope}
@@ -167,7 +187,7 @@ def _reference_call(name, model, call, keep, total, refs):
 
 SPANS = [("flux2", 1, False), ("flux2", 2, False), ("flux2", 1, True), ("flux2", 3, True),
          ("qwen_image", 1, False), ("qwen_image", 2, True), ("sd3", 1, False), ("sd3", 3, False),
-         ("chroma", 0, False), ("chroma", 3, False)]
+         ("chroma", 0, False), ("chroma", 3, False), ("flux", 1, True), ("flux", 3, True)]
 
 
 @pytest.mark.parametrize("name,start,with_refs", SPANS)

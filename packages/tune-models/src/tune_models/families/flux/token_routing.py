@@ -4,8 +4,9 @@ The routable blocks are the double-stream ``transformer_blocks`` followed by the
 ``single_transformer_blocks`` (indices count across both, in that order). Every one of them is
 called ``block(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
 joint_attention_kwargs)`` and returns ``(encoder_hidden_states, hidden_states)``: the image tokens
-are the whole ``hidden_states`` (Kontext's reference tokens included), the text the separate
-``encoder_hidden_states``. RoPE is one ``(cos, sin)`` pair over ``text + image`` positions without
+are ``hidden_states``, the text the separate ``encoder_hidden_states``. Kontext appends its
+reference's clean tokens after the target's (``img_ids`` time coordinate 1, the target's is 0):
+only the target's tokens are routed, the reference goes through every block. RoPE is one ``(cos, sin)`` pair over ``text + image`` positions without
 a batch dimension, text first; the optional attention mask (``flux_attention_masked_training``)
 is ``B x 1 x 1 x (text + image)`` in ``joint_attention_kwargs``.
 """
@@ -31,13 +32,17 @@ class FluxTokenRouting(TokenRouting):
 
     def image_token_count(self, args: tuple, kwargs: dict[str, Any]) -> int:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return int(hidden.shape[1])
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            return int(hidden.shape[1])
+        ids = ids[0] if ids.ndim == 3 else ids
+        return int((ids[:, 0] == 0).sum())  # the target's tokens (t = 0) come first, references after
 
     def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
-        return call["hidden_states"]
+        return call["hidden_states"][:, :count]
 
     def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
-        return {**call, "hidden_states": tokens}
+        return {**call, "hidden_states": torch.cat([tokens, call["hidden_states"][:, count:]], dim=1)}
 
     def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
         out = dict(call)
@@ -53,7 +58,7 @@ class FluxTokenRouting(TokenRouting):
         return out
 
     def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:
-        return output[1]
+        return output[1][:, :count]
 
     def with_output_image_tokens(self, output: tuple, tokens: torch.Tensor, count: int) -> tuple:
-        return (output[0], tokens)
+        return (output[0], torch.cat([tokens, output[1][:, count:]], dim=1))
