@@ -165,3 +165,26 @@ def test_qwen_edit_refuses_a_dataset_without_references_before_loading(tmp_path,
     loaded = load_config(config)
     with pytest.raises(ConfigError, match=r"every image dataset needs conditioning_data; 'plain' has none"):
         Loop(loaded.train, loaded.datasets, progress=False).setup()
+
+
+def test_qwen_edit_with_tread_routes_only_the_target_tokens(tmp_path, tiny_edit, edit_pairs):
+    """tread_config on an edit flavour: the routed block gets the kept half of the target's tokens
+    and every reference token; the run trains and saves its LoRA."""
+    edited, refs = edit_pairs
+    routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}
+    loaded = load_config(_config(tmp_path, tiny_edit, edited, refs, **{"--tread_config": routes, "--validation_disable": True}))
+    trainer = Loop(loaded.train, loaded.datasets, progress=False)
+    trainer.setup()
+    router = trainer.token_router
+    transformer = trainer.accelerator.unwrap_model(trainer.model.transformer)
+    seen: list[tuple[int, int]] = []  # (image tokens the routed block got, target tokens of the call)
+    # Registered after the router's hook: sees the routed call.
+    transformer.transformer_blocks[-1].register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["hidden_states"].shape[1], router.total)), with_kwargs=True
+    )
+    result = trainer.train()
+    assert result.global_step == 4 and all(np.isfinite(result.losses))
+    assert seen and router.calls >= 4
+    for got, target in seen:  # kept half of the target + the reference's tokens (same size as the target)
+        assert got == target - round(0.5 * target) + target, (got, target)
+    assert Path(result.outputs["lora"]).is_file()
