@@ -129,24 +129,25 @@ def test_init_lora_restores_the_text_encoder_and_comfyui_names_round_trip(tmp_pa
     from tune_models.family import get_family
     from tune_models.text_encoder_lora import state_dict as te_state_dict
 
-    first = _loop(write_run, tmp_path / "a", tiny_sdxl, shapes_dir, 1, **{"--text_encoder_lr": 5e-2})
+    first = _loop(write_run, tmp_path / "a", tiny_sdxl, shapes_dir, 1, **{"--text_encoder_lr": 5e-2, "--lora_alpha": 8})
     saved = Path(first.train().outputs["lora"])
+    # Rank 4 with alpha 8 in the file, alpha 4 (= rank) here: up weights double to keep the effect.
     continued = _loop(write_run, tmp_path / "b", tiny_sdxl, shapes_dir, 1, **{"--init_lora": str(saved)})
     continued.setup()
     restored = te_state_dict(continued.model)
     original = {k: v for k, v in _keys(saved).items() if k.startswith("text_encoder")}
     assert set(restored) == set(original)
     for key, value in original.items():
-        torch.testing.assert_close(restored[key], value)
+        torch.testing.assert_close(restored[key], value * (2.0 if ".lora_B." in key else 1.0))
 
     sdxl = get_family("sdxl")
-    comfy = sdxl.to_comfyui(_keys(saved), alpha=4.0)
+    comfy = sdxl.to_comfyui(_keys(saved), alpha=8.0)
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.") for k in comfy)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_1_mlp_fc2.") for k in comfy)
-    back = sdxl.from_comfyui(comfy)
+    back = sdxl.from_comfyui(comfy)  # ComfyUI's alpha / rank is folded into the up weights
     assert set(back) == set(_keys(saved))
     for key, value in original.items():
-        torch.testing.assert_close(back[key], value)
+        torch.testing.assert_close(back[key], value * (2.0 if ".lora_B." in key else 1.0))
 
 
 def test_a_family_without_text_encoder_loras_is_refused(tmp_path, shapes_dir, write_run):

@@ -210,9 +210,10 @@ def save_training_lora(
     return Path(directory) / weight_name
 
 
-def lora_file_scale(path: str | os.PathLike) -> float:
+def lora_file_scale(path: str | os.PathLike, component: str | None = None) -> float:
     """``alpha / rank`` recorded in a LoRA file's diffusers metadata; 1.0 when it records none
-    (a bare state dict, or a ComfyUI file whose alphas :meth:`from_comfyui` already folded in)."""
+    (a bare state dict, or a ComfyUI file whose alphas :meth:`from_comfyui` already folded in).
+    The denoiser's, or with ``component`` (``text_encoder``) that text encoder's where recorded."""
     import json
 
     from safetensors import safe_open
@@ -225,7 +226,11 @@ def lora_file_scale(path: str | os.PathLike) -> float:
     if comfyui or "lora_adapter_metadata" not in header:  # ComfyUI alphas are folded on reading
         return 1.0
     packed = json.loads(header["lora_adapter_metadata"])
-    prefix = next((k.split(".", 1)[0] for k in packed if k.endswith(".lora_alpha")), "transformer")
+    # The denoiser's entry (``transformer.`` / ``unet.``), not a text encoder's (train_text_encoder).
+    prefixes = [k.split(".", 1)[0] for k in packed if k.endswith(".lora_alpha")]
+    prefix = next((p for p in prefixes if not p.startswith("text_encoder")), prefixes[0] if prefixes else "transformer")
+    if component is not None and component in prefixes:  # that text encoder's own alpha and rank
+        prefix = component
     alpha, rank = packed.get(f"{prefix}.lora_alpha"), packed.get(f"{prefix}.r")
     return float(alpha) / float(rank) if alpha and rank else 1.0
 

@@ -142,12 +142,12 @@ def load_state_dict(
     model: LoadedModel,
     incoming: dict[str, torch.Tensor],
     *,
-    file_scale: float = 1.0,
+    file_scale: float | dict[str, float] = 1.0,
     adapter_name: str = TRAINING_ADAPTER,
 ) -> list[str]:
     """Start the encoders' training LoRAs from ``incoming`` (a diffusers-layout file's tensors,
-    ``init_lora``); up weights are rescaled from the file's ``alpha / rank`` to the adapter's, as
-    for the transformer. Returns the components restored; an encoder the file has no keys for
+    ``init_lora``); up weights are rescaled from the file's ``alpha / rank`` (``file_scale``: one
+    for all, or per component) to the adapter's, as for the transformer. Returns the components restored; an encoder the file has no keys for
     keeps its fresh LoRA. A file that covers an encoder only in part is an error."""
     from peft import set_peft_model_state_dict
 
@@ -160,6 +160,7 @@ def load_state_dict(
         encoder = getattr(model, component)
         config = encoder.peft_config[adapter_name]
         ours = float(config.lora_alpha) / float(config.r)
+        scale = file_scale.get(component, 1.0) if isinstance(file_scale, dict) else file_scale
         current = {_file_module(model, k): k for k in state_dict_keys(encoder, adapter_name)}
         missing = sorted(set(current) - set(theirs))
         if missing:
@@ -170,8 +171,8 @@ def load_state_dict(
         loaded = {}
         for file_key, peft_key in current.items():
             value = theirs[file_key]
-            if ".lora_B." in file_key and file_scale != ours:
-                value = value.float() * (file_scale / ours)
+            if ".lora_B." in file_key and scale != ours:
+                value = value.float() * (scale / ours)
             loaded[peft_key] = value
         result = set_peft_model_state_dict(encoder, loaded, adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", None) or []

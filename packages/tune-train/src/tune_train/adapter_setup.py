@@ -191,11 +191,11 @@ def _build_peft_lora(model: Any, family: Any, config: TrainConfig) -> TrainedWei
         state_dict = family.lora_state_dict(config.init_lora)
         scale = lora_file_scale(config.init_lora)
         load_training_lora(model, state_dict, file_scale=scale)
-        _init_text_encoders(model, config, state_dict, scale)
+        _init_text_encoders(model, config, state_dict)
     return weights
 
 
-def _init_text_encoders(model: Any, config: TrainConfig, state_dict: dict[str, torch.Tensor], scale: float) -> None:
+def _init_text_encoders(model: Any, config: TrainConfig, state_dict: dict[str, torch.Tensor]) -> None:
     """``init_lora``'s text-encoder keys: restored into the encoders' LoRA with
     ``train_text_encoder``; otherwise said to be unused (the run would silently drop them)."""
     from tune_models import text_encoder_lora
@@ -210,8 +210,11 @@ def _init_text_encoders(model: Any, config: TrainConfig, state_dict: dict[str, t
             "set train_text_encoder: true to continue them", config.init_lora, ", ".join(present),
         )
         return
+    from tune_models.adapters import lora_file_scale
+
+    scales = {component: lora_file_scale(config.init_lora, component) for component in present}
     try:
-        restored = text_encoder_lora.load_state_dict(model, state_dict, file_scale=scale)
+        restored = text_encoder_lora.load_state_dict(model, state_dict, file_scale=scales)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     log.info("init_lora: restored the text-encoder LoRA of %s", ", ".join(restored))
