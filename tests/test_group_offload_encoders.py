@@ -111,3 +111,31 @@ def test_group_offloaded_encoders_on_the_gpu_match_and_stay_off_it(tmp_path, tin
     a = np.asarray(Image.open(tmp_path / "plain" / "output" / image)).astype(int)
     b = np.asarray(Image.open(tmp_path / "offloaded" / "output" / image)).astype(int)
     assert np.abs(a - b).max() <= 2
+
+
+def test_offloading_to_disk_keeps_each_models_files_apart(tmp_path, tiny_zimage):
+    """diffusers names a group's file after the group (``layers_0_0``), and the tiny Z-Image's
+    transformer and its Qwen3 encoder both have ``layers``: each offloaded model gets its own
+    folder, and the offloaded encoders give the same embeddings and latents."""
+    from tune_models.family import ModelSource, get_family
+    from tune_train.config import TrainConfig
+    from tune_train.setup_model import group_offload_encoders
+
+    family = get_family("z-image")
+    plain = family.load(ModelSource(pretrained_model_name_or_path=str(tiny_zimage)), "tiny")
+    model = family.load(ModelSource(pretrained_model_name_or_path=str(tiny_zimage)), "tiny")
+    disk = tmp_path / "spill"
+    config = TrainConfig(model_family="z-image", max_train_steps=1, enable_group_offload=True,
+                         group_offload_to_disk_path=str(disk), group_offload_text_encoder=True, group_offload_vae=True)
+    assert group_offload_encoders(model, config, torch.device("cpu")) == ["text_encoder_1", "vae"]
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for _ in range(2):  # the second pass reads the groups back from disk
+            prompts = family.encode_prompts(model, ["a blue square"])
+            latents = family.encode_images(model, pixels)
+        expected_prompts = family.encode_prompts(plain, ["a blue square"])
+        assert torch.equal(latents, family.encode_images(plain, pixels))
+    for key, tensor in expected_prompts[0].items():
+        assert torch.equal(tensor, prompts[0][key]), key
+    assert {p.name for p in disk.iterdir()} == {"text_encoder_1", "vae"}
+    assert any((disk / "text_encoder_1").glob("*.safetensors")) and any((disk / "vae").glob("*.safetensors"))

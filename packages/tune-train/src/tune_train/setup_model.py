@@ -235,8 +235,13 @@ def group_offload_encoders(model: Any, config: TrainConfig, device: torch.device
     from tune_offload.strategies import apply_offload
 
     settings = config.offload_settings()
-    for _, component in chosen:
-        apply_offload(component, settings, onload_device=device, strategy="group")
+    for name, component in chosen:
+        own = settings
+        if settings.group_offload_to_disk_path:
+            # diffusers names each group's file after the group (``layers_0_0``), not the model:
+            # an encoder sharing the folder would hand its files to the transformer's groups.
+            own = attrs.evolve(settings, group_offload_to_disk_path=str(Path(settings.group_offload_to_disk_path) / name))
+        apply_offload(component, own, onload_device=device, strategy="group")
     return [name for name, _ in chosen]
 
 
