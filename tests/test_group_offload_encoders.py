@@ -114,21 +114,33 @@ def test_group_offloaded_encoders_on_the_gpu_match_and_stay_off_it(tmp_path, tin
 
 
 def test_offloading_to_disk_keeps_each_models_files_apart(tmp_path, tiny_zimage):
-    """diffusers names a group's file after the group (``layers_0_0``), and the tiny Z-Image's
-    transformer and its Qwen3 encoder both have ``layers``: each offloaded model gets its own
-    folder, and the offloaded encoders give the same embeddings and latents."""
+    """diffusers names a group's file after the group (``layers_0_0``; the tiny Z-Image's
+    transformer and its Qwen3 encoder both have ``layers``) and reads back a file it finds
+    instead of writing its own: each offloaded model gets its own folder, emptied first, and the
+    offloaded encoders give the same embeddings and latents as plain ones."""
     from tune_models.family import ModelSource, get_family
     from tune_train.config import TrainConfig
     from tune_train.setup_model import group_offload_encoders
 
     family = get_family("z-image")
-    plain = family.load(ModelSource(pretrained_model_name_or_path=str(tiny_zimage)), "tiny")
-    model = family.load(ModelSource(pretrained_model_name_or_path=str(tiny_zimage)), "tiny")
+
+    def load():
+        return family.load(ModelSource(pretrained_model_name_or_path=str(tiny_zimage)), "tiny")
+
     disk = tmp_path / "spill"
     config = TrainConfig(model_family="z-image", max_train_steps=1, enable_group_offload=True,
                          group_offload_to_disk_path=str(disk), group_offload_text_encoder=True, group_offload_vae=True)
-    assert group_offload_encoders(model, config, torch.device("cpu")) == ["text_encoder_1", "vae"]
     pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    earlier = load()  # an earlier run's encoder, other weights, leaves its files in the folder
+    with torch.no_grad():
+        for p in earlier.text_encoder.parameters():
+            p.mul_(0.5)
+    group_offload_encoders(earlier, config, torch.device("cpu"))
+    with torch.no_grad():
+        family.encode_prompts(earlier, ["a blue square"])
+
+    plain, model = load(), load()
+    assert group_offload_encoders(model, config, torch.device("cpu")) == ["text_encoder_1", "vae"]
     with torch.no_grad():
         for _ in range(2):  # the second pass reads the groups back from disk
             prompts = family.encode_prompts(model, ["a blue square"])

@@ -9,6 +9,7 @@ is checked before weights load, caches fill before anything big moves to the dev
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,11 @@ def group_offload_encoders(model: Any, config: TrainConfig, device: torch.device
         if settings.group_offload_to_disk_path:
             # diffusers names each group's file after the group (``layers_0_0``), not the model:
             # an encoder sharing the folder would hand its files to the transformer's groups.
-            own = attrs.evolve(settings, group_offload_to_disk_path=str(Path(settings.group_offload_to_disk_path) / name))
+            # It also reads a file left by an earlier run instead of writing its own, so a
+            # component's folder starts empty (stale weights of another checkpoint otherwise).
+            folder = Path(settings.group_offload_to_disk_path) / name
+            shutil.rmtree(folder, ignore_errors=True)
+            own = attrs.evolve(settings, group_offload_to_disk_path=str(folder))
         apply_offload(component, own, onload_device=device, strategy="group")
     return [name for name, _ in chosen]
 
