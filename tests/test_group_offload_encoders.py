@@ -151,3 +151,12 @@ def test_offloading_to_disk_keeps_each_models_files_apart(tmp_path, tiny_zimage)
         assert torch.equal(tensor, prompts[0][key]), key
     assert {p.name for p in disk.iterdir()} == {"text_encoder_1", "vae"}
     assert any((disk / "text_encoder_1").glob("*.safetensors")) and any((disk / "vae").glob("*.safetensors"))
+
+
+def test_group_offload_to_disk_of_the_trained_transformer_is_refused(tmp_path, tiny_zimage, shapes_dir, write_run):
+    from tune import Trainer
+
+    config = write_run(tmp_path, model=tiny_zimage, data=shapes_dir, steps=1,
+                       extra={"--enable_group_offload": True, "--group_offload_to_disk_path": str(tmp_path / "spill")})
+    with pytest.raises(Exception, match="group_offload_to_disk_path cannot hold the transformer being trained"):
+        Trainer.from_config(config, progress=False).train()

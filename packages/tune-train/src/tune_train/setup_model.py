@@ -171,6 +171,13 @@ def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch
             quantise(transformer, config.base_model_precision, device=device.type)
     offload = config.offload_settings()
     offload.check_device(device)
+    if offload.strategy == "group" and offload.group_offload_to_disk_path:
+        raise ConfigError(
+            "group_offload_to_disk_path cannot hold the transformer being trained: diffusers' disk "
+            "offload writes each group's weights to a file once and reads that file back on every "
+            "use, so the trained weights inside the groups would never change (training stopped at "
+            "its first step with non-finite gradients); unset it to keep offloaded weights in CPU memory"
+        )
     if config.gradient_checkpointing:
         # None keeps diffusers' own checkpointing; offload_checkpointed_activations swaps in
         # one that parks each block's saved input in pinned CPU memory until backward.
