@@ -125,3 +125,31 @@ def test_tune_check_names_a_preset_without_a_pipeline_form_and_the_offloaded_enc
     config = write_run(tmp_path / "offload", model=model, data=shapes_dir, steps=1,
                        extra={"--enable_group_offload": True, "--group_offload_vae": True})
     assert build_plan(load_config(config))["precision"]["offload"].endswith("; the VAE too")
+
+
+def test_nf4_bnb_pipeline_config_leaves_the_presets_skipped_layers_alone():
+    """diffusers' bitsandbytes loader needs a GPU, but which layers it replaces is decided on the
+    empty model: every layer nf4-bnb leaves in full precision stays so; the only other layers left
+    are those named like a skipped top-level one (Flux's single-block proj_out)."""
+    pytest.importorskip("bitsandbytes")
+    import diffusers
+    from accelerate import init_empty_weights
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+    from tune_models.families import _shared
+    from tune_models.family import get_family
+    from tune_quant.bnb_presets import NF4
+    from tune_quant.presets import selected_linears
+
+    family = get_family("flux")
+    root = _shared.tiny_checkpoint(f"{family.name}-v1", lambda path: family.build_tiny(path))
+    config = diffusers.FluxTransformer2DModel.load_config(root, subfolder="transformer")
+    with init_empty_weights():
+        skeleton = diffusers.FluxTransformer2DModel.from_config(config)
+        loading = diffusers.FluxTransformer2DModel.from_config(config)
+    quantization = NF4.pipeline_config(skeleton, dtype=torch.bfloat16)
+    loading = replace_with_bnb_linear(loading, modules_to_not_convert=quantization.llm_int8_skip_modules,
+                                      quantization_config=quantization)
+    replaced = {n for n, m in loading.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+    chosen = {n for n, _ in selected_linears(skeleton)}
+    assert replaced and replaced <= chosen
+    assert {n.rsplit(".", 1)[-1] for n in chosen - replaced} <= {"proj_out", "proj_in"}
