@@ -52,11 +52,20 @@ class TorchAOPreset(BasePreset):
     def apply(self, module: torch.nn.Module, *, exclude: Sequence[str] = ()) -> torch.nn.Module:
         from torchao.quantization import quantize_
 
-        chosen = {name for name, _ in selected_linears(module, exclude, self._compatible)}
+        from tune_quant.host_memory import layer_groups, release_free_memory
+
+        chosen = [name for name, _ in selected_linears(module, exclude, self._compatible)]
         if not chosen:
             log.warning("%s: no Linear layer selected for quantisation; module unchanged", self.name)
             return module
-        quantize_(module, self._make_config(), filter_fn=lambda _mod, fqn: fqn in chosen)
+        # One block at a time, giving the freed fp32 temporaries back to the OS after each
+        # (tune_quant.host_memory): the host's peak stays near the quantised model's size.
+        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+        for group in layer_groups(chosen) if on_cpu else [chosen]:
+            names = set(group)
+            quantize_(module, self._make_config(), filter_fn=lambda _mod, fqn: fqn in names)
+            if on_cpu:
+                release_free_memory()
         log.info("%s quantised %d Linear layers", self.name, len(chosen))
         return module
 

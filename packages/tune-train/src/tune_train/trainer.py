@@ -45,6 +45,7 @@ from tune_train.reference_inputs import check_prompt_references
 from tune_train.masks import weighted_mse
 from tune_train.loss_log import LossLog
 from tune_train.registry import lr_schedulers, optimizers
+from tune_quant.host_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,9 @@ class Trainer:
         self.total_steps = config.total_steps(self.data.batches_per_epoch)
 
         self.model = self.family.load(source, self.flavour.name, dtype=weight_dtype, device="cpu")
+        # Quantising while loading (quantize_via pipeline) leaves its freed temporaries with the
+        # allocator; give them back to the OS (tune_quant.host_memory).
+        release_free_memory()
         self.family.configure_training(self.model, config.family_options)
         setup_model.quantise_text_encoders(self.model, config, self.accelerator.device)
         setup_model.group_offload_encoders(self.model, config, self.accelerator.device)
