@@ -4,8 +4,8 @@ What changes in a run, and why each piece lives where it does:
 
 - setup: :func:`check_support` refuses a family whose pipeline loads no text-encoder LoRA before
   any weight loads; :func:`add_loras` puts a LoRA on the family's text-encoder LoRA components
-  (:mod:`tune_models.text_encoder_lora`) and keeps those encoders on the accelerator for the run
-  (they run every step);
+  (:mod:`tune_models.text_encoder_lora`), and :func:`place` keeps those encoders on the
+  accelerator for the run (they run every step);
 - each step: the prompts of the batch (after caption dropout) are encoded live, with gradients, by
   :meth:`ModelFamily.encode_prompts_for_training` (:func:`live_prompts`): what only frozen
   encoders make (a T5's embeddings) still comes from the text cache;
