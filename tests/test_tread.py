@@ -1,5 +1,5 @@
 """TREAD token routing (``tread_config``) through the real loop on the tiny model of every family
-that routes (Z-Image, Flux, FLUX.2, Qwen-Image, SD3, Chroma): the run trains end to end with routed
+that routes (Z-Image, Flux, FLUX.2, Qwen-Image, SD3, Chroma, Lumina 2): the run trains end to end with routed
 forwards, lowers its loss on a fixed batch, saves its LoRA, and eval-mode work (validation) runs
 the whole model; a family without routing is refused before loading."""
 
@@ -19,6 +19,8 @@ from tune_train.trainer import step_generator
 pytestmark = pytest.mark.slow
 
 ROUTES = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}
+LUMINA2_ROUTES = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 0}]}
+"""The tiny Lumina 2 has one main layer (its refiners are not routed)."""
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,15 @@ def _fixed_loss(loop: Loop, batch) -> float:
         return loop.compute_loss("shapes", batch, step_generator(99, 0)).item()
 
 
-@pytest.mark.parametrize("family", ["z-image", "flux", "flux2", "qwen_image", "sd3", "chroma"])
+@pytest.mark.parametrize("family", ["z-image", "flux", "flux2", "qwen_image", "sd3", "chroma", "lumina2"])
 def test_a_tread_run_trains_routed_and_lowers_the_loss(family, tmp_path, tiny_model, shapes_dir, write_run):
     extra = {"--model_family": family, "--model_flavour": "base" if family == "z-image" else "tiny",
-             "--tread_config": ROUTES, "--learning_rate": 5e-2 if family == "chroma" else 2e-2}
+             "--tread_config": LUMINA2_ROUTES if family == "lumina2" else ROUTES,
+             "--learning_rate": 5e-2 if family == "chroma" else 2e-2}
     # The tiny FLUX.2 (one token per 16 px: 4 at 32 px, so 64 px images), Chroma and SD3 learn
     # slowly in 30 steps, with or without routing (measured falls: 2.5 %, 2.0 %, 1.5 %, the same
     # unrouted): a 0.5 % fall is asked of them.
-    dataset_extra = {"aspect_bucket_alignment": 16, **({"resolution": 64} if family == "flux2" else {})}
+    dataset_extra = {"aspect_bucket_alignment": 16, **({"resolution": 64} if family in ("flux2", "lumina2") else {})}
     fall = 0.995 if family in ("flux2", "chroma", "sd3") else 0.98
     model = tiny_model(family)
     path = write_run(tmp_path, model=model, data=shapes_dir, steps=30, extra=extra,
@@ -59,7 +62,7 @@ def test_a_tread_run_trains_routed_and_lowers_the_loss(family, tmp_path, tiny_mo
     loop = Loop(loaded.train, loaded.datasets, progress=False)
     loop.setup()
     router = loop.token_router
-    assert router is not None and [(s.start, s.end) for s in router.spans] == [(1, 1)]
+    assert router is not None and [(s.start, s.end) for s in router.spans] == [(0, 0) if family == "lumina2" else (1, 1)]
     batch = sorted(next(iter(loop.data.prepared["shapes"].buckets.values())), key=lambda p: p.record.path)[:2]
     before = _fixed_loss(loop, batch)
     calls = router.calls
@@ -80,6 +83,6 @@ def test_tread_is_refused_before_loading_for_a_family_without_routing(tmp_path, 
                      extra={"--model_family": "sana", "--model_flavour": None, "--tread_config": ROUTES})
     loaded = load_config(path)
     loop = Loop(loaded.train, loaded.datasets, progress=False)
-    with pytest.raises(ConfigError, match=r"tread_config: model_family 'sana' does not support TREAD.*chroma, .*flux2, qwen_image, sd3, z-image"):
+    with pytest.raises(ConfigError, match=r"tread_config: model_family 'sana' does not support TREAD.*chroma, .*flux2, lumina2, qwen_image, sd3, z-image"):
         loop.setup()
     assert not hasattr(loop, "model")  # refused before any weights loaded

@@ -1,4 +1,4 @@
-"""TREAD token routing on small FLUX.2, Qwen-Image, SD3, Chroma and Flux Kontext transformers (real diffusers
+"""TREAD token routing on small FLUX.2, Qwen-Image, SD3, Chroma, Lumina 2 and Flux Kontext transformers (real diffusers
 classes, random weights): ratio 0 is the plain model and routed forwards keep the full token
 count; inside a one-block span the kept tokens get exactly what the unrouted block gives when run
 on the kept tokens alone with positions computed afresh from their ids (so each one kept its own
@@ -105,7 +105,23 @@ def _chroma():
     return model, latents, prompts, None
 
 
-MODELS = {"flux2": _flux2, "qwen_image": _qwen, "sd3": _sd3, "chroma": _chroma, "flux": _flux_kontext}
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    from tune_models.families.lumina2.tiny import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    transformer = Lumina2Transformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 4})
+    model = _loaded("lumina2", transformer)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 8, 8, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False  # captions of 7 and 4 tokens: each sample's image starts elsewhere
+    prompts = {"prompt_embeds": torch.randn(2, 7, 32, generator=g), "prompt_attention_mask": mask}
+    return model, latents, prompts, None
+
+
+MODELS = {"flux2": _flux2, "qwen_image": _qwen, "sd3": _sd3, "chroma": _chroma, "flux": _flux_kontext, "lumina2": _lumina2}
 SIGMAS = torch.tensor([0.3, 0.7])
 
 
@@ -151,6 +167,20 @@ def _reference_call(name, model, call, keep, total, refs):
     family = model.family
     if name == "sd3":
         return {**call, "hidden_states": call["hidden_states"][:, keep]}
+    if name == "lumina2":  # per sample: caption, kept image tokens, padding; ids as the rope embedder makes them
+        hidden = call["hidden_states"]
+        length = hidden.shape[1] - total + len(keep)
+        ids = torch.zeros(2, length, 3, dtype=torch.int32)
+        rows, cols = keep // 4, keep % 4
+        parts, masks = [], torch.zeros(2, length, dtype=torch.bool)
+        for b, cap in enumerate((7, 4)):
+            ids[b, :cap, 0] = torch.arange(cap, dtype=torch.int32)
+            ids[b, cap:cap + len(keep), 0] = cap
+            ids[b, cap:cap + len(keep), 1], ids[b, cap:cap + len(keep), 2] = rows.int(), cols.int()
+            masks[b, :cap + len(keep)] = True
+            parts.append(torch.cat([hidden[b, :cap], hidden[b, cap:cap + total][keep], hidden[b, cap + total:]]))
+        return {**call, "hidden_states": torch.stack(parts), "attention_mask": masks,
+                "image_rotary_emb": model.transformer.rope_embedder._get_freqs_cis(ids)}
     if name == "qwen_image":
         image_freqs, text_freqs = call["image_rotary_emb"]
         shapes = [(1, 4, 4)] + ([(1, 2, 3)] if refs else [])
@@ -187,7 +217,8 @@ def _reference_call(name, model, call, keep, total, refs):
 
 SPANS = [("flux2", 1, False), ("flux2", 2, False), ("flux2", 1, True), ("flux2", 3, True),
          ("qwen_image", 1, False), ("qwen_image", 2, True), ("sd3", 1, False), ("sd3", 3, False),
-         ("chroma", 0, False), ("chroma", 3, False), ("flux", 1, True), ("flux", 3, True)]
+         ("chroma", 0, False), ("chroma", 3, False), ("flux", 1, True), ("flux", 3, True),
+         ("lumina2", 1, False), ("lumina2", 3, False)]
 
 
 @pytest.mark.parametrize("name,start,with_refs", SPANS)
@@ -224,6 +255,10 @@ def test_kept_tokens_get_their_own_positions_and_skipped_ones_cross_unchanged(na
     torch.testing.assert_close(out[:, keep], routing.output_image_tokens(reference, len(keep)), rtol=1e-5, atol=1e-5)
     # Everything that is not a target token (text, references) matches too.
     expected = reference
+    if name == "lumina2":  # each sample: its caption before the image, its padding after
+        for b, cap in enumerate((7, 4)):
+            torch.testing.assert_close(merged[b, :cap], expected[b, :cap], rtol=1e-5, atol=1e-5)
+        return
     if isinstance(merged, tuple):
         if merged[0] is not None:
             torch.testing.assert_close(merged[0], expected[0], rtol=1e-5, atol=1e-5)
@@ -275,7 +310,9 @@ def test_masked_in_tokens_follow_the_family_packing(name):
     mask[0, :, 1:3, 0:3] = 1.0
     mask[1, :, h - 1, w - 1] = 0.25
     marked = mask.expand(2, latents.shape[1], h, w)
-    if name == "sd3":
+    if name == "lumina2":  # the rope embedder's patchify: 2x2 patches in row-major order
+        packed = marked.reshape(2, latents.shape[1], h // 2, 2, w // 2, 2).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+    elif name == "sd3":
         # SD3's PatchEmbed: a stride-2 convolution, then row-major tokens.
         ones = torch.ones(1, latents.shape[1], 2, 2)
         packed = torch.nn.functional.conv2d(marked, ones, stride=2).flatten(2).transpose(1, 2)

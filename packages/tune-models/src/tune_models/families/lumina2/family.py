@@ -174,6 +174,13 @@ class Lumina2Family(ModelFamily):
         )[0]
         return -out
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the main joint layers, each sample's image found after its own caption
+        (:mod:`tune_models.families.lumina2.token_routing`)."""
+        from tune_models.families.lumina2.token_routing import Lumina2TokenRouting
+
+        return Lumina2TokenRouting(patch_size=int(model.transformer.config.patch_size))
+
     # ----------------------------------------------------------------- validation
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
         """Negative prompt (``""`` unless given; used when ``guidance > 1``), normalised CFG
