@@ -86,3 +86,24 @@ def test_tread_is_refused_before_loading_for_a_family_without_routing(tmp_path, 
     with pytest.raises(ConfigError, match=r"tread_config: model_family 'sana' does not support TREAD.*chroma, .*flux2, lumina2, qwen_image, sd3, z-image"):
         loop.setup()
     assert not hasattr(loop, "model")  # refused before any weights loaded
+
+
+def test_tread_with_block_swap_on_the_cpu_trains_routed(tmp_path, tiny_model, shapes_dir, write_run, caplog):
+    """musubi_blocks_to_swap with tread_config on a CPU-only run: block swap has no accelerator
+    memory to save and says it is ignored; TREAD still routes every training forward. (The two
+    composing on a GPU is test_train_tread_families.py's gpu test.)"""
+    import logging
+
+    path = write_run(tmp_path, model=tiny_model("flux"), data=shapes_dir, steps=3,
+                     extra={"--model_family": "flux", "--model_flavour": "tiny", "--tread_config": ROUTES,
+                            "--musubi_blocks_to_swap": 1, "--gradient_checkpointing": True},
+                     dataset_extra={"aspect_bucket_alignment": 16})
+    loaded = load_config(path)
+    loop = Loop(loaded.train, loaded.datasets, progress=False)
+    with caplog.at_level(logging.WARNING):
+        loop.setup()
+    assert "musubi_blocks_to_swap=1 ignored" in caplog.text
+    result = loop.train()
+    assert result.global_step == 3 and all(math.isfinite(x) for x in result.losses)
+    assert loop.token_router.calls >= 3
+    assert Path(result.outputs["lora"]).is_file()
