@@ -1,8 +1,8 @@
 """Quantising while diffusers loads (``quantize_via: pipeline``): a preset, or the user's
 ``quantization_config``, as a diffusers ``quantization_config``.
 
-Loading with a quantization config quantises each weight as it is read, so the full-precision
-model never exists whole in memory. A preset chooses its layers by name
+Loading with a quantization config quantises the weights inside diffusers' loader (it does not
+lower the host-memory peak: docs/memory.md has the measurement). A preset chooses its layers by name
 (:func:`tune_quant.presets.selected_linears`) and diffusers needs those names before any weight
 exists, so a preset's ``pipeline_config`` gets the model built empty (on the meta device) to
 choose from. A preset without ``pipeline_config`` has no pipeline form; the error says which
