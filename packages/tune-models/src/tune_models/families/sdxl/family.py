@@ -100,11 +100,11 @@ class SDXLFamily(ModelFamily):
     lora_keys_module = "tune_models.families.sdxl.lora_keys"
     comfyui_key_prefix = "lora_unet_"
     """kohya / ComfyUI files (``lora_unet_...``) are read by :mod:`.lora_keys`, diffusers files by diffusers."""
-    tiny_module = "tune_models.families.sdxl.tiny"
-
     # train_text_encoder: a LoRA on both CLIPs, as StableDiffusionXLPipeline.load_lora_weights reads them.
     text_encoder_lora_components = ("text_encoder", "text_encoder_2")
     text_encoder_lora_module_prefix = "text_model."
+    tiny_module = "tune_models.families.sdxl.tiny"
+
     def validation_input(self, flavour: str | None) -> str | None:
         """The refiner validates by refining a training image; base makes images from text."""
         return "image" if flavour == "refiner" else None
