@@ -27,13 +27,6 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    from tune_models.testing import build_tiny_pipeline
-
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl-te"))
-
-
 def _loop(write_run, root, model, data, steps, **extra) -> Loop:
     config = write_run(root, model=model, data=data, steps=steps, extra={**SETTINGS, **extra})
     loaded = load_config(config)

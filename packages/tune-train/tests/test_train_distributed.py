@@ -55,3 +55,39 @@ def test_shards_cover_every_item_once():
     shares = [shard(items, rank, 3) for rank in range(3)]
     assert sorted(i for share in shares for i in share) == items
     assert shard(items, 0, 1) == items
+
+
+AVERAGE_SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from tune_train.distributed import average_gradients
+
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+a.grad = torch.full((3,), float(rank + 1))        # 1 and 2: mean 1.5
+b.grad = torch.arange(3.0) * (rank + 1)           # [0,1,2] and [0,2,4]: mean [0,1.5,3]
+if rank == 1:
+    c.grad = torch.full((3,), 4.0)                # no gradient on rank 0 counts as zero: mean 2
+average_gradients([a, b, c], accelerator)
+torch.save([a.grad, b.grad, c.grad], sys.argv[1] + f"/rank{rank}.pt")
+"""
+
+
+def test_gradients_outside_ddp_are_averaged_over_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = [torch.full((3,), 1.5), torch.tensor([0.0, 1.5, 3.0]), torch.full((3,), 2.0)]
+    for rank in (0, 1):
+        for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected):
+            torch.testing.assert_close(got, want)

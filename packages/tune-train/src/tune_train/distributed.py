@@ -18,11 +18,12 @@ in CPU memory; quantised weights are tensor subclasses). Only what trains is syn
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["DistributedForward", "ignore_frozen_tensors", "shard", "training_view"]
+__all__ = ["DistributedForward", "average_gradients", "ignore_frozen_tensors", "shard", "training_view"]
 
 
 class DistributedForward:
@@ -60,6 +61,23 @@ def ignore_frozen_tensors(module: torch.nn.Module) -> int:
     names += [name for name, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     return len(names)
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], accelerator: Any) -> None:
+    """Average ``params``' gradients over the processes, for trained weights outside the DDP
+    wrapper (the text encoders' LoRA with ``train_text_encoder``): one all-reduce of all of them
+    flattened, after the last micro-batch. A parameter without a gradient on some rank counts as
+    a zero gradient there, so every rank sends the same number of values."""
+    if accelerator.num_processes < 2 or not params:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
+    for grad, value in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(value.view_as(grad))
 
 
 def shard(items: list[Any], rank: int, world_size: int) -> list[Any]:

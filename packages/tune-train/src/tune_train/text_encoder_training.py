@@ -39,16 +39,6 @@ def check_support(family: Any, config: TrainConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def check_processes(num_processes: int, config: TrainConfig) -> None:
-    """The text encoders are not wrapped for data parallelism: their gradients would differ per
-    process. Refuse rather than train diverging copies."""
-    if config.train_text_encoder and num_processes > 1:
-        raise ConfigError(
-            f"train_text_encoder runs on one process only for now (this run has {num_processes}); "
-            "train the text encoder on one GPU, or turn it off"
-        )
-
-
 def add_loras(model: Any, config: TrainConfig) -> list[torch.nn.Parameter]:
     """The text encoders' training LoRAs (the transformer's rank, alpha, dropout, init and DoRA);
     :func:`place` moves the encoders to the accelerator once the caches are filled."""

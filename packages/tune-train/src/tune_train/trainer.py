@@ -183,7 +183,6 @@ class Trainer:
         check_mask_support(self.data, self.family)
         tread.check_support(self.family, config.tread_config)
         text_encoder_training.check_support(self.family, config)
-        text_encoder_training.check_processes(self.accelerator.num_processes, config)
         self.sampler = self.data.build_sampler(
             config.train_batch_size,
             rank=self.accelerator.process_index,
@@ -384,6 +383,8 @@ class Trainer:
             total += loss.item() / accumulation
         if self.accelerator.num_processes > 1:  # the logged loss is every rank's batch, not rank 0's
             total = self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "mean").item()
+        # Trained weights outside the DDP wrapper (train_text_encoder's LoRA) are averaged here.
+        distributed.average_gradients(self.weights.text_encoder_params, self.accelerator)
         bad = nonfinite_groups([(name, p.grad) for name, p in self._trainable_named()])
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
