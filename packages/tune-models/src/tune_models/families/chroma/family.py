@@ -125,8 +125,6 @@ class ChromaFamily(FluxFamily):
         )[0]
         return self.unpack(out, height, width)
 
-    def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
-        """Classifier-free guidance ``guidance`` (> 1 enables it) against ``negative_prompt``."""
     def token_routing(self, model: LoadedModel) -> Any:
         """TREAD routing over the double then single blocks; Chroma's blocks take their arguments
         unlike Flux.1's (:mod:`tune_models.families.chroma.token_routing`)."""
@@ -134,6 +132,8 @@ class ChromaFamily(FluxFamily):
 
         return ChromaTokenRouting()
 
+    def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
+        """Classifier-free guidance ``guidance`` (> 1 enables it) against ``negative_prompt``."""
         return {
             "negative_prompt": negative_prompt if guidance > 1 else None,
             "max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512),

@@ -182,6 +182,12 @@ class SD3Family(ModelFamily):
             return_dict=False,
         )[0]
 
+    def token_routing(self, model: LoadedModel) -> Any:
+        """TREAD routing over the joint blocks (:mod:`tune_models.families.sd3.token_routing`)."""
+        from tune_models.families.sd3.token_routing import SD3TokenRouting
+
+        return SD3TokenRouting(patch_size=int(model.transformer.config.patch_size))
+
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
         pipeline = super().validation_pipeline(model)
@@ -207,12 +213,6 @@ class SD3Family(ModelFamily):
         classifier-free guidance (``guidance`` > 1), in the steps between ``start`` and ``stop``
         (fractions of the step count, both exclusive), adding ``scale`` times the difference
         between the conditional prediction and one made without those blocks."""
-    def token_routing(self, model: LoadedModel) -> Any:
-        """TREAD routing over the joint blocks (:mod:`tune_models.families.sd3.token_routing`)."""
-        from tune_models.families.sd3.token_routing import SD3TokenRouting
-
-        return SD3TokenRouting(patch_size=int(model.transformer.config.patch_size))
-
         extra: dict[str, Any] = {}
         if "validation_guidance_skip_layers" in options:
             layers = [int(i) for i in options["validation_guidance_skip_layers"]]
