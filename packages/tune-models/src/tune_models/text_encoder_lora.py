@@ -35,18 +35,9 @@ EXTRAS_KEY = "text_encoder_loras"
 
 def supporting_families() -> list[str]:
     """Registered families that declare text-encoder LoRA components (for refusal messages)."""
-    from tune_models.family import get_family
-    from tune_models.registry import model_families
+    from tune_models.registry import families_where
 
-    names = []
-    for name in sorted(model_families.names()):
-        try:
-            family = get_family(name)
-        except Exception:  # a broken plugin must not hide the real error
-            continue
-        if family.text_encoder_lora_components:
-            names.append(family.name)
-    return names
+    return families_where(lambda family: bool(family.text_encoder_lora_components))
 
 
 def check_support(family: ModelFamily, key: str = "train_text_encoder") -> None:

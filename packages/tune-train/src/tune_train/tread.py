@@ -244,15 +244,7 @@ def install(model: Any, family: Any, config_value: Any) -> TokenRouter | None:
 
 def supporting_families() -> list[str]:
     """Registered families that override ``ModelFamily.token_routing`` (for the refusal message)."""
-    from tune_models.family import ModelFamily, get_family
-    from tune_models.registry import model_families
+    from tune_models.family import ModelFamily
+    from tune_models.registry import families_where
 
-    names = []
-    for name in sorted(model_families.names()):
-        try:
-            family = get_family(name)
-        except Exception:  # a broken plugin must not hide the real error
-            continue
-        if type(family).token_routing is not ModelFamily.token_routing:
-            names.append(family.name)
-    return names
+    return families_where(lambda family: type(family).token_routing is not ModelFamily.token_routing)

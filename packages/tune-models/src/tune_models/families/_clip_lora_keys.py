@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules
+from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules, dotted_module_path
 
 # Names inside a CLIP text model that themselves contain ``_`` (longest first).
 _COMPOUNDS = sorted(
@@ -62,20 +62,7 @@ def to_comfyui(
 
 def _module_path(flat: str) -> str:
     """``text_model_encoder_layers_0_self_attn_q_proj`` -> ``text_model.encoder.layers.0.self_attn.q_proj``."""
-    tokens = flat.split("_")
-    parts: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for compound in _COMPOUNDS:
-            width = compound.count("_") + 1
-            if "_".join(tokens[i : i + width]) == compound:
-                parts.append(compound)
-                i += width
-                break
-        else:
-            parts.append(tokens[i])
-            i += 1
-    return ".".join(parts)
+    return dotted_module_path(flat, _COMPOUNDS)
 
 
 def from_comfyui(state_dict: dict[str, torch.Tensor], components: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -534,6 +534,26 @@ def diffusers_lora_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dic
     return modules
 
 
+def dotted_module_path(flat: str, compounds: Sequence[str]) -> str:
+    """A kohya/ComfyUI flat module name back to its dotted path: ``_`` becomes ``.`` except
+    inside the names in ``compounds`` (``self_attn``, ``to_out``, ...), which are kept whole.
+    List longer compounds first when one starts another."""
+    tokens = flat.split("_")
+    parts: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for compound in compounds:
+            width = compound.count("_") + 1
+            if "_".join(tokens[i : i + width]) == compound:
+                parts.append(compound)
+                i += width
+                break
+        else:
+            parts.append(tokens[i])
+            i += 1
+    return ".".join(parts)
+
+
 def comfyui_lora_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """ComfyUI-layout keys (``diffusion_model.<module>.lora_down/up.weight`` or ``lora_A/B``, and
     ``.alpha``) -> ``{module: (down, up)}`` with ComfyUI's ``alpha / rank`` scale folded into up."""

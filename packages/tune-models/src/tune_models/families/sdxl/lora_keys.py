@@ -34,7 +34,7 @@ import re
 import torch
 
 from tune_models.families import _clip_lora_keys
-from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules
+from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules, dotted_module_path
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +95,7 @@ def _diffusers_path(flat: str) -> str:
             f"cannot read kohya SDXL LoRA module {PREFIX}{flat!r}: only the transformer (attention) "
             "modules of Stability's UNet tree are mapped"
         )
-    tokens = flat.split("_")
-    parts: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for compound in _COMPOUNDS:
-            width = compound.count("_") + 1
-            if "_".join(tokens[i : i + width]) == compound:
-                parts.append(compound)
-                i += width
-                break
-        else:
-            parts.append(tokens[i])
-            i += 1
-    return ".".join(parts)
+    return dotted_module_path(flat, _COMPOUNDS)
 
 
 def from_comfyui(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
