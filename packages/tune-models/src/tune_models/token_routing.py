@@ -25,7 +25,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["TokenRouting"]
+__all__ = ["TokenRouting", "cut_positions"]
+
+
+def cut_positions(value: torch.Tensor, keep: torch.Tensor, *, start: int, total: int, dim: int) -> torch.Tensor:
+    """``value`` along ``dim`` with its ``total`` image positions from ``start`` cut to ``keep``;
+    what comes before (text) and after (reference images) stays. For the positional embeddings
+    and attention masks that :meth:`TokenRouting.with_positions` hands a routed block."""
+    head = value.narrow(dim, 0, start)
+    image = value.narrow(dim, start, total).index_select(dim, keep.to(value.device))
+    tail = value.narrow(dim, start + total, value.shape[dim] - start - total)
+    return torch.cat([head, image, tail], dim=dim)
 
 
 class TokenRouting:

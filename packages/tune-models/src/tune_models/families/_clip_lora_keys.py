@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules, dotted_module_path
+from tune_models.families._shared import LORA_A, LORA_B, comfyui_lora_modules, dotted_module_path, put_flat_lora
 
 # Names inside a CLIP text model that themselves contain ``_`` (longest first).
 _COMPOUNDS = sorted(
@@ -46,14 +46,7 @@ def to_comfyui(
         prefix = components.get(component)
         if prefix is None:
             raise ValueError(f"cannot convert text-encoder LoRA key {key!r}: no ComfyUI name for {component!r}")
-        for suffix, native in ((LORA_A, LORA_DOWN), (LORA_B, LORA_UP)):
-            if name.endswith(suffix):
-                module = prefix + name[: -len(suffix)].replace(".", "_")
-                out[f"{module}{native}"] = tensor
-                if alpha is not None:
-                    out[f"{module}.alpha"] = torch.tensor(float(alpha))
-                break
-        else:
+        if not put_flat_lora(out, prefix, name, tensor, alpha):
             raise ValueError(
                 f"cannot convert LoRA key {key!r}: expected '<component>.<module>.lora_A.weight' or '.lora_B.weight'"
             )

@@ -534,6 +534,20 @@ def diffusers_lora_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dic
     return modules
 
 
+def put_flat_lora(out: dict[str, torch.Tensor], prefix: str, name: str, tensor: torch.Tensor, alpha: float | None) -> bool:
+    """Write a diffusers ``<module>.lora_A/B.weight`` tensor under its kohya/ComfyUI flat name,
+    ``<prefix><module with _ for .>.lora_down/up.weight`` (and ``.alpha`` when given); False when
+    ``name`` is not a LoRA down or up weight."""
+    for suffix, native in ((LORA_A, LORA_DOWN), (LORA_B, LORA_UP)):
+        if name.endswith(suffix):
+            module = prefix + name[: -len(suffix)].replace(".", "_")
+            out[f"{module}{native}"] = tensor
+            if alpha is not None:
+                out[f"{module}.alpha"] = torch.tensor(float(alpha))
+            return True
+    return False
+
+
 def dotted_module_path(flat: str, compounds: Sequence[str]) -> str:
     """A kohya/ComfyUI flat module name back to its dotted path: ``_`` becomes ``.`` except
     inside the names in ``compounds`` (``self_attn``, ``to_out``, ...), which are kept whole.

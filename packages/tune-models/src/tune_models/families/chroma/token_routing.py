@@ -24,13 +24,7 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting
-
-
-def _cut(value: torch.Tensor, text: int, keep: torch.Tensor, total: int, dim: int) -> torch.Tensor:
-    """``value`` along ``dim`` with the ``total`` image positions after ``text`` cut to ``keep``."""
-    image = value.narrow(dim, text, total).index_select(dim, keep.to(value.device))
-    return torch.cat([value.narrow(dim, 0, text), image], dim=dim)
+from tune_models.token_routing import TokenRouting, cut_positions
 
 
 class ChromaTokenRouting(TokenRouting):
@@ -62,11 +56,11 @@ class ChromaTokenRouting(TokenRouting):
         out = dict(call)
         rope = call.get("image_rotary_emb")
         if isinstance(rope, (tuple, list)):
-            out["image_rotary_emb"] = type(rope)(_cut(r, self.text, keep, total, 0) for r in rope)
+            out["image_rotary_emb"] = type(rope)(cut_positions(r, keep, start=self.text, total=total, dim=0) for r in rope)
         elif rope is not None:
-            out["image_rotary_emb"] = _cut(rope, self.text, keep, total, 0)
+            out["image_rotary_emb"] = cut_positions(rope, keep, start=self.text, total=total, dim=0)
         if call.get("attention_mask") is not None:
-            out["attention_mask"] = _cut(call["attention_mask"], self.text, keep, total, -1)
+            out["attention_mask"] = cut_positions(call["attention_mask"], keep, start=self.text, total=total, dim=-1)
         return out
 
     def output_image_tokens(self, output: Any, count: int) -> torch.Tensor:

@@ -17,13 +17,7 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting
-
-
-def _cut(value: torch.Tensor, text: int, keep: torch.Tensor, total: int, dim: int) -> torch.Tensor:
-    head = value.narrow(dim, 0, text)
-    image = value.narrow(dim, text, total).index_select(dim, keep)
-    return torch.cat([head, image, value.narrow(dim, text + total, value.shape[dim] - text - total)], dim=dim)
+from tune_models.token_routing import TokenRouting, cut_positions
 
 
 class FluxTokenRouting(TokenRouting):
@@ -49,12 +43,12 @@ class FluxTokenRouting(TokenRouting):
         text = int(call["encoder_hidden_states"].shape[1])
         rope = call.get("image_rotary_emb")
         if isinstance(rope, (tuple, list)):
-            out["image_rotary_emb"] = type(rope)(_cut(r, text, keep, total, 0) for r in rope)
+            out["image_rotary_emb"] = type(rope)(cut_positions(r, keep, start=text, total=total, dim=0) for r in rope)
         elif rope is not None:
-            out["image_rotary_emb"] = _cut(rope, text, keep, total, 0)
+            out["image_rotary_emb"] = cut_positions(rope, keep, start=text, total=total, dim=0)
         extra = call.get("joint_attention_kwargs")
         if extra and extra.get("attention_mask") is not None:
-            out["joint_attention_kwargs"] = {**extra, "attention_mask": _cut(extra["attention_mask"], text, keep, total, -1)}
+            out["joint_attention_kwargs"] = {**extra, "attention_mask": cut_positions(extra["attention_mask"], keep, start=text, total=total, dim=-1)}
         return out
 
     def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:

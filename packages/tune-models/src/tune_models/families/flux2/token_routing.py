@@ -27,16 +27,7 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting
-
-
-def _cut(value: torch.Tensor, text: int, keep: torch.Tensor, total: int, dim: int) -> torch.Tensor:
-    """``value`` along ``dim`` with the ``total`` target positions after ``text`` cut to ``keep``;
-    the text before and the reference positions after stay."""
-    head = value.narrow(dim, 0, text)
-    image = value.narrow(dim, text, total).index_select(dim, keep.to(value.device))
-    tail = value.narrow(dim, text + total, value.shape[dim] - text - total)
-    return torch.cat([head, image, tail], dim=dim)
+from tune_models.token_routing import TokenRouting, cut_positions
 
 
 class Flux2TokenRouting(TokenRouting):
@@ -84,12 +75,12 @@ class Flux2TokenRouting(TokenRouting):
         out = dict(call)
         rope = call.get("image_rotary_emb")
         if isinstance(rope, (tuple, list)):
-            out["image_rotary_emb"] = type(rope)(_cut(r, self.text, keep, total, 0) for r in rope)
+            out["image_rotary_emb"] = type(rope)(cut_positions(r, keep, start=self.text, total=total, dim=0) for r in rope)
         elif rope is not None:
-            out["image_rotary_emb"] = _cut(rope, self.text, keep, total, 0)
+            out["image_rotary_emb"] = cut_positions(rope, keep, start=self.text, total=total, dim=0)
         extra = call.get("joint_attention_kwargs")
         if extra and extra.get("attention_mask") is not None:
-            mask = _cut(extra["attention_mask"], self.text, keep, total, -1)
+            mask = cut_positions(extra["attention_mask"], keep, start=self.text, total=total, dim=-1)
             out["joint_attention_kwargs"] = {**extra, "attention_mask": mask}
         return out
 

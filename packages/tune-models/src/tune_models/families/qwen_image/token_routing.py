@@ -21,14 +21,7 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting
-
-
-def _cut(value: torch.Tensor, keep: torch.Tensor, total: int, dim: int) -> torch.Tensor:
-    """``value`` along ``dim`` with its first ``total`` (target) positions cut to ``keep``; the
-    reference positions after them stay."""
-    image = value.narrow(dim, 0, total).index_select(dim, keep.to(value.device))
-    return torch.cat([image, value.narrow(dim, total, value.shape[dim] - total)], dim=dim)
+from tune_models.token_routing import TokenRouting, cut_positions
 
 
 class QwenImageTokenRouting(TokenRouting):
@@ -56,10 +49,10 @@ class QwenImageTokenRouting(TokenRouting):
         rope = call.get("image_rotary_emb")
         if rope is not None:
             image_freqs, text_freqs = rope
-            out["image_rotary_emb"] = (_cut(image_freqs, keep, total, 0), text_freqs)
+            out["image_rotary_emb"] = (cut_positions(image_freqs, keep, start=0, total=total, dim=0), text_freqs)
         index = call.get("modulate_index")
         if index is not None:
-            out["modulate_index"] = _cut(index, keep, total, 1)
+            out["modulate_index"] = cut_positions(index, keep, start=0, total=total, dim=1)
         return out
 
     def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import re
 import torch
 
 from tune_models.families import _clip_lora_keys
-from tune_models.families._shared import LORA_A, LORA_B, LORA_DOWN, LORA_UP, comfyui_lora_modules, dotted_module_path
+from tune_models.families._shared import LORA_A, LORA_B, comfyui_lora_modules, dotted_module_path, put_flat_lora
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,7 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = Non
     encoders, state_dict = _clip_lora_keys.split_text_encoder_keys(state_dict, TEXT_ENCODERS)
     out = _clip_lora_keys.to_comfyui(encoders, TEXT_ENCODERS, alpha=alpha)
     for key, tensor in state_dict.items():
-        name = key.removeprefix("unet.")
-        for suffix, native in ((LORA_A, LORA_DOWN), (LORA_B, LORA_UP)):
-            if name.endswith(suffix):
-                module = name[: -len(suffix)]
-                out[f"{PREFIX}{module.replace('.', '_')}{native}"] = tensor
-                if alpha is not None:
-                    out[f"{PREFIX}{module.replace('.', '_')}.alpha"] = torch.tensor(float(alpha))
-                break
-        else:
+        if not put_flat_lora(out, PREFIX, key.removeprefix("unet."), tensor, alpha):
             raise ValueError(
                 f"cannot convert LoRA key {key!r}: expected 'unet.<module>.lora_A.weight' or '.lora_B.weight' "
                 "(plain LoRA in diffusers/PEFT layout)"
