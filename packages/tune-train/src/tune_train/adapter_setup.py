@@ -57,7 +57,7 @@ class TrainedWeights:
     def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
         """The exported tensors: diffusers-layout LoRA, LyCORIS's own keys, or the full
         transformer's state dict (not copied: a full model has no memory to spare)."""
-        transformer = _unwrap(model.transformer)
+        transformer = model.transformer
         if self.kind == "full":
             return {k: v.detach() for k, v in transformer.state_dict().items()}
         if self.kind == "lycoris":
@@ -102,11 +102,7 @@ class TrainedWeights:
         """The transformer's diffusers config (``config.json``) for a full fine-tune, else None."""
         if self.kind != "full":
             return None
-        return json.loads(_unwrap(model.transformer).to_json_string())
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)  # DDP keeps the model in .module
+        return json.loads(model.transformer.to_json_string())
 
 
 def fold_initial_factors(

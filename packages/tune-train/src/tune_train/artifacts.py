@@ -138,7 +138,7 @@ def full_ema_state_dict(trainer: Trainer) -> dict[str, torch.Tensor]:
     weight's own dtype), the rest (buffers, anything frozen) as the model holds it. Built from the
     shadow tensors rather than by swapping them into the model, so no second copy of the model
     is made on the accelerator."""
-    transformer = trainer.accelerator.unwrap_model(trainer.model.transformer)
+    transformer = trainer.model.transformer
     shadow = {id(p): s for p, s in zip(trainer.ema.params, trainer.ema.shadow)}
     return {
         name: shadow[id(value)].to(value.dtype) if id(value) in shadow else value.detach()

@@ -137,14 +137,14 @@ def eval_loss(trainer: Any, dataset_id: str) -> float:
 
     Uses the trainer's noise scheme (``trainer.ddpm``, or flow matching with the family's shift)
     and loss (min-SNR weighting included for DDPM families), so it is the training objective on
-    data the run never trains on. Run on every process (the forward of a wrapped model must be),
-    each computing the whole number."""
+    data the run never trains on. Run on every process (a rank that skipped it would only wait
+    at the next step's gradient all-reduce), each computing the whole number."""
     from tune_models.family import SampleGeometry
 
     config, family, model = trainer.config, trainer.family, trainer.model
     device = trainer.accelerator.device
     scheme = trainer.ddpm
-    transformer = trainer.accelerator.unwrap_model(model.transformer)
+    transformer = model.transformer
     from tune_models.family import compute_dtype
 
     dtype = compute_dtype(transformer)

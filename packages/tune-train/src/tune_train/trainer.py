@@ -266,7 +266,7 @@ class Trainer:
     def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         from tune_models.text_encoder_lora import named_parameters
 
-        transformer = self.accelerator.unwrap_model(self.model.transformer)
+        transformer = self.model.transformer  # the plain module, also under DDP (see setup)
         # Text-encoder LoRA weights (train_text_encoder) are named ``text_encoder.<parameter>``.
         return [(name, p) for name, p in transformer.named_parameters() if p.requires_grad] + named_parameters(self.model)
 
@@ -320,7 +320,7 @@ class Trainer:
         else:
             noisy = flow.add_noise(latents, model_noise, sigmas)
             target = flow.velocity_target(latents, noise)
-        dtype = self.accelerator.unwrap_model(self.model.transformer).dtype
+        dtype = self.model.transformer.dtype
         if self.weights.text_encoder_params:  # train_text_encoder: the same captions, encoded live
             captions = self.data.batch_captions(dataset_id, batch, drop, step=self.global_step)
             with self.accelerator.autocast():

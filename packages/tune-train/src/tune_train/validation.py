@@ -63,7 +63,7 @@ def validate(trainer: Trainer) -> list[str]:
     folder = trainer.output_dir / "validation" / f"step-{trainer.global_step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     model = trainer.model
-    transformer = trainer.accelerator.unwrap_model(model.transformer)
+    transformer = model.transformer
     # The VAE and text encoders live on the CPU between validations (see setup_model); they
     # visit the device only while images are made; group-offloaded ones (group_offload_vae,
     # group_offload_text_encoder) are never moved whole: their hooks bring each group in.
