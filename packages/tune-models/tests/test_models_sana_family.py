@@ -221,3 +221,45 @@ def test_512_px_flavours(sana, sana_path, caplog, monkeypatch):
     with caplog.at_level("WARNING"):
         load(sana, sana_path, flavour="sana-600m-512")
     assert "was made for" not in caplog.text
+
+
+def test_modules_outside_the_blocks_take_their_original_names(sana, sana_path, tmp_path):
+    """A ``lora_target`` that names the embedders and the output projection: the ComfyUI layout
+    uses the original NVlabs names for them (``x_embedder.proj``, ``y_embedder.y_proj.fc1``,
+    ``t_embedder.mlp.0``, ``t_block.1``, ``final_layer.linear``, as diffusers' conversion script
+    renames them), and the file reads back to the same diffusers LoRA, which SanaPipeline loads."""
+    from safetensors.torch import save_file
+
+    outside = {
+        "patch_embed.proj": "x_embedder.proj",
+        "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+        "caption_projection.linear_2": "y_embedder.y_proj.fc2",
+        "time_embed.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_embed.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_embed.linear": "t_block.1",
+        "proj_out": "final_layer.linear",
+    }
+    model = load(sana, sana_path)
+    adapters.add_training_lora(model, rank=2, alpha=2, target=[*outside, "attn1.to_q"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.transformer.named_parameters():
+            if "lora_B" in name:  # a trained-looking LoRA without training
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    state_dict = adapters.training_lora_state_dict(model)
+    comfy = sana.to_comfyui(state_dict, alpha=2)
+    modules = {k.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for k in comfy if ".lora_" in k}
+    assert set(outside.values()) <= modules
+    assert not modules & set(outside), "a module outside the blocks kept its diffusers name"
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    back = sana.lora_state_dict(tmp_path / "comfy.safetensors")
+    assert set(back) == set(state_dict)
+    for key, tensor in state_dict.items():
+        torch.testing.assert_close(back[key], tensor)
+    suite = TestSanaConformance()
+    expected = suite.image(sana, sana.validation_pipeline(model))
+    pipe = sana.validation_pipeline(load(sana, sana_path))
+    plain = suite.image(sana, pipe)
+    pipe.load_lora_weights(dict(back))
+    assert np.abs(expected - plain).max() > 2, "the LoRA does not change the image"
+    assert np.abs(suite.image(sana, pipe) - expected).max() <= 1

@@ -22,8 +22,19 @@ diffusers                                  original
 ComfyUI's generic LoRA rule reads for any model whose weights use those names. Fused projections
 are exact (downs stacked, ups block-diagonal; the alpha is multiplied by the number of parts, since
 the rank is); a block lacking one of the parts, or with unequal ranks, keeps them separate under
-diffusers names. Modules outside the blocks keep their diffusers names. :func:`from_comfyui`
-reverses it exactly and splits dense fused LoRAs exactly as full-rank parts.
+diffusers names. Modules outside the blocks (reached only through a ``lora_target`` that names
+them) take their original names too, from the same script:
+
+=================================================  ==========================================
+``patch_embed.proj``                               ``x_embedder.proj``
+``caption_projection.linear_1`` / ``linear_2``     ``y_embedder.y_proj.fc1`` / ``fc2``
+``time_embed.emb.timestep_embedder.linear_1/2``    ``t_embedder.mlp.0`` / ``.2``
+``time_embed.linear``                              ``t_block.1``
+``proj_out``                                       ``final_layer.linear``
+=================================================  ==========================================
+
+Any other module keeps its diffusers name. :func:`from_comfyui` reverses it exactly and splits
+dense fused LoRAs exactly as full-rank parts.
 """
 
 from __future__ import annotations
@@ -53,6 +64,15 @@ _RENAMES = (
     ("ff.conv_depth", "mlp.depth_conv.conv"),
     ("ff.conv_point", "mlp.point_conv.conv"),
 )
+_TOP_LEVEL = (  # (diffusers module, original module) outside the blocks
+    ("patch_embed.proj", "x_embedder.proj"),
+    ("caption_projection.linear_1", "y_embedder.y_proj.fc1"),
+    ("caption_projection.linear_2", "y_embedder.y_proj.fc2"),
+    ("time_embed.emb.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+    ("time_embed.emb.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+    ("time_embed.linear", "t_block.1"),
+    ("proj_out", "final_layer.linear"),
+)
 _BLOCK_RE = re.compile(r"^transformer_blocks\.(?P<n>\d+)\.(?P<rest>.+)$")
 _NATIVE_BLOCK_RE = re.compile(r"^blocks\.(?P<n>\d+)\.(?P<rest>.+)$")
 
@@ -66,7 +86,7 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], *, alpha: float | None = Non
     for module, pair in diffusers_lora_modules(state_dict).items():
         match = _BLOCK_RE.match(module)
         if match is None:
-            put_comfyui(out, module, pair["A"], pair["B"], alpha)
+            put_comfyui(out, dict(_TOP_LEVEL).get(module, module), pair["A"], pair["B"], alpha)
             continue
         n, rest = match["n"], match["rest"]
         attention, _, proj = rest.partition(".")
@@ -85,13 +105,14 @@ def from_comfyui(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """Inverse of :func:`to_comfyui` (``alpha / rank`` folded into the up weights); also reads
     ``lora_A``/``lora_B``-named files and dense fused LoRAs."""
     renames = {native: name for name, native in _RENAMES}
+    top_level = {native: name for name, native in _TOP_LEVEL}
     fused = {native: (attention, order) for attention, (native, order) in _FUSED.items()}
     out: dict[str, torch.Tensor] = {}
     for module, (down, up) in comfyui_lora_modules(state_dict).items():
         module = module.removeprefix("transformer.")
         match = _NATIVE_BLOCK_RE.match(module)
         if match is None:
-            put_diffusers(out, module, down, up)
+            put_diffusers(out, top_level.get(module, module), down, up)
             continue
         n, rest = match["n"], match["rest"]
         if rest in fused:
