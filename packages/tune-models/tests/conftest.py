@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny Z-Image (built by the ``tiny`` flavour) and one tiny assistant adapter
 per test session; for each other built-in family a session fixture with the family and one with
-its tiny folder (``sdxl``/``sdxl_path``, ...), built once however many modules use it; and
+its tiny folder (``sdxl``/``sdxl_path``, ...), built once however many modules use it; the tiny
+Qwen-Image-Edit folder (``edit_path``) and ``small_vae_area`` for the edit pipelines; and
 ``one_thread`` for modules whose tiny matrices run faster on one thread."""
 
 from __future__ import annotations
@@ -81,3 +82,26 @@ qwen, qwen_path = _family_fixtures("qwen", "qwen-image")
 sana, sana_path = _family_fixtures("sana", "sana")
 sd3, sd3_path = _family_fixtures("sd3", "sd3")
 sdxl, sdxl_path = _family_fixtures("sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def edit_path(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image-Edit folder (vision-language text encoder and its processor), loadable as
+    the ``edit`` and ``edit-plus`` flavours; built once for the edit tests and the conformance suite."""
+    from tune_models.families.qwen_image.tiny import build_tiny_edit_pipeline
+
+    return build_tiny_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-edit"), warm_start_steps=0)
+
+
+@pytest.fixture
+def small_vae_area(monkeypatch):
+    """The edit pipelines' 1024 x 1024 VAE/output area, scaled for the tiny 2x VAE to 32 x 32."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    for module in (edit, plus):
+        original = module.calculate_dimensions
+        monkeypatch.setattr(
+            module, "calculate_dimensions",
+            lambda area, ratio, original=original: original(32 * 32 if area == 1024 * 1024 else area, ratio),
+        )

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class TestFlux2Conformance(ModelFamilyTests):
     family_name = "flux2"
     tiny_path_fixture = "flux2_path"  # the session's tiny model, built once
+    input_flavour = "tiny"  # every flavour edits a reference when there is one ("optional-reference")
 
 
 def test_names_and_flavours(flux2):

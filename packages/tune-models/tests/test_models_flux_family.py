@@ -32,6 +32,7 @@ def batch(flux, model, prompts=("a red square", "a cat")):
 class TestFluxConformance(ModelFamilyTests):
     family_name = "flux"
     tiny_path_fixture = "flux_path"  # the session's tiny model, built once
+    input_flavour = "kontext"  # edits a reference; the plain tiny folder loads as kontext
 
     def test_lora_target_presets_match_modules(self, family, tiny_path):
         """As the suite's check, except that block indices past the tiny model's single block

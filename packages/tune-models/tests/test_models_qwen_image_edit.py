@@ -4,12 +4,12 @@ the reference latents appended to the image tokens.
 
 The edit pipelines resize the reference to about 1024 x 1024 pixels for the VAE; the tiny VAE
 downsamples 2x (not 8x), so that area would make 512 x 512 latents. The pipeline tests scale the
-area down to 32 x 32 (``small_vae_area``); everything else runs as published.
+area down to 32 x 32 (``small_vae_area``); everything else runs as published. The tiny edit
+folder (``edit_path``) and ``small_vae_area`` are conftest fixtures, shared with the conformance
+suite's ``test_validation_input`` for Qwen-Image.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,27 +19,6 @@ from PIL import Image
 from tune_models.testing import load_tiny as load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def edit_path(tmp_path_factory) -> Path:
-    from tune_models.families.qwen_image.tiny import build_tiny_edit_pipeline
-
-    return build_tiny_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-edit"), warm_start_steps=0)
-
-
-@pytest.fixture
-def small_vae_area(monkeypatch):
-    """The edit pipelines' 1024 x 1024 VAE/output area, scaled for the tiny 2x VAE to 32 x 32."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
-
-    for module in (edit, plus):
-        original = module.calculate_dimensions
-        monkeypatch.setattr(
-            module, "calculate_dimensions",
-            lambda area, ratio, original=original: original(32 * 32 if area == 1024 * 1024 else area, ratio),
-        )
 
 
 def _picture(seed: int, size=(32, 32)) -> Image.Image:

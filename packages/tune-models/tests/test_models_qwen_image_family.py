@@ -25,6 +25,9 @@ class TestQwenImageConformance(ModelFamilyTests):
     family_name = "qwen_image"
     image_size = 32
     tiny_path_fixture = "qwen_path"  # the session's tiny model, built once
+    input_flavour = "edit"  # edits a reference image
+    input_tiny_path_fixture = "edit_path"  # the tiny edit folder (VL text encoder, processor; conftest)
+    input_fixtures = ("small_vae_area",)  # the edit pipeline's reference area, scaled for the tiny VAE
 
 
 def test_names_and_flavours(qwen):

@@ -20,6 +20,8 @@ from tune_models.testing import load_tiny as load
 class TestSDXLConformance(ModelFamilyTests):
     family_name = "sdxl"
     tiny_path_fixture = "sdxl_path"  # the session's tiny model, built once
+    input_flavour = "refiner"  # refines an image
+    input_tiny_path_fixture = "refiner_path"  # the tiny refiner (OpenCLIP-G only, aesthetic scores)
 
 
 def test_flavours_and_declared_scheme(sdxl, sdxl_path):
@@ -235,6 +237,8 @@ def test_refiner_validation_refines_an_image_with_the_trained_aesthetic_score(sd
     assert len(seen) == 1 and seen[0].tolist() == [[32, 32, 0, 0, 2.5], *trained.tolist()]
     other = sdxl.generate(pipe, "a cat", image=picture.transpose(Image.FLIP_LEFT_RIGHT), **kwargs)
     assert np.asarray(out).tolist() != np.asarray(other).tolist()  # it refines the given image
+    seen.clear()  # 2 steps at strength 0.3 denoise int(0.6) = 0: the schedule is lengthened to denoise one
+    assert sdxl.generate(pipe, "a cat", image=picture, **{**kwargs, "steps": 2}).size == (32, 32) and len(seen) == 1
     with pytest.raises(ValueError, match="refines an image"):
         sdxl.generate(pipe, "a cat", **kwargs)
     with pytest.raises(ValueError, match="sdxl_refiner_strength must be in"):

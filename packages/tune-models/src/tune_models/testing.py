@@ -10,10 +10,16 @@ A plugin author tests a new family by subclassing :class:`ModelFamilyTests`::
         def build_tiny(self, path):
             return my_package.build_tiny_pipeline(path)  # saves a tiny diffusers folder, returns it
 
+        # Only for a family with a flavour whose validation takes an image (validation_input):
+        input_flavour = "edit"                   # the tiny folder is loaded as this flavour
+        input_tiny_path_fixture = "edit_path"    # a fixture's tiny folder that flavour needs, if not the plain one
+        input_fixtures = ("small_vae_area",)     # other fixtures that test needs (e.g. a monkeypatch)
+
 The suite loads the saved folder through ``family.load`` (the normal path, no network), then
 checks encoding shapes, ``predict``'s shape, that a few LoRA steps lower the loss, that the saved
-LoRA reproduces the trained model inside the family's own diffusers pipeline, and that the
-ComfyUI key conversion round-trips. The built-in families pass the very same suite.
+LoRA reproduces the trained model inside the family's own diffusers pipeline, that the ComfyUI key
+conversion round-trips, and that a flavour whose validation takes an image
+(``validation_input``) generates from it. The built-in families pass the very same suite.
 
 pytest and numpy are imported by the suite only, so this module is importable without them.
 """
@@ -119,7 +125,11 @@ class ModelFamilyTests:
     """Conformance tests for a :class:`~tune_models.family.ModelFamily` (subclass it as ``Test*``).
 
     Set :attr:`family_name`; override :meth:`build_tiny` when the family's own ``build_tiny`` is
-    not the builder to use. Class attributes below tune sizes for slow families.
+    not the builder to use. Class attributes below tune sizes for slow families. A family with a
+    flavour whose validation takes an image (:meth:`~tune_models.family.ModelFamily.validation_input`
+    not None: an edit model, a refiner) sets :attr:`input_flavour` (and, where needed,
+    :attr:`input_tiny_path_fixture` and :attr:`input_fixtures`); :meth:`test_validation_input`
+    fails until it does.
     """
 
     family_name: str = ""
@@ -134,6 +144,18 @@ class ModelFamilyTests:
     tiny_path_fixture: str | None = None
     """Name of a session fixture that already holds this family's tiny folder (a test module that
     builds one for its own tests); the suite then reuses it instead of building a second one."""
+    input_flavour: str | None = None
+    """A flavour whose validation takes an image (``family.validation_input(flavour)`` is not None):
+    :meth:`test_validation_input` loads the tiny folder as that flavour and generates from a
+    picture. Must be set when any flavour declares a ``validation_input``."""
+    input_tiny_path_fixture: str | None = None
+    """Name of a fixture giving a tiny folder :attr:`input_flavour` needs, when the family's plain
+    tiny folder is not one (e.g. Qwen-Image-Edit needs a vision-language text encoder and its
+    processor); None uses the plain tiny folder."""
+    input_fixtures: tuple[str, ...] = ()
+    """Other fixtures :meth:`test_validation_input` needs, requested by name (through
+    ``request.getfixturevalue``) before it loads the model, e.g. a monkeypatch that scales a
+    pipeline's preferred reference size down for the tiny VAE."""
 
     # ---------------------------------------------------------------- hooks for subclasses
     def build_tiny(self, path: Path) -> Path:
@@ -227,6 +249,15 @@ class ModelFamilyTests:
             seed=seed,
         )
         return np.asarray(picture).astype(np.int16)
+
+    @staticmethod
+    def input_picture(seed: int, size: tuple[int, int] = (48, 32)) -> Any:
+        """A random non-square RGB PIL picture (``size`` is width, height), fixed by ``seed``."""
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
     # ---------------------------------------------------------------- the tests
     def test_registered_and_flavours(self, family: ModelFamily) -> None:
@@ -346,3 +377,64 @@ class ModelFamilyTests:
         sigmas = torch.linspace(0, 1, 5)
         shifted = family.shift_sigmas(sigmas, 3.0)
         assert shifted[0] == 0 and shifted[-1] == 1 and (shifted >= sigmas).all()
+
+    def test_validation_input(self, family: ModelFamily, request: Any) -> None:
+        """Every flavour's ``validation_input`` is an allowed value; for :attr:`input_flavour`,
+        ``generate(image=)`` gives the asked size, is deterministic for a seed and uses the
+        picture (another picture, another image); an ``"optional-reference"`` flavour also
+        generates without one."""
+        import numpy as np
+
+        pytest_ = _require_pytest()
+        allowed = (None, "reference", "optional-reference", "image")
+        declared = {}
+        for name in family.flavours:
+            kind = family.validation_input(name)
+            assert kind in allowed, (
+                f"{family.name}.validation_input({name!r}) is {kind!r}; expected one of {allowed}"
+            )
+            declared[name] = kind
+        takes_image = sorted(name for name, kind in declared.items() if kind is not None)
+        if self.input_flavour is None:
+            if takes_image:
+                pytest_.fail(
+                    f"{family.name}'s flavours {takes_image} validate from an image (validation_input); set "
+                    f"input_flavour on {type(self).__name__} to one of them so the suite tests generate(image=)"
+                )
+            pytest_.skip(f"every {family.name} flavour validates from text alone (validation_input is None)")
+
+        flavour_name = self.input_flavour
+        kind = family.validation_input(flavour_name)
+        assert kind is not None, (
+            f"input_flavour {flavour_name!r} validates from text alone (validation_input is None); "
+            f"pick one of {takes_image}"
+        )
+        path = Path(request.getfixturevalue(self.input_tiny_path_fixture or "tiny_path"))
+        for fixture in self.input_fixtures:
+            request.getfixturevalue(fixture)
+        model = family.load(
+            ModelSource(pretrained_model_name_or_path=str(path), disable_assistant_lora=True), flavour_name
+        )
+        pipeline = family.validation_pipeline(model)
+        flavour = family.flavour(flavour_name)
+        size = self.image_size
+        settings = dict(
+            width=size, height=size, steps=min(flavour.inference_steps, 2), guidance=flavour.guidance, seed=0
+        )
+
+        def generate(image: Any) -> Any:
+            picture = family.generate(pipeline, self.prompts[0], image=image, **settings)
+            assert picture.size == (size, size), (
+                f"{flavour_name} generate(image=...) gave {picture.size}, asked for {(size, size)}"
+            )
+            return np.asarray(picture.convert("RGB")).astype(np.int16)
+
+        first = generate(self.input_picture(1))
+        again = generate(self.input_picture(1))
+        assert np.array_equal(first, again), f"{flavour_name}: the same seed and picture gave different images"
+        other = generate(self.input_picture(2))
+        assert (first != other).any(), (
+            f"{flavour_name}: a different input picture gave the same image (generate ignores image=)"
+        )
+        if kind == "optional-reference":
+            generate(None)  # text to image when the run has no reference

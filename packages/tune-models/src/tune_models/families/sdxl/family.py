@@ -388,7 +388,9 @@ class SDXLFamily(ModelFamily):
         """The base class's for text to image. The refiner's img2img pipeline refines ``image``
         (resized to ``width`` x ``height``: the img2img call takes no size, it keeps its input's)
         with the strength and aesthetic scores :meth:`validation_pipeline` recorded; deterministic
-        for a seed, the UNet in eval mode and put back as it was."""
+        for a seed, the UNet in eval mode and put back as it was. The img2img pipeline denoises
+        ``int(steps * strength)`` of ``steps``; where that is none (2 or 3 steps at strength 0.3)
+        it would return no image, so the schedule is lengthened until it denoises one step."""
         refiner = getattr(pipeline, "tune_refiner_kwargs", None)
         if refiner is None:
             return super().generate(
@@ -403,6 +405,9 @@ class SDXLFamily(ModelFamily):
         from PIL import Image
 
         extra = self.validation_call_options(pipeline, options, guidance=guidance)
+        schedule = int(steps)
+        while int(schedule * float(refiner["strength"])) < 1:  # diffusers' own count; 0 makes no image
+            schedule += 1
         unet = pipeline.unet
         was_training = unet.training
         unet.eval()
@@ -410,7 +415,7 @@ class SDXLFamily(ModelFamily):
             result = pipeline(
                 prompt=prompt,
                 image=image.convert("RGB").resize((width, height), Image.LANCZOS),
-                num_inference_steps=steps,
+                num_inference_steps=schedule,
                 guidance_scale=guidance,
                 negative_prompt=negative_prompt,
                 generator=torch.Generator("cpu").manual_seed(int(seed)),
