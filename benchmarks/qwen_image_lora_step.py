@@ -1,0 +1,281 @@
+"""Qwen-Image-sized LoRA training step on one GPU, text-to-image and edit: peak memory and s/step.
+
+The transformer is ``QwenImageTransformer2DModel`` with its published defaults (Qwen-Image and
+Qwen-Image-Edit share it: 60 blocks, 24 heads x 128, text features 3584 wide; about 20.4 B
+parameters) and random weights (speed does not depend on them). It is built block by block on the
+GPU: each block is filled with random weights, quantised by ``tune_quant`` when the row asks and,
+when it is one of the last N blocks, handed to ``tune_offload``'s block swap (pinned CPU memory),
+so a model that does not fit is never whole on the GPU.
+
+Each row trains LoRA rank 16 on every linear layer inside the blocks at 1024 px (4096 image
+tokens), 256 text tokens (a long caption), batch 1, gradient checkpointing, bf16 autocast, fused
+AdamW, clipping. The forward is ``tune_models``' own ``QwenImageFamily.predict``: for ``:edit``
+one 1024 px reference is packed and appended after the noisy tokens (8192 image tokens), as
+Qwen-Image-Edit trains, and the loss is taken on the target's tokens.
+
+Row syntax: ``<preset>[+swapN][:option...]``, presets ``bf16`` (no quantisation), ``int8-torchao``,
+``fp8-torchao``; options:
+  edit         a reference image (Qwen-Image-Edit), else text to image
+  ref          the bar to beat: a plain diffusers + peft loop (the transformer called directly
+               with the same inputs, no tune code) instead of ``predict``
+  lora-bf16    bf16 LoRA weights (default fp32, what mixed precision training keeps)
+  act-offload  the checkpointed block inputs in pinned CPU memory (tune_offload.activations)
+  tread[R]     TREAD token routing: a share R (default 0.5) of the target's image tokens skips
+               blocks 2 .. -2 (tune_train.tread; references are never routed)
+Peak memory is ``torch.cuda.max_memory_allocated`` over the training steps; setup's own peak
+is reported apart.
+
+Run (on a CUDA machine, from the repo root):
+  PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python benchmarks/qwen_image_lora_step.py \\
+      --rows bf16:ref,bf16,bf16:edit:ref,bf16:edit --json qwen_image_lora_step.json
+CPU smoke test of every code path: add ``--tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from types import SimpleNamespace
+
+import torch
+
+GIB = 1024**3
+DEVICE = "cuda"
+CONFIG: dict = {}  # QwenImageTransformer2DModel's defaults are Qwen-Image's published config
+TINY_CONFIG = dict(num_layers=6, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                   axes_dims_rope=(4, 6, 6))
+OPTIONS = ("edit", "ref", "lora-bf16", "act-offload")
+
+
+def _fill_random(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Weights that keep activations in range: N(0, 1/fan_in) matrices, unit norm scales."""
+    for name, p in module.named_parameters(recurse=True):
+        if p.ndim >= 2:
+            p.normal_(0.0, p.shape[1] ** -0.5, generator=generator)
+        elif "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def parse_row(row: str) -> dict:
+    head, *options = row.split(":")
+    preset, _, swap = head.partition("+swap")
+    tread = 0.0
+    for option in options:
+        if option.startswith("tread"):
+            tread = float(option[len("tread"):] or 0.5)
+    unknown = {o for o in options if not o.startswith("tread")} - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown row options {sorted(unknown)} (known: {', '.join(OPTIONS)}, tread[R])")
+    if "ref" in options and (tread or preset != "bf16" or swap):
+        raise ValueError("the ref row is the plain diffusers + peft loop: bf16, no swap, no tread")
+    return dict(preset=preset, swap=int(swap) if swap else 0, tread=tread,
+                **{o.replace("-", "_"): o in options for o in OPTIONS})
+
+
+def build(settings: dict):
+    """The (quantised, partly swapped) transformer with its LoRA, built block by block."""
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**CONFIG)
+    model.requires_grad_(False)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    for child in model.children():  # embedders, modulation, output: small, bf16 on the GPU
+        if not isinstance(child, torch.nn.ModuleList):
+            child.to_empty(device=DEVICE)
+            child.to(torch.bfloat16)
+            _fill_random(child, g)
+    model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope),
+                                            scale_rope=True).to(DEVICE)  # RoPE tables are buffers
+    blocks = model.transformer_blocks
+    first_swapped = len(blocks) - settings["swap"]
+    for index, block in enumerate(blocks):
+        block.to_empty(device=DEVICE)
+        block.to(torch.bfloat16)
+        _fill_random(block, g)
+        if settings["preset"] != "bf16":
+            from tune_quant import quantise
+
+            quantise(block, settings["preset"], device=DEVICE)
+        if index >= first_swapped and DEVICE == "cuda":
+            block.to("cpu")  # the block swap pins it
+    targets = sorted({f"transformer_blocks.{i}.{name}" for i, block in enumerate(blocks)
+                      for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights=True, target_modules=targets))
+    lora_dtype = torch.bfloat16 if settings["lora_bf16"] else torch.float32
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(lora_dtype)
+    if settings["act_offload"]:
+        from tune_offload.activations import offloaded_checkpoint
+
+        model.enable_gradient_checkpointing(offloaded_checkpoint)
+    else:
+        model.enable_gradient_checkpointing()
+    swapper = None
+    if settings["swap"]:
+        from tune_offload import OffloadSettings, apply_offload
+        from tune_offload.block_swap import block_swapper
+
+        apply_offload(model, OffloadSettings(musubi_blocks_to_swap=settings["swap"]), onload_device=DEVICE)
+        swapper = block_swapper(model)
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad], swapper
+
+
+def forward_fn(model, settings: dict, text: torch.Tensor, reference: torch.Tensor | None):
+    """``(noisy latents, sigma) -> velocity`` the way the row asks: tune's ``predict`` (with TREAD
+    when asked) or the transformer called directly as a plain diffusers + peft loop would."""
+    from tune_models.family import LoadedModel, get_family
+
+    family = get_family("qwen-image")
+    prompts = {"prompt_embeds": text}
+    references = [reference] if reference is not None else None
+    if settings["tread"]:
+        from tune_train import tread
+
+        route = {"selection_ratio": settings["tread"], "start_layer_idx": 2, "end_layer_idx": -2}
+        loaded = LoadedModel(family=family, flavour=family.flavour(None), transformer=model, vae=None,
+                             text_encoder=None, tokenizer=None, scheduler=None)
+        tread.install(loaded, family, {"routes": [route]})
+    if not settings["ref"]:
+        handle = SimpleNamespace(transformer=model)
+        return lambda noisy, sigma: family.predict(handle, noisy, sigma, prompts, reference_latents=references)
+
+    def plain(noisy, sigma):
+        _, _, h, w = noisy.shape
+        tokens = [family.pack(noisy)]
+        shapes = [(1, h // 2, w // 2)]
+        if reference is not None:
+            tokens.append(family.pack(reference))
+            shapes.append((1, h // 2, w // 2))
+        out = model(hidden_states=torch.cat(tokens, 1), timestep=sigma, encoder_hidden_states=text,
+                    img_shapes=[shapes], return_dict=False)[0]
+        return family.unpack(out[:, : tokens[0].shape[1]], h, w)
+
+    return plain
+
+
+def run_row(row: str, args) -> dict:
+    settings = parse_row(row)
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, params, swapper = build(settings)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
+    setup_s = time.perf_counter() - t0
+    setup_peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
+    side = args.resolution // 8  # the Qwen-Image VAE's 8x latents, 16 channels
+    g = torch.Generator(DEVICE).manual_seed(1)
+    x0 = torch.randn(1, 16, side, side, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    noise = torch.randn(x0.shape, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    text = torch.randn(1, args.text_len, model.config.joint_attention_dim, device=DEVICE, generator=g,
+                       dtype=torch.bfloat16)
+    reference = torch.randn(x0.shape, device=DEVICE, generator=g, dtype=torch.bfloat16) if settings["edit"] else None
+    forward = forward_fn(model, settings, text, reference)
+
+    def step() -> float:
+        sigma = torch.rand(1, device=DEVICE, generator=g)
+        noisy = ((1 - sigma) * x0 + sigma * noise).to(torch.bfloat16)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            pred = forward(noisy, sigma)
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    resident = torch.cuda.memory_allocated() / GIB if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses = [step() for _ in range(args.warmup)]
+    times = []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        losses.append(step())
+        sync()
+        times.append(time.perf_counter() - start)
+    result = dict(
+        row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2), resident_gib=round(resident, 2),
+        peak_gib=round(torch.cuda.max_memory_allocated() / GIB if cuda else 0.0, 2),
+        s_per_step=round(statistics.mean(times), 3), step_times=[round(t, 3) for t in times],
+        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+        trainable_params=sum(p.numel() for p in params), losses=[round(x, 4) for x in losses],
+        losses_finite=all(map(math.isfinite, losses)),
+        swapped_blocks=len(swapper.swapped) if swapper is not None else 0,
+        image_tokens=(side // 2) ** 2 * (2 if settings["edit"] else 1),
+    )
+    del model, params, optimizer, swapper, forward
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="bf16:ref,bf16,bf16:edit:ref,bf16:edit")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--text-len", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--tiny", action="store_true", help="toy-size model on the CPU (smoke test)")
+    args = parser.parse_args()
+    global DEVICE
+    if args.tiny:
+        DEVICE = "cpu"
+        CONFIG.update(TINY_CONFIG)
+        args.resolution, args.text_len = 64, 8
+    elif not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for row in args.rows.split(","):
+        try:
+            result = run_row(row, args)
+        except Exception as exc:  # one failing row must not hide the others
+            traceback.print_exc()
+            result = dict(row=row, error=f"{type(exc).__name__}: {exc}"[:400])
+        print(json.dumps(result), flush=True)
+        results.append(result)
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{'row':<40} {'tokens':>7} {'peak GiB':>9} {'s/step':>8} {'setup peak':>11}")
+    for r in results:
+        if "s_per_step" in r:
+            print(f"{r['row']:<40} {r['image_tokens']:>7} {r['peak_gib']:>9.2f} {r['s_per_step']:>8.3f} "
+                  f"{r['setup_peak_gib']:>11.2f}")
+        else:
+            print(f"{r['row']:<40} {r['error']}")
+    meta = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (--tiny)",
+                torch=torch.__version__, python=platform.python_version(), resolution=args.resolution,
+                text_len=args.text_len, warmup=args.warmup, steps=args.steps, lora_rank=16, batch=1)
+    for name in ("diffusers", "peft", "torchao"):
+        try:
+            meta[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
