@@ -161,3 +161,44 @@ def test_group_offload_with_streams_on_gpu(plain):
     assert offloaded.blocks[0][1].weight.device.type == "cpu"
     x = torch.randn(4, 8)
     torch.testing.assert_close(offloaded(x.cuda()).cpu(), plain(x))
+
+
+def test_group_offload_for_training_runs_as_a_backward_safe_strategy(plain, caplog):
+    """diffusers' group offload fails in backward on a GPU, so a trained model's
+    ``enable_group_offload`` runs as block swap of every block (block_level) or ramtorch
+    (leaf_level, or no block lists), with a warning that says so; other settings pass through."""
+    with caplog.at_level("WARNING"):
+        blocks = OffloadSettings(enable_group_offload=True).for_training(plain)
+    assert blocks.strategy == "block_swap" and blocks.musubi_blocks_to_swap == len(plain.blocks)
+    assert "runs as block swap of all 4 blocks" in caplog.text
+    leaf = OffloadSettings(enable_group_offload=True, group_offload_type="leaf_level").for_training(plain)
+    assert leaf.strategy == "ramtorch" and not leaf.enable_group_offload
+    assert OffloadSettings(enable_group_offload=True).for_training(nn.Linear(2, 2)).strategy == "ramtorch"
+    swap = OffloadSettings(musubi_blocks_to_swap=2)
+    assert swap.for_training(plain) is swap
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_for_training_trains_on_the_gpu(plain, offload_type):
+    """Why ``for_training`` exists: diffusers' group offload itself fails in backward on a GPU
+    (the weights autograd saved have moved to the CPU); the strategy standing in gives the plain
+    module's gradients, with the frozen weights off the GPU between uses."""
+    settings = OffloadSettings(enable_group_offload=True, group_offload_type=offload_type)
+    x = torch.randn(4, 8, device="cuda")
+    reference = copy.deepcopy(plain).cuda().requires_grad_(False)
+    x_ref = x.clone().requires_grad_(True)
+    reference(x_ref).square().mean().backward()
+
+    broken = copy.deepcopy(plain).requires_grad_(False)
+    apply_offload(broken, settings, onload_device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        broken(x.clone().requires_grad_(True)).square().mean().backward()
+
+    trained = copy.deepcopy(plain).requires_grad_(False)
+    apply_offload(trained, settings.for_training(trained), onload_device="cuda")
+    x_got = x.clone().requires_grad_(True)
+    trained(x_got).square().mean().backward()
+    torch.testing.assert_close(x_got.grad, x_ref.grad)
+    assert any(p.device.type == "cpu" for p in trained.blocks.parameters()), "nothing was kept off the GPU"

@@ -127,6 +127,42 @@ class OffloadSettings:
                     "transformer's frozen weights live between uses. Use one of them."
                 )
 
+    def for_training(self, module: torch.nn.Module) -> OffloadSettings:
+        """These settings for a module that is trained through (backward runs through it).
+
+        diffusers' group offloading moves a group's weights with ``param.data = ...`` after the
+        group ran, and that also moves the tensors autograd saved in forward: every backward on a
+        GPU then fails with "Expected all tensors to be on the same device" (diffusers' own
+        training test of it, huggingface/diffusers#11515, fails so; SimpleTuner's
+        ``enable_group_offload`` training hits it too). For training, ``enable_group_offload``
+        therefore runs as the strategy that keeps the same weights off the accelerator and
+        works in backward: ``block_level`` as block swap of every block (:mod:`tune_offload.
+        block_swap`; one block is streamed in while the one before computes, so
+        ``group_offload_blocks_per_group`` and ``group_offload_use_stream`` have no counterpart),
+        ``leaf_level`` (or a model without block lists) as ``ramtorch``, each linear's frozen
+        weights streamed in forward and backward. Other settings are returned as they are.
+        """
+        if not self.enable_group_offload:
+            return self
+        import logging
+
+        from tune_offload.block_swap import find_blocks
+
+        blocks = find_blocks(module) if self.group_offload_type == "block_level" else []
+        if blocks:
+            settings = attrs.evolve(self, enable_group_offload=False, musubi_blocks_to_swap=len(blocks))
+            instead = f"block swap of all {len(blocks)} blocks (musubi_blocks_to_swap: {len(blocks)})"
+        else:
+            settings = attrs.evolve(self, enable_group_offload=False, ramtorch=True)
+            instead = "ramtorch (each linear's frozen weights streamed in forward and backward)"
+        logging.getLogger(__name__).warning(
+            "enable_group_offload (%s) on the model being trained runs as %s: diffusers' group "
+            "offloading moves the weights autograd saved for backward, which fails on a GPU. "
+            "Trainable weights (LoRA, or a full fine-tune's) stay on the accelerator.",
+            self.group_offload_type, instead,
+        )
+        return settings
+
     @property
     def strategy(self) -> str | None:
         """The built-in strategy these settings ask for, or ``None`` for no offloading."""

@@ -417,7 +417,7 @@ class TrainConfig:
     base_model_default_dtype: str = _field("bf16", _choices)
     """Dtype of the frozen weights that are not quantised. Default ``bf16``. Choices: bf16, fp32."""
     enable_group_offload: bool = False
-    """Keep transformer blocks on the CPU and move each group in when it runs. Default false."""
+    """Keep transformer blocks on the CPU and move each group in when it runs. For the transformer being trained this runs as block swap of every block (``block_level``) or ``ramtorch`` (``leaf_level``), with a warning: diffusers' group offloading moves the weights autograd saved for backward, which fails on a GPU (docs/memory.md). The encoders (``group_offload_text_encoder`` / ``group_offload_vae``) use diffusers' group offloading. Default false."""
     group_offload_type: str = _field("block_level", _choices)
     """Offload granularity. Default ``block_level``. Choices: block_level, leaf_level (most saving, slowest)."""
     group_offload_blocks_per_group: int = _field(1, _at_least_one)

@@ -178,6 +178,9 @@ def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch
             "use, so the trained weights inside the groups would never change (training stopped at "
             "its first step with non-finite gradients); unset it to keep offloaded weights in CPU memory"
         )
+    # Group offload of a model trained through fails in backward on a GPU; the settings say
+    # which backward-safe strategy stands in (the encoders keep diffusers' group offload).
+    offload = offload.for_training(transformer)
     if config.gradient_checkpointing:
         # None keeps diffusers' own checkpointing; offload_checkpointed_activations swaps in
         # one that parks each block's saved input in pinned CPU memory until backward.
