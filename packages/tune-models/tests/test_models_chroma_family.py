@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tune_models.testing import ModelFamilyTests
@@ -57,3 +58,34 @@ def test_predict_is_the_pipelines_velocity(chroma, chroma_path):
         velocity = chroma.predict(model, noise, torch.tensor([1.0]), cond)
     torch.testing.assert_close(chroma.unpack(out, 32, 32), noise - velocity, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(masked, velocity)  # the boolean mask really hides the padding
+
+
+def _positional_checkpoint(block, *args):
+    """A checkpoint function that, like tune-offload's, takes positional arguments only."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+@pytest.mark.parametrize("checkpoint", ["diffusers", "positional"])
+def test_gradient_checkpointing_keeps_the_padding_mask(chroma, chroma_path, checkpoint):
+    """diffusers' Chroma calls its checkpointed single blocks without the attention mask; the
+    family puts it back, so a training forward with checkpointing is the forward without it, and
+    so are the gradients."""
+    model = load(chroma, chroma_path)
+    transformer = model.transformer
+    cond = chroma.collate_prompts(chroma.encode_prompts(model, ["a cat", "a much longer prompt with padding"]),
+                                  "cpu", torch.float32)
+    assert not cond["attention_mask"].all(), "the batch must have padding to show the mask"
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([0.4, 0.8])
+    x = noise.clone().requires_grad_(True)
+    expected = chroma.predict(model, x, sigmas, cond)
+    expected.square().mean().backward()
+    expected_grad = x.grad.clone()
+    func = None if checkpoint == "diffusers" else _positional_checkpoint
+    transformer.enable_gradient_checkpointing(func)
+    for _ in range(2):  # the wrapper is put on once per forward, never stacked
+        x.grad = None
+        got = chroma.predict(model, x, sigmas, cond)
+        got.square().mean().backward()
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(x.grad, expected_grad)

@@ -14,6 +14,11 @@ It differs from Flux (whose family this one extends) in what diffusers' ``Chroma
 - no pooled prompt and no guidance input: modulation comes from a small "distilled guidance"
   approximator fed by the timestep; validation uses real classifier-free guidance with a
   negative prompt.
+- diffusers' ``ChromaTransformer2DModel`` (0.42) calls its single-stream blocks *without* the
+  attention mask when gradient checkpointing is on (the checkpointed call passes hidden states,
+  temb and RoPE only), so training with checkpointing would let the image attend to the text
+  padding in 38 of the 57 blocks while sampling does not. :meth:`ChromaFamily.predict` puts the
+  mask back into those calls (:func:`_mask_checkpointed_single_blocks`).
 - everything else is Flux's: 2x2 packed latents with the VAE's shift and scaling, ``img_ids``,
   ``timestep = sigma``, the velocity ``noise - x0``, resolution-dependent shift, and the BFL
   module names for ComfyUI (Chroma has no modulation layers, so no ``*_mod`` keys).
@@ -114,6 +119,7 @@ class ChromaFamily(FluxFamily):
         )
         if model.extras.get("diffusers_float_mask"):
             mask = mask.to(dtype)  # what ChromaPipeline passes (see the module docstring)
+        _mask_checkpointed_single_blocks(transformer, mask)
         out = transformer(
             hidden_states=self.pack(noisy_latents.to(dtype)),
             timestep=sigmas.to(dtype),
@@ -138,6 +144,33 @@ class ChromaFamily(FluxFamily):
             "negative_prompt": negative_prompt if guidance > 1 else None,
             "max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512),
         }
+
+
+def _mask_checkpointed_single_blocks(transformer: Any, mask: torch.Tensor) -> None:
+    """Have this forward's checkpointed single-block calls take ``mask`` (see the module docstring).
+
+    diffusers checkpoints a single block as ``func(block, hidden_states, temb, image_rotary_emb)``;
+    the transformer's ``_gradient_checkpointing_func`` is wrapped (once; the wrapper keeps the
+    function it wraps, so a later ``enable_gradient_checkpointing`` is honoured) to append the mask
+    as the block's fourth positional argument, its ``attention_mask``. Positional, because every
+    checkpoint function tune installs (torch's, ``offloaded_checkpoint``, ``every_nth_checkpoint``)
+    passes positional arguments through and keeps them for the recomputation in backward, and TREAD
+    binds them by the block's signature, so it cuts the mask as it does the uncheckpointed one."""
+    func = getattr(transformer, "_gradient_checkpointing_func", None)
+    if func is None or not getattr(transformer, "gradient_checkpointing", False):
+        return
+    from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
+
+    wrapped = getattr(func, "_tune_wraps", func)
+
+    def checkpoint(block: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(block, ChromaSingleTransformerBlock) and len(args) == 3 and "attention_mask" not in kwargs:
+            args = (*args, checkpoint.mask)
+        return wrapped(block, *args, **kwargs)
+
+    checkpoint._tune_wraps = wrapped
+    checkpoint.mask = mask
+    transformer._gradient_checkpointing_func = checkpoint
 
 
 FAMILY = ChromaFamily()
