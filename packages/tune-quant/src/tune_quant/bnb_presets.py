@@ -82,7 +82,9 @@ class BnbPreset(BasePreset):
         name against each layer's own short name, so a block's layer called like a skipped
         top-level one (``proj_out``) stays unquantised too."""
         import torch
-        from diffusers import BitsAndBytesConfig
+        from tune_quant.pipeline import diffusers_module
+
+        BitsAndBytesConfig = diffusers_module().BitsAndBytesConfig
 
         chosen = {name for name, _ in selected_linears(skeleton, exclude)}
         skip = [name for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and name not in chosen]

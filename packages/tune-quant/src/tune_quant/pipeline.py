@@ -19,6 +19,20 @@ from tune_quant.presets import QuantisationUnavailable
 if TYPE_CHECKING:
     import torch
 
+#: How to get diffusers when only tune-quant is installed.
+INSTALL = 'pip install "tune-quant[pipeline]"'
+
+
+def diffusers_module() -> Any:
+    """diffusers, imported here because only quantising while diffusers loads needs it (tune-quant
+    alone quantises a module in memory); its absence names the extra to install."""
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise ImportError(f"quantize_via 'pipeline' needs diffusers, which is not installed: {INSTALL}") from exc
+    return diffusers
+
+
 #: ``quantization_config`` component names that mean the denoiser (the model tune trains).
 DENOISER_KEYS = ("transformer", "unet", "default")
 #: ``quant_method`` values and the diffusers config class each names.
@@ -115,8 +129,7 @@ def config_from_entry(entry: Mapping[str, Any], *, where: str = "quantization_co
     torchao's ``quant_type`` may name a ``torchao.quantization`` config class
     (``Int8WeightOnlyConfig``, with ``quant_type_kwargs``) or be torchao's saved form
     (``{"default": {"_type": ..., "_data": ...}}``, as a quantised checkpoint's config holds it)."""
-    import diffusers
-
+    diffusers = diffusers_module()
     backend = backend_of(entry, where=where)
     fields = {k: v for k, v in entry.items() if k != "quant_method"}
     config_class = getattr(diffusers, BACKENDS[backend])

@@ -75,8 +75,11 @@ class TorchAOPreset(BasePreset):
         """diffusers' ``TorchAoConfig`` quantising, as the weights load, exactly the layers
         :meth:`apply` would (named one by one in a torchao ``FqnToConfig``; others stay as loaded).
         ``skeleton`` is the model built empty, to read the layer names from."""
-        from diffusers import TorchAoConfig
         from torchao.quantization import FqnToConfig
+
+        from tune_quant.pipeline import diffusers_module
+
+        TorchAoConfig = diffusers_module().TorchAoConfig
 
         chosen = [name for name, _ in selected_linears(skeleton, exclude, self._compatible)]
         if not chosen:
