@@ -23,34 +23,16 @@ Run (on a CUDA machine, from the repo root):
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import math
-import platform
-import statistics
 import sys
 import time
-import traceback
 
 import torch
+from _harness import GIB, fill_random, run_meta, run_rows, step_arguments, timed_steps, write_results
 
-GIB = 1024**3
 DEVICE = "cuda"
 CONFIG: dict = {}  # Flux2Transformer2DModel's defaults are FLUX.2 [dev]'s published config
 TINY_CONFIG = dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num_attention_heads=2,
                    joint_attention_dim=32, in_channels=16, axes_dims_rope=(4, 4, 4, 4))
-
-
-def _fill_random(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Weights that keep activations in range: N(0, 1/fan_in) matrices, unit norm scales."""
-    for name, p in module.named_parameters(recurse=True):
-        if p.ndim >= 2:
-            p.normal_(0.0, p.shape[1] ** -0.5, generator=generator)
-        elif "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.zero_()
 
 
 def build(preset: str, blocks_to_swap: int, act_offload: bool):
@@ -68,13 +50,13 @@ def build(preset: str, blocks_to_swap: int, act_offload: bool):
         if not isinstance(child, torch.nn.ModuleList):
             child.to_empty(device=DEVICE)
             child.to(torch.bfloat16)
-            _fill_random(child, g)
+            fill_random(child, g)
     model.pos_embed.to_empty(device=DEVICE)  # RoPE has no weights; recreate its buffers
     first_swapped = len(blocks) - blocks_to_swap
     for index, block in enumerate(blocks):
         block.to_empty(device=DEVICE)
         block.to(torch.bfloat16)
-        _fill_random(block, g)
+        fill_random(block, g)
         if preset != "bf16":
             from tune_quant import quantise
 
@@ -153,82 +135,30 @@ def run_row(row: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    resident = torch.cuda.memory_allocated() / GIB if cuda else 0.0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    losses = [step() for _ in range(args.warmup)]
-    times = []
-    for _ in range(args.steps):
-        sync()
-        start = time.perf_counter()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - start)
-    result = dict(
-        row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2),
-        resident_gib=round(resident, 2),
-        peak_gib=round(torch.cuda.max_memory_allocated() / GIB if cuda else 0.0, 2),
-        s_per_step=round(statistics.mean(times), 3), step_times=[round(t, 3) for t in times],
-        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
-        trainable_params=sum(p.numel() for p in params), losses=[round(x, 4) for x in losses],
-        losses_finite=all(map(math.isfinite, losses)),
-        swapped_blocks=len(swapper.swapped) if swapper is not None else 0,
-    )
+    result = dict(row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2),
+                  **timed_steps(step, warmup=args.warmup, steps=args.steps, device=DEVICE),
+                  params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+                  trainable_params=sum(p.numel() for p in params),
+                  swapped_blocks=len(swapper.swapped) if swapper is not None else 0)
     del model, params, optimizer, swapper
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="int8-torchao+swap40:act-offload")
-    parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--text-len", type=int, default=512)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--tiny", action="store_true", help="toy-size model on the CPU (smoke test)")
-    args = parser.parse_args()
+    args = step_arguments(__doc__.split("\n")[0], rows="int8-torchao+swap40:act-offload", text_len=512)
     global DEVICE
     if args.tiny:
         DEVICE = "cpu"
         CONFIG.update(TINY_CONFIG)
-        args.resolution, args.text_len = 64, 8
-    elif not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    results = []
-    for row in args.rows.split(","):
-        try:
-            result = run_row(row, args)
-        except Exception as exc:  # one failing row must not hide the others
-            traceback.print_exc()
-            result = dict(row=row, error=f"{type(exc).__name__}: {exc}"[:400])
-        print(json.dumps(result), flush=True)
-        results.append(result)
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+    results = run_rows(args.rows.split(","), lambda row: run_row(row, args), device=DEVICE)
     print(f"\n{'row':<36} {'peak GiB':>9} {'s/step':>8} {'setup peak':>11}")
     for r in results:
         if "s_per_step" in r:
             print(f"{r['row']:<36} {r['peak_gib']:>9.2f} {r['s_per_step']:>8.2f} {r['setup_peak_gib']:>11.2f}")
         else:
             print(f"{r['row']:<36} {r['error']}")
-    meta = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (--tiny)",
-                torch=torch.__version__, python=platform.python_version(), resolution=args.resolution,
-                text_len=args.text_len, warmup=args.warmup, steps=args.steps, lora_rank=16, batch=1)
-    for name in ("diffusers", "peft", "torchao"):
-        try:
-            meta[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=2)
+    write_results(args.json, run_meta(DEVICE, resolution=args.resolution, text_len=args.text_len, warmup=args.warmup,
+                                      steps=args.steps, lora_rank=16, batch=1), results)
     return 0
 
 

@@ -33,36 +33,18 @@ CPU smoke test of every code path: add ``--tiny``.
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import math
-import platform
-import statistics
 import sys
 import time
-import traceback
 from types import SimpleNamespace
 
 import torch
+from _harness import GIB, fill_random, run_meta, run_rows, step_arguments, timed_steps, write_results
 
-GIB = 1024**3
 DEVICE = "cuda"
 CONFIG: dict = {}  # QwenImageTransformer2DModel's defaults are Qwen-Image's published config
 TINY_CONFIG = dict(num_layers=6, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                    axes_dims_rope=(4, 6, 6))
 OPTIONS = ("edit", "ref", "lora-bf16", "act-offload")
-
-
-def _fill_random(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Weights that keep activations in range: N(0, 1/fan_in) matrices, unit norm scales."""
-    for name, p in module.named_parameters(recurse=True):
-        if p.ndim >= 2:
-            p.normal_(0.0, p.shape[1] ** -0.5, generator=generator)
-        elif "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.zero_()
 
 
 def parse_row(row: str) -> dict:
@@ -94,7 +76,7 @@ def build(settings: dict):
         if not isinstance(child, torch.nn.ModuleList):
             child.to_empty(device=DEVICE)
             child.to(torch.bfloat16)
-            _fill_random(child, g)
+            fill_random(child, g)
     model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope),
                                             scale_rope=True).to(DEVICE)  # RoPE tables are buffers
     blocks = model.transformer_blocks
@@ -102,7 +84,7 @@ def build(settings: dict):
     for index, block in enumerate(blocks):
         block.to_empty(device=DEVICE)
         block.to(torch.bfloat16)
-        _fill_random(block, g)
+        fill_random(block, g)
         if settings["preset"] != "bf16":
             from tune_quant import quantise
 
@@ -197,64 +179,23 @@ def run_row(row: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    resident = torch.cuda.memory_allocated() / GIB if cuda else 0.0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    losses = [step() for _ in range(args.warmup)]
-    times = []
-    for _ in range(args.steps):
-        sync()
-        start = time.perf_counter()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - start)
-    result = dict(
-        row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2), resident_gib=round(resident, 2),
-        peak_gib=round(torch.cuda.max_memory_allocated() / GIB if cuda else 0.0, 2),
-        s_per_step=round(statistics.mean(times), 3), step_times=[round(t, 3) for t in times],
-        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
-        trainable_params=sum(p.numel() for p in params), losses=[round(x, 4) for x in losses],
-        losses_finite=all(map(math.isfinite, losses)),
-        swapped_blocks=len(swapper.swapped) if swapper is not None else 0,
-        image_tokens=(side // 2) ** 2 * (2 if settings["edit"] else 1),
-    )
+    result = dict(row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2),
+                  **timed_steps(step, warmup=args.warmup, steps=args.steps, device=DEVICE),
+                  params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+                  trainable_params=sum(p.numel() for p in params),
+                  swapped_blocks=len(swapper.swapped) if swapper is not None else 0,
+                  image_tokens=(side // 2) ** 2 * (2 if settings["edit"] else 1))
     del model, params, optimizer, swapper, forward
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="bf16:ref,bf16,bf16:edit:ref,bf16:edit")
-    parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--text-len", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--tiny", action="store_true", help="toy-size model on the CPU (smoke test)")
-    args = parser.parse_args()
+    args = step_arguments(__doc__.split("\n")[0], rows="bf16:ref,bf16,bf16:edit:ref,bf16:edit", text_len=256)
     global DEVICE
     if args.tiny:
         DEVICE = "cpu"
         CONFIG.update(TINY_CONFIG)
-        args.resolution, args.text_len = 64, 8
-    elif not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    results = []
-    for row in args.rows.split(","):
-        try:
-            result = run_row(row, args)
-        except Exception as exc:  # one failing row must not hide the others
-            traceback.print_exc()
-            result = dict(row=row, error=f"{type(exc).__name__}: {exc}"[:400])
-        print(json.dumps(result), flush=True)
-        results.append(result)
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+    results = run_rows(args.rows.split(","), lambda row: run_row(row, args), device=DEVICE)
     print(f"\n{'row':<40} {'tokens':>7} {'peak GiB':>9} {'s/step':>8} {'setup peak':>11}")
     for r in results:
         if "s_per_step" in r:
@@ -262,18 +203,8 @@ def main() -> int:
                   f"{r['setup_peak_gib']:>11.2f}")
         else:
             print(f"{r['row']:<40} {r['error']}")
-    meta = dict(gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (--tiny)",
-                torch=torch.__version__, python=platform.python_version(), resolution=args.resolution,
-                text_len=args.text_len, warmup=args.warmup, steps=args.steps, lora_rank=16, batch=1)
-    for name in ("diffusers", "peft", "torchao"):
-        try:
-            meta[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=2)
+    write_results(args.json, run_meta(DEVICE, resolution=args.resolution, text_len=args.text_len, warmup=args.warmup,
+                                      steps=args.steps, lora_rank=16, batch=1), results)
     return 0
 
 
