@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TokenRouting", "cut_positions"]
+__all__ = ["SeparateImageStreamRouting", "TokenRouting", "cut_positions"]
 
 
 def cut_positions(value: torch.Tensor, keep: torch.Tensor, *, start: int, total: int, dim: int) -> torch.Tensor:
@@ -87,3 +87,23 @@ class TokenRouting:
     def with_output_image_tokens(self, output: Any, tokens: torch.Tensor, count: int) -> Any:
         """The block output with its ``count`` image tokens replaced by ``tokens``."""
         raise NotImplementedError
+
+
+class SeparateImageStreamRouting(TokenRouting):
+    """:class:`TokenRouting` for blocks that keep the image tokens apart from the text: a block is
+    called with the image tokens alone in ``hidden_states`` (the routed target's first, any
+    reference images' after them), the text in its own ``encoder_hidden_states``, and returns the
+    pair ``(encoder_hidden_states, hidden_states)``. Flux.1 and Qwen-Image blocks are called so; a
+    family subclasses it for the blocks, the token count and the positions."""
+
+    def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
+        return call["hidden_states"][:, :count]
+
+    def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
+        return {**call, "hidden_states": torch.cat([tokens, call["hidden_states"][:, count:]], dim=1)}
+
+    def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:
+        return output[1][:, :count]
+
+    def with_output_image_tokens(self, output: tuple, tokens: torch.Tensor, count: int) -> tuple:
+        return (output[0], torch.cat([tokens, output[1][:, count:]], dim=1))

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting, cut_positions
+from tune_models.token_routing import SeparateImageStreamRouting, cut_positions
 
 
-class FluxTokenRouting(TokenRouting):
+class FluxTokenRouting(SeparateImageStreamRouting):
     def blocks(self, transformer: Any) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
@@ -31,12 +31,6 @@ class FluxTokenRouting(TokenRouting):
             return int(hidden.shape[1])
         ids = ids[0] if ids.ndim == 3 else ids
         return int((ids[:, 0] == 0).sum())  # the target's tokens (t = 0) come first, references after
-
-    def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
-        return call["hidden_states"][:, :count]
-
-    def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
-        return {**call, "hidden_states": torch.cat([tokens, call["hidden_states"][:, count:]], dim=1)}
 
     def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
         out = dict(call)
@@ -50,9 +44,3 @@ class FluxTokenRouting(TokenRouting):
         if extra and extra.get("attention_mask") is not None:
             out["joint_attention_kwargs"] = {**extra, "attention_mask": cut_positions(extra["attention_mask"], keep, start=text, total=total, dim=-1)}
         return out
-
-    def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:
-        return output[1][:, :count]
-
-    def with_output_image_tokens(self, output: tuple, tokens: torch.Tensor, count: int) -> tuple:
-        return (output[0], torch.cat([tokens, output[1][:, count:]], dim=1))

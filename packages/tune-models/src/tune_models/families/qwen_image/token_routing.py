@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting, cut_positions
+from tune_models.token_routing import SeparateImageStreamRouting, cut_positions
 
 
-class QwenImageTokenRouting(TokenRouting):
+class QwenImageTokenRouting(SeparateImageStreamRouting):
     def blocks(self, transformer: Any) -> list[torch.nn.Module]:
         return list(transformer.transformer_blocks)
 
@@ -38,12 +38,6 @@ class QwenImageTokenRouting(TokenRouting):
         target = first[0] if isinstance(first, list) else first
         return prod(int(n) for n in target)
 
-    def image_tokens(self, call: dict[str, Any], count: int) -> torch.Tensor:
-        return call["hidden_states"][:, :count]
-
-    def with_image_tokens(self, call: dict[str, Any], tokens: torch.Tensor, count: int) -> dict[str, Any]:
-        return {**call, "hidden_states": torch.cat([tokens, call["hidden_states"][:, count:]], dim=1)}
-
     def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
         out = dict(call)
         rope = call.get("image_rotary_emb")
@@ -54,9 +48,3 @@ class QwenImageTokenRouting(TokenRouting):
         if index is not None:
             out["modulate_index"] = cut_positions(index, keep, start=0, total=total, dim=1)
         return out
-
-    def output_image_tokens(self, output: tuple, count: int) -> torch.Tensor:
-        return output[1][:, :count]
-
-    def with_output_image_tokens(self, output: tuple, tokens: torch.Tensor, count: int) -> tuple:
-        return (output[0], torch.cat([tokens, output[1][:, count:]], dim=1))
