@@ -24,6 +24,11 @@ Rows:
   ...:tread[R]     TREAD token routing (tread_config): a share R (default 0.5) of the image
                    tokens skips the main layers 2 .. -2 (tune_train.tread)
   P+ramtorch       preset P, frozen linears resident in pinned CPU memory (ramtorch strategy)
+  gguf-q8_0,
+  gguf-q4_0        the transformer read from a GGUF file in that quantisation (made here with
+                   random weights, in parallel; 2-D weights quantised, the rest F32) through
+                   tune's .gguf loader (diffusers' GGUF quantiser: each layer dequantises when
+                   it runs), then tune's path
 
 Run (on a CUDA machine, from the repo root):
   PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python benchmarks/zimage_lora_step.py \\
@@ -113,6 +118,60 @@ def build_transformer():
     return model
 
 
+def _random_quantised(job: tuple[tuple[int, ...], int, str, bool]):
+    """One tensor of the GGUF file: N(0, 0.02) values of ``shape`` (seeded), quantised to
+    ``qtype`` when ``quantise`` (in a worker process: gguf's quantisers are numpy, one core each)."""
+    import gguf
+    import numpy as np
+
+    shape, seed, qtype, quantise = job
+    array = np.random.default_rng(seed).normal(0.0, 0.02, shape).astype(np.float32)
+    if not quantise:
+        return array, None
+    kind = gguf.GGMLQuantizationType[qtype]
+    return gguf.quants.quantize(array, kind), kind
+
+
+def gguf_transformer(qtype: str):
+    """The published architecture from a GGUF file (random weights, 2-D weights in ``qtype``,
+    the rest F32, as community conversions store them), loaded the way tune loads a ``.gguf``
+    transformer (``tune_models.families._shared.load_transformer``: diffusers' GGUF quantiser,
+    dequantising each layer when it runs). The file is written once per ``qtype`` under
+    ``$TMPDIR``; its tensors are made and quantised in parallel worker processes."""
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+    from pathlib import Path
+
+    import gguf
+    from diffusers import ZImageTransformer2DModel
+    from tune_models.families import _shared
+    from tune_models.family import ModelSource
+
+    root = Path(tempfile.gettempdir()) / "tune-bench-zimage"
+    file = root / f"z_image-{CONFIG['dim']}x{CONFIG['n_layers']}-{qtype}.gguf"
+    with torch.device("meta"):
+        skeleton = ZImageTransformer2DModel(**CONFIG)
+    skeleton.save_config(root / "transformer")
+    if not file.exists():
+        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]  # values per quantised block
+        jobs = [(shape, i, qtype, k.endswith(".weight") and len(shape) == 2 and shape[-1] % block == 0)
+                for i, (k, shape) in enumerate(shapes.items())]
+        writer = gguf.GGUFWriter(str(file), arch="tune-bench")
+        with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            for key, (data, kind) in zip(shapes, pool.map(_random_quantised, jobs, chunksize=4)):
+                writer.add_tensor(key, data, raw_dtype=kind) if kind is not None else writer.add_tensor(key, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    model = _shared.load_transformer(
+        ZImageTransformer2DModel, ModelSource(pretrained_transformer_model_name_or_path=str(file)), str(root),
+        dtype=torch.bfloat16, label="z-image",
+    )
+    return model.to(DEVICE)
+
+
 def parse_row(row: str) -> dict:
     """``preset[+swapN|+ramtorch][:lora-bf16][:act-offload][:ffn-chunk[N]][:side-alloc]`` -> the
     row's settings: preset, blocks to swap, ramtorch, LoRA weight dtype, whether checkpointed
@@ -147,9 +206,10 @@ def setup(row: str):
     preset, blocks_to_swap, lora_dtype = settings["preset"], settings["blocks_to_swap"], settings["lora_dtype"]
     act_offload = settings["act_offload"]
     family = ZImageFamily()
-    transformer = build_transformer()
+    gguf_type = preset.removeprefix("gguf-").upper() if preset.startswith("gguf-") else None
+    transformer = gguf_transformer(gguf_type) if gguf_type else build_transformer()
     transformer.requires_grad_(False)
-    if preset not in ("reference", "bf16", "no_change"):
+    if preset not in ("reference", "bf16", "no_change") and not gguf_type:
         from tune_quant import quantise
 
         quantise(transformer, preset, device=DEVICE)
@@ -264,6 +324,8 @@ def run_row(row: str, args) -> dict:
     )
     if swapper is not None:
         result["swapped_blocks"] = [swapper.block_names[i] for i in swapper.swapped]
+    if preset.startswith("gguf-"):  # how many linears really run from GGUF weights
+        result["gguf_linears"] = sum(type(m).__name__ == "GGUFLinear" for m in transformer.modules())
     return result
 
 
