@@ -18,13 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
     "flux2_lora_step.py": "bf16,int8-torchao+swap2:act-offload",
     "qwen_image_lora_step.py": "bf16:ref,bf16:edit,bf16:edit:tread,int8-torchao+swap2:edit:act-offload:lora-bf16",
+    "zimage_lora_step.py": "reference,bf16:tread,int8-torchao+swap2:act-offload,gguf-q8_0",
 }
 
 
 @pytest.mark.parametrize("script", sorted(ROWS))
 def test_tiny_run_of_each_row(script, tmp_path):
     out = tmp_path / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if "gguf" in ROWS[script]:
+        pytest.importorskip("gguf")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # the GGUF file goes there
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--rows", ROWS[script],
          "--warmup", "1", "--steps", "1", "--json", str(out)],
