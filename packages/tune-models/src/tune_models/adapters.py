@@ -235,6 +235,18 @@ def lora_file_scale(path: str | os.PathLike, component: str | None = None) -> fl
     return float(alpha) / float(rank) if alpha and rank else 1.0
 
 
+def rescale_init_lora_weight(key: str, value: torch.Tensor, file_scale: float, config: Any) -> torch.Tensor:
+    """One ``init_lora`` weight ready for an adapter with PEFT LoRA ``config``: an up weight
+    (``.lora_B.`` in ``key``) is rescaled from the file's ``alpha / rank`` (``file_scale``) to the
+    adapter's, so the loaded LoRA has the effect it had; any other weight is returned as it is.
+    For the transformer's adapter (:func:`load_training_lora`) and the text encoders'
+    (``tune_models.text_encoder_lora.load_state_dict``)."""
+    ours = float(config.lora_alpha) / float(config.r)
+    if ".lora_B." in key and file_scale != ours:
+        return value.float() * (file_scale / ours)
+    return value
+
+
 def load_training_lora(
     model: LoadedModel,
     state_dict: dict[str, torch.Tensor],
@@ -252,7 +264,6 @@ def load_training_lora(
     from peft import set_peft_model_state_dict
 
     config = model.transformer.peft_config[adapter_name]
-    ours = float(config.lora_alpha) / float(config.r)
     current = training_lora_state_dict(model, adapter_name)
     missing = sorted(set(current) - set(state_dict))
     if missing:
@@ -268,9 +279,7 @@ def load_training_lora(
                 f"init_lora weight {key} has shape {tuple(incoming.shape)}, the adapter needs "
                 f"{tuple(value.shape)}: set lora_rank to the file's rank"
             )
-        if ".lora_B." in key and file_scale != ours:
-            incoming = incoming.float() * (file_scale / ours)
-        loaded[key.removeprefix(f"{model.family.lora_prefix}.")] = incoming
+        loaded[key.removeprefix(f"{model.family.lora_prefix}.")] = rescale_init_lora_weight(key, incoming, file_scale, config)
     result = set_peft_model_state_dict(model.transformer, loaded, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tune_models.adapters import TRAINING_ADAPTER
+from tune_models.adapters import TRAINING_ADAPTER, rescale_init_lora_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from tune_models.family import LoadedModel, ModelFamily
@@ -150,7 +150,6 @@ def load_state_dict(
             continue
         encoder = getattr(model, component)
         config = encoder.peft_config[adapter_name]
-        ours = float(config.lora_alpha) / float(config.r)
         scale = file_scale.get(component, 1.0) if isinstance(file_scale, dict) else file_scale
         current = {_file_module(model, k): k for k in state_dict_keys(encoder, adapter_name)}
         missing = sorted(set(current) - set(theirs))
@@ -161,10 +160,7 @@ def load_state_dict(
             )
         loaded = {}
         for file_key, peft_key in current.items():
-            value = theirs[file_key]
-            if ".lora_B." in file_key and scale != ours:
-                value = value.float() * (scale / ours)
-            loaded[peft_key] = value
+            loaded[peft_key] = rescale_init_lora_weight(file_key, theirs[file_key], scale, config)
         result = set_peft_model_state_dict(encoder, loaded, adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
