@@ -1,61 +1,21 @@
 """``push_checkpoints_to_hub`` and ``push_to_hub_background`` through the real loop on the tiny
-Z-Image, against a stand-in Hub (HfApi's two calls; ``upload_folder`` copies what it is given into
-a local folder, what the repo would then hold)."""
+Z-Image, against a stand-in Hub (:class:`tune_publish.testing.FakeHub`: ``upload_folder`` copies
+what it is given into a local folder, what the repo would then hold)."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import shutil
-import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from tune.config import load_config
 from tune_publish.hub_uploads import STAGING_PREFIX
+from tune_publish.testing import FakeHub
 from tune_train.config import ConfigError, TrainConfig
 from tune_train.trainer import Trainer as Loop
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-class LocalHub:
-    """Uploads land under ``root/<repo>/<path_in_repo>``; ``hold`` names an upload that waits for
-    ``release`` (an Event) before it copies anything; ``fail`` makes checkpoint uploads raise."""
-
-    def __init__(self, root: Path, monkeypatch, *, hold: str | None = None, fail: Exception | None = None):
-        from huggingface_hub import HfApi
-
-        self.root, self.hold, self.fail = root, hold, fail
-        self.release = threading.Event()
-        self.held = threading.Event()  # set when the held upload has started
-        self.events: list[tuple[str, str]] = []  # ("start" | "done", what)
-        hub = self
-
-        def create_repo(self, repo_id, **kwargs):
-            return SimpleNamespace(url=f"https://hub.test/{repo_id}")
-
-        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, **kwargs):
-            name = path_in_repo or "final"
-            hub.events.append(("start", name))
-            if name == hub.hold:
-                hub.held.set()
-            if name == hub.hold and not hub.release.wait(timeout=30):
-                raise TimeoutError("the held upload was never released: training did not go on meanwhile")
-            if hub.fail is not None and path_in_repo:
-                raise hub.fail
-            target = hub.root / repo_id / (path_in_repo or "")
-            for file in sorted(Path(folder_path).rglob("*")):
-                rel = file.relative_to(folder_path).as_posix()
-                if file.is_file() and (allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns)):
-                    (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(file, target / rel)
-            hub.events.append(("done", name))
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -80,7 +40,7 @@ def token(monkeypatch):
 def test_every_checkpoint_is_uploaded_whole_and_the_run_waits_for_it(
     tmp_path, tiny_zimage, shapes_dir, write_run, monkeypatch, background
 ):
-    hub = LocalHub(tmp_path / "hub", monkeypatch, hold="checkpoint-2" if background else None)
+    hub = FakeHub(tmp_path / "hub", hold="checkpoint-2" if background else None).install(monkeypatch)
     loop = _loop(write_run, tmp_path, tiny_zimage, shapes_dir, **{"--push_to_hub_background": background})
     steps_while_held: list[int] = []
     original = loop.train_step
@@ -114,7 +74,7 @@ def test_every_checkpoint_is_uploaded_whole_and_the_run_waits_for_it(
 def test_failed_background_checkpoint_upload_is_reported_and_keeps_the_files(
     tmp_path, tiny_zimage, shapes_dir, write_run, monkeypatch, caplog
 ):
-    LocalHub(tmp_path / "hub", monkeypatch, fail=ConnectionError("hub unreachable"))
+    FakeHub(tmp_path / "hub", fail=ConnectionError("hub unreachable"), failing="checkpoint-*").install(monkeypatch)
     loop = _loop(write_run, tmp_path, tiny_zimage, shapes_dir, **{"--push_to_hub_background": True})
     with caplog.at_level(logging.WARNING, logger="tune_publish"):
         result = loop.train()

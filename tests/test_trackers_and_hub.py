@@ -8,13 +8,13 @@ import logging
 import sys
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tune import Trainer
 from tune.config import load_config
+from tune_publish.testing import FakeHub
 from tune_train.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -53,28 +53,6 @@ def test_missing_comet_ml_names_the_install_command(tmp_path, tiny_zimage, shape
     assert not (tmp_path / "cache" / "text").exists()  # refused before any model or cache work
 
 
-class FakeHub:
-    """HfApi's two calls, recorded; ``fail`` makes the upload raise like a network error."""
-
-    def __init__(self, monkeypatch, fail: Exception | None = None):
-        from huggingface_hub import HfApi
-
-        self.calls: list[tuple[str, dict]] = []
-        hub = self
-
-        def create_repo(self, repo_id, **kwargs):
-            hub.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-            return SimpleNamespace(url=f"https://hub.test/{repo_id}")
-
-        def upload_folder(self, **kwargs):
-            hub.calls.append(("upload_folder", kwargs))
-            if fail is not None:
-                raise fail
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-
-
 PUSH = {
     "--push_to_hub": True,
     "--hub_model_id": "me/tiny-lora",
@@ -87,7 +65,7 @@ PUSH = {
 
 def test_push_to_hub_uploads_the_run_at_train_end(tmp_path, tiny_zimage, shapes_dir, write_run, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    hub = FakeHub(monkeypatch)
+    hub = FakeHub().install(monkeypatch)
     config = write_run(tmp_path, model=tiny_zimage, data=shapes_dir, steps=2,
                        extra={**PUSH, "--model_card_private": True})
     loaded = load_config(config)
@@ -110,7 +88,7 @@ def test_push_to_hub_uploads_the_run_at_train_end(tmp_path, tiny_zimage, shapes_
 
 def test_failed_push_warns_and_keeps_the_outputs(tmp_path, tiny_zimage, shapes_dir, write_run, monkeypatch, caplog):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    hub = FakeHub(monkeypatch, fail=ConnectionError("hub unreachable"))
+    hub = FakeHub(fail=ConnectionError("hub unreachable")).install(monkeypatch)
     config = write_run(tmp_path, model=tiny_zimage, data=shapes_dir, steps=1, extra={**PUSH, "--validation_disable": True})
     with caplog.at_level(logging.WARNING, logger="tune_publish.push"):
         result = Trainer.from_config(config, progress=False).train()

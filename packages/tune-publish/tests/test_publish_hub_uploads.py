@@ -1,13 +1,11 @@
 """``push_checkpoints_to_hub`` and ``push_to_hub_background`` through tune-publish's lifecycle hooks,
-against a stand-in Hub: HfApi's two calls, with ``upload_folder`` copying what it is given into a
-local folder (what the repo would hold), optionally blocking or failing."""
+against a stand-in Hub (:class:`tune_publish.testing.FakeHub`: ``upload_folder`` copies what it is
+given into a local folder, what the repo would hold, optionally held back or failing)."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import shutil
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,44 +15,7 @@ import torch
 from tune_publish import builtins as hooks
 from tune_publish.hub_uploads import STAGING_PREFIX, HubUploads
 from tune_publish.lora_file import save_lora
-
-
-class LocalHub:
-    """HfApi's ``create_repo`` / ``upload_folder``: uploads land under ``root/<repo>/<path_in_repo>``.
-    ``gate`` (an Event) makes uploads wait until it is set; ``fail`` makes them raise."""
-
-    def __init__(self, root: Path, *, gate: threading.Event | None = None, fail: Exception | None = None):
-        self.root, self.gate, self.fail = root, gate, fail
-        self.started: list[str] = []
-        self.finished: list[str] = []
-
-    def install(self, monkeypatch) -> LocalHub:
-        from huggingface_hub import HfApi
-
-        hub = self
-
-        def create_repo(self, repo_id, **kwargs):
-            (hub.root / repo_id).mkdir(parents=True, exist_ok=True)
-            return SimpleNamespace(url=f"https://hub.test/{repo_id}")
-
-        def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, **kwargs):
-            name = path_in_repo or "/"
-            hub.started.append(name)
-            if hub.gate is not None and not hub.gate.wait(timeout=20):
-                raise TimeoutError("the test never released the upload")
-            if hub.fail is not None:
-                raise hub.fail
-            target = hub.root / repo_id / (path_in_repo or "")
-            for file in sorted(Path(folder_path).rglob("*")):
-                rel = file.relative_to(folder_path).as_posix()
-                if file.is_file() and (allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns)):
-                    (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(file, target / rel)
-            hub.finished.append(name)
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-        return self
+from tune_publish.testing import FakeHub
 
 
 def _checkpoint(output_dir: Path, step: int) -> Path:
@@ -84,7 +45,7 @@ def token(monkeypatch):
 
 
 def test_each_checkpoint_goes_whole_to_its_own_folder_of_the_repo(tmp_path, monkeypatch):
-    hub = LocalHub(tmp_path / "hub").install(monkeypatch)
+    hub = FakeHub(tmp_path / "hub").install(monkeypatch)
     trainer = _trainer(tmp_path)
     hooks.tune_train_start(trainer)
     for step in (2, 4):
@@ -97,7 +58,7 @@ def test_each_checkpoint_goes_whole_to_its_own_folder_of_the_repo(tmp_path, monk
 
 
 def test_no_checkpoint_upload_without_push_checkpoints_to_hub(tmp_path, monkeypatch):
-    hub = LocalHub(tmp_path / "hub").install(monkeypatch)
+    hub = FakeHub(tmp_path / "hub").install(monkeypatch)
     trainer = _trainer(tmp_path, push_checkpoints_to_hub=False)
     hooks.tune_train_start(trainer)
     hooks.tune_checkpoint_saved(trainer, 2, str(_checkpoint(trainer.output_dir, 2)))
@@ -105,8 +66,7 @@ def test_no_checkpoint_upload_without_push_checkpoints_to_hub(tmp_path, monkeypa
 
 
 def test_background_upload_returns_at_once_survives_pruning_and_is_awaited(tmp_path, monkeypatch):
-    gate = threading.Event()
-    hub = LocalHub(tmp_path / "hub", gate=gate).install(monkeypatch)
+    hub = FakeHub(tmp_path / "hub", hold="checkpoint-2").install(monkeypatch)
     uploads = HubUploads("me/lora", tmp_path, background=True)
     from tune_publish.push import upload_checkpoint
 
@@ -118,7 +78,7 @@ def test_background_upload_returns_at_once_survives_pruning_and_is_awaited(tmp_p
     assert uploads.pending == 1 and hub.finished == []
     # ...and checkpoints_total_limit may prune the folder before it is read: a snapshot is uploaded.
     shutil.rmtree(folder)
-    gate.set()
+    hub.release.set()
     assert uploads.wait() == []
     assert hub.finished == ["checkpoint-2"] and uploads.pending == 0
     assert _files(tmp_path / "hub" / "me" / "lora" / "checkpoint-2") == expected
@@ -126,7 +86,7 @@ def test_background_upload_returns_at_once_survives_pruning_and_is_awaited(tmp_p
 
 
 def test_failed_background_upload_is_reported_with_the_repo_and_keeps_the_files(tmp_path, monkeypatch, caplog):
-    LocalHub(tmp_path / "hub", fail=ConnectionError("hub unreachable")).install(monkeypatch)
+    FakeHub(tmp_path / "hub", fail=ConnectionError("hub unreachable")).install(monkeypatch)
     trainer = _trainer(tmp_path, push_to_hub_background=True)
     hooks.tune_train_start(trainer)
     folder = _checkpoint(trainer.output_dir, 2)
@@ -145,7 +105,7 @@ def test_failed_background_upload_is_reported_with_the_repo_and_keeps_the_files(
 
 
 def test_failed_inline_upload_warns_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    LocalHub(tmp_path / "hub", fail=PermissionError("403 forbidden")).install(monkeypatch)
+    FakeHub(tmp_path / "hub", fail=PermissionError("403 forbidden")).install(monkeypatch)
     trainer = _trainer(tmp_path)
     hooks.tune_train_start(trainer)
     with caplog.at_level(logging.WARNING, logger="tune_publish"):

@@ -1,4 +1,5 @@
-"""``push_to_hub`` from the lifecycle hooks, against a fake Hub (HfApi's two calls recorded)."""
+"""``push_to_hub`` from the lifecycle hooks, against a fake Hub (:class:`tune_publish.testing.FakeHub`:
+HfApi's two calls recorded)."""
 
 from __future__ import annotations
 
@@ -11,34 +12,7 @@ import torch
 from tune_publish.lora_file import save_lora
 from tune_publish.model_card import write_model_card
 from tune_publish.push import hub_settings, push_run, warn_if_no_token
-
-
-class FakeHub:
-    """Stands in for the Hub: records ``create_repo`` / ``upload_folder`` and what would be sent."""
-
-    def __init__(self, fail: Exception | None = None):
-        self.fail = fail
-        self.calls: list[tuple[str, dict]] = []
-        self.uploaded: list[str] = []
-
-    def install(self, monkeypatch):
-        from huggingface_hub import HfApi
-
-        hub = self
-
-        def create_repo(self, repo_id, **kwargs):
-            hub.calls.append(("create_repo", {"repo_id": repo_id, "token": self.token, **kwargs}))
-            return SimpleNamespace(url=f"https://hub.test/{repo_id}")
-
-        def upload_folder(self, *, repo_id, folder_path, allow_patterns, **kwargs):
-            hub.calls.append(("upload_folder", {"repo_id": repo_id, "folder_path": folder_path, **kwargs}))
-            if hub.fail is not None:
-                raise hub.fail
-            hub.uploaded = list(allow_patterns)
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-        return self
+from tune_publish.testing import FakeHub
 
 
 @pytest.fixture
@@ -68,7 +42,7 @@ def test_push_uploads_adapter_card_and_images_to_the_repo(output_dir, monkeypatc
     assert created["exist_ok"] is True and created["token"] == "hf_test_token"
     assert upload == "upload_folder" and uploaded["repo_id"] == "me/lora" and uploaded["folder_path"] == str(output_dir)
     # what a user needs, not the checkpoints
-    assert sorted(hub.uploaded) == ["README.md", "pytorch_lora_weights.safetensors", "validation/step-2.png"]
+    assert sorted(uploaded["allow_patterns"]) == ["README.md", "pytorch_lora_weights.safetensors", "validation/step-2.png"]
 
 
 def test_public_by_default_and_nothing_without_push_to_hub(output_dir, monkeypatch):
