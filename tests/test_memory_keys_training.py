@@ -22,7 +22,7 @@ def test_checkpointing_every_second_block_trains_the_same_lora(tmp_path, tiny_zi
     _, every = _run(tmp_path / "every", write_run, tiny_zimage, shapes_dir)
     trainer, second = _run(tmp_path / "second", write_run, tiny_zimage, shapes_dir,
                            **{"--gradient_checkpointing_interval": 2})
-    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    transformer = trainer._run.model.transformer
     func = next(m._gradient_checkpointing_func for m in transformer.modules()
                 if getattr(m, "_gradient_checkpointing_func", None) is not None)
     assert isinstance(func, EveryNthCheckpoint) and func.interval == 2
@@ -36,7 +36,7 @@ def test_chunked_feed_forward_trains_the_same_lora_and_the_plan_says_so(tmp_path
     _, plain = _run(tmp_path / "plain", write_run, tiny_zimage, shapes_dir)
     chunked_keys = {"--enable_chunked_feed_forward": True, "--feed_forward_chunk_size": 5}
     trainer, chunked = _run(tmp_path / "chunked", write_run, tiny_zimage, shapes_dir, **chunked_keys)
-    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    transformer = trainer._run.model.transformer
     sizes = {m._tune_ffn_chunk_size for m in transformer.modules() if "_tune_ffn_chunk_size" in m.__dict__}
     assert sizes == {5}  # every MLP runs its tokens as 5-token slices
     assert chunked.losses == pytest.approx(plain.losses, rel=1e-5)
@@ -79,5 +79,5 @@ def test_quantize_via_accelerator_with_block_swap_matches_cpu_quantisation(tmp_p
     _, on_cpu = _run(tmp_path / "cpu", write_run, tiny_zimage, shapes_dir, steps=4, **common)
     trainer, on_gpu = _run(tmp_path / "gpu", write_run, tiny_zimage, shapes_dir, steps=4,
                            **common, **{"--quantize_via": "accelerator"})
-    assert is_offloaded(trainer._run.accelerator.unwrap_model(trainer._run.model.transformer))
+    assert is_offloaded(trainer._run.model.transformer)
     assert on_gpu.losses == pytest.approx(on_cpu.losses, rel=1e-3)

@@ -20,7 +20,7 @@ def _keys(path) -> set[str]:
 
 
 def _quantised(trainer) -> set[str]:
-    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    transformer = trainer._run.model.transformer
     return {name for name, m in transformer.named_modules()
             if isinstance(m, torch.nn.Linear) and type(m.weight.data).__name__ == "Int8Tensor"}
 
@@ -44,7 +44,7 @@ def test_int8_torchao_through_the_pipeline_trains_a_lora_like_cpu_quantisation(
                                "--validation_disable": False, "--validation_prompt": "a blue square",
                                "--validation_resolution": "32", "--validation_num_inference_steps": 2})
 
-    transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+    transformer = trainer._run.model.transformer
     assert transformer.is_quantized  # diffusers' quantizer did it while loading
     layers = _quantised(trainer)
     assert layers and layers == _quantised(cpu_trainer)  # the preset's layers, embedders left alone
@@ -101,7 +101,7 @@ def test_nf4_bnb_through_the_pipeline_quantises_the_cpu_paths_layers(tmp_path, t
     pytest.importorskip("bitsandbytes")
 
     def four_bit(trainer) -> set[str]:
-        transformer = trainer._run.accelerator.unwrap_model(trainer._run.model.transformer)
+        transformer = trainer._run.model.transformer
         return {name for name, m in transformer.named_modules() if type(m).__module__.startswith("bitsandbytes")}
 
     common = {"--mixed_precision": "bf16", "--base_model_precision": "nf4-bnb"}

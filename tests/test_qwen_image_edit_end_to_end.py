@@ -176,7 +176,7 @@ def test_qwen_edit_with_tread_routes_only_the_target_tokens(tmp_path, tiny_edit,
     trainer = Loop(loaded.train, loaded.datasets, progress=False)
     trainer.setup()
     router = trainer.token_router
-    transformer = trainer.accelerator.unwrap_model(trainer.model.transformer)
+    transformer = trainer.model.transformer
     seen: list[tuple[int, int]] = []  # (image tokens the routed block got, target tokens of the call)
     # Registered after the router's hook: sees the routed call.
     transformer.transformer_blocks[-1].register_forward_pre_hook(
