@@ -50,8 +50,9 @@ class TokenRouting:
     def latent_grid_tokens(self, weights: torch.Tensor, count: int) -> torch.Tensor:
         """Per-image-token values (``B x count``) of a ``B x 1 x h x w`` map on the latent grid
         (a loss mask): each token gets the largest value of the cells it covers. Generic version:
-        tokens are ``patch_size`` square patches in row-major order, as both built-in families pack
-        them; tokens past the grid (reference tokens appended after the target's) get 0."""
+        tokens are ``patch_size`` square patches in row-major order, as every built-in routing
+        family packs them (FLUX.2 with ``patch_size`` 1, SD3 and Lumina 2 with their model's patch
+        size); tokens past the grid (reference tokens appended after the target's) get 0."""
         pooled = torch.nn.functional.max_pool2d(weights.float(), self.patch_size).flatten(1)
         if pooled.shape[1] >= count:
             return pooled[:, :count]
