@@ -38,6 +38,17 @@ def cut_positions(value: torch.Tensor, keep: torch.Tensor, *, start: int, total:
     return torch.cat([head, image, tail], dim=dim)
 
 
+def cut_rope(rope: Any, keep: torch.Tensor, *, start: int, total: int) -> Any:
+    """A Flux-style RoPE (one tensor, or a ``(cos, sin)`` pair, over the joint sequence's positions
+    along dim 0, no batch dimension) with its image positions cut as :func:`cut_positions` does;
+    ``None`` stays ``None``. Flux.1, FLUX.2 and Chroma hand their blocks RoPE this way."""
+    if isinstance(rope, (tuple, list)):
+        return type(rope)(cut_positions(r, keep, start=start, total=total, dim=0) for r in rope)
+    if rope is None:
+        return None
+    return cut_positions(rope, keep, start=start, total=total, dim=0)
+
+
 class TokenRouting:
     """How TREAD reaches into one family's transformer; a family subclasses it.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import TokenRouting, cut_positions
+from tune_models.token_routing import TokenRouting, cut_positions, cut_rope
 
 
 class ChromaTokenRouting(TokenRouting):
@@ -54,11 +54,8 @@ class ChromaTokenRouting(TokenRouting):
 
     def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
         out = dict(call)
-        rope = call.get("image_rotary_emb")
-        if isinstance(rope, (tuple, list)):
-            out["image_rotary_emb"] = type(rope)(cut_positions(r, keep, start=self.text, total=total, dim=0) for r in rope)
-        elif rope is not None:
-            out["image_rotary_emb"] = cut_positions(rope, keep, start=self.text, total=total, dim=0)
+        if call.get("image_rotary_emb") is not None:
+            out["image_rotary_emb"] = cut_rope(call["image_rotary_emb"], keep, start=self.text, total=total)
         if call.get("attention_mask") is not None:
             out["attention_mask"] = cut_positions(call["attention_mask"], keep, start=self.text, total=total, dim=-1)
         return out

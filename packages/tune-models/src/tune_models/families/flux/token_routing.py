@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tune_models.token_routing import SeparateImageStreamRouting, cut_positions
+from tune_models.token_routing import SeparateImageStreamRouting, cut_positions, cut_rope
 
 
 class FluxTokenRouting(SeparateImageStreamRouting):
@@ -35,11 +35,8 @@ class FluxTokenRouting(SeparateImageStreamRouting):
     def with_positions(self, call: dict[str, Any], keep: torch.Tensor, total: int) -> dict[str, Any]:
         out = dict(call)
         text = int(call["encoder_hidden_states"].shape[1])
-        rope = call.get("image_rotary_emb")
-        if isinstance(rope, (tuple, list)):
-            out["image_rotary_emb"] = type(rope)(cut_positions(r, keep, start=text, total=total, dim=0) for r in rope)
-        elif rope is not None:
-            out["image_rotary_emb"] = cut_positions(rope, keep, start=text, total=total, dim=0)
+        if call.get("image_rotary_emb") is not None:
+            out["image_rotary_emb"] = cut_rope(call["image_rotary_emb"], keep, start=text, total=total)
         extra = call.get("joint_attention_kwargs")
         if extra and extra.get("attention_mask") is not None:
             out["joint_attention_kwargs"] = {**extra, "attention_mask": cut_positions(extra["attention_mask"], keep, start=text, total=total, dim=-1)}
