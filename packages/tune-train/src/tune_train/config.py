@@ -192,6 +192,10 @@ class TrainConfig:
     """Passes over the data when ``max_train_steps`` is not set. Default 1."""
     learning_rate: float = _field(1e-4, _positive, _finite)
     """Peak learning rate. Default 1e-4."""
+    lr_scale: bool = False
+    """Scale ``learning_rate`` (and ``text_encoder_lr`` when set) by the effective batch size: number of processes x ``gradient_accumulation_steps`` x ``train_batch_size`` (batch 2, accumulation 3 on one GPU trains at 6 x ``learning_rate``). ``lr_end`` is not scaled. The learning rate used is logged at the start of training. Default false."""
+    lr_scale_sqrt: bool = False
+    """With ``lr_scale``: scale by the square root of that product instead (x sqrt(6) for batch 2, accumulation 3); without ``lr_scale`` it changes nothing. Default false."""
     lr_scheduler: str = "constant"
     """Learning-rate schedule, by registered name. Default ``constant``. Built in: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, sine."""
     lr_warmup_steps: int = _field(0, _non_negative)
@@ -306,6 +310,8 @@ class TrainConfig:
     """Chance per sample that ``noise_offset`` is applied. Default 0.25."""
     input_perturbation: float = _field(0.0, _non_negative, _finite)
     """Perturb the noise that makes the model input (not the target) by this much Gaussian noise. Default 0 (off)."""
+    input_perturbation_steps: int = _field(0, _non_negative)
+    """Apply ``input_perturbation`` only over the first this many optimizer steps, its strength decaying linearly from ``input_perturbation`` at step 0 to 0 at this step (half strength halfway); without ``input_perturbation`` it changes nothing. Default 0: the full strength for the whole run."""
     prediction_type: str | None = _field(None, _check(lambda v: v in ("epsilon", "v_prediction", "flow_matching"), "one of epsilon, v_prediction, flow_matching"))
     """What a DDPM (UNet) family's network predicts: ``epsilon`` (the noise) or ``v_prediction`` (the velocity). Default: the checkpoint's scheduler config. Flow families accept only ``flow_matching``."""
     snr_gamma: float | None = _field(None, _positive, _finite)
@@ -400,6 +406,12 @@ class TrainConfig:
     """Run name shown by the tracker. Default: generated from the date and time."""
 
     # --- precision and memory ------------------------------------------------------------------
+    disable_tf32: bool = False
+    """Force full IEEE fp32 for fp32 matrix multiplications and cuDNN convolutions (no TensorFloat-32 on Ampere and later GPUs), for the whole process, from the start of setup. tune itself never turns TF32 on, so without this key torch's own defaults apply (fp32 matmuls in IEEE fp32, cuDNN convolutions allowed TF32) unless something else in the process has changed them. Default false."""
+    torch_num_threads: int | None = _field(None, _at_least_one)
+    """CPU threads torch uses for intra-op work (``torch.set_num_threads``), set at the start of setup; affects CPU-side work such as quantising or encoding on the CPU. Default none: torch's default (the number of cores, or ``OMP_NUM_THREADS``)."""
+    set_grads_to_none: bool = True
+    """After each optimizer step, free the gradients (set them to None) rather than filling them with zeros; None saves the memory of the gradient tensors between steps. ``false`` keeps zero-filled gradient tensors allocated. Default true (SimpleTuner's default is false; tune has always freed them)."""
     base_model_precision: str = "no_change"
     """Quantise the frozen base weights with a tune-quant preset (``int8-torchao``, ``nf4-bnb``, ...). Default ``no_change``."""
     text_encoder_1_precision: str = "no_change"

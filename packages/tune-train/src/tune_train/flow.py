@@ -51,6 +51,15 @@ def offset_noise(
     return noise + offset * constant * applied.view(-1, *([1] * (noise.ndim - 1)))
 
 
+def input_perturbation_strength(strength: float, steps: int, step: int) -> float:
+    """``input_perturbation`` at optimizer step ``step`` (0-based): ``strength`` throughout when
+    ``steps`` is 0, else decaying linearly from ``strength`` at step 0 to 0 at step ``steps``
+    (``input_perturbation_steps``) and 0 after."""
+    if steps <= 0:
+        return strength
+    return strength * max(0.0, 1.0 - step / steps)
+
+
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Interpolate clean latents towards noise by each sample's sigma."""
     s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)

@@ -24,6 +24,28 @@ import torch
 OPTIMIZERS_EXTRA = 'pip install "tune-train[optimizers]"'
 
 
+def lr_scale_factor(config: Any, num_processes: int) -> float:
+    """What ``lr_scale`` multiplies the learning rates by: processes x ``gradient_accumulation_steps``
+    x ``train_batch_size`` (its square root with ``lr_scale_sqrt``); 1 without ``lr_scale``."""
+    if not config.lr_scale:
+        return 1.0
+    product = num_processes * config.gradient_accumulation_steps * config.train_batch_size
+    return math.sqrt(product) if config.lr_scale_sqrt else float(product)
+
+
+def scaled_learning_rates(config: Any, num_processes: int) -> Any:
+    """``config`` with ``learning_rate`` and ``text_encoder_lr`` (when set) multiplied by
+    :func:`lr_scale_factor`: what the optimizer and schedule builders get. ``lr_end`` keeps its
+    value (the schedules read it against the scaled ``learning_rate``)."""
+    import attrs
+
+    scale = lr_scale_factor(config, num_processes)
+    if scale == 1.0:
+        return config
+    text_encoder_lr = config.text_encoder_lr * scale if config.text_encoder_lr is not None else None
+    return attrs.evolve(config, learning_rate=config.learning_rate * scale, text_encoder_lr=text_encoder_lr)
+
+
 def parse_optimizer_config(text: str | None) -> dict[str, Any]:
     """``"a=1,b=true,c=(0.9, 0.99),d=name"`` → ``{"a": 1, "b": True, "c": (0.9, 0.99), "d": "name"}``.
 

@@ -9,6 +9,7 @@ is checked before weights load, caches fill before anything big moves to the dev
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,35 @@ import torch
 from tune_train.config import ConfigError, TrainConfig
 from tune_train.ema import EMA
 
+log = logging.getLogger(__name__)
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
+
+
+def apply_torch_settings(config: TrainConfig) -> None:
+    """Process-wide torch settings: ``torch_num_threads`` and ``disable_tf32``."""
+    if config.torch_num_threads is not None:
+        torch.set_num_threads(config.torch_num_threads)
+    if config.disable_tf32:
+        use_ieee_fp32()
+
+
+def use_ieee_fp32() -> None:
+    """fp32 matmuls and cuDNN convolutions in full IEEE fp32, no TensorFloat-32 (``disable_tf32``).
+
+    Both APIs are set, legacy first: torch 2.9 and later read the ``fp32_precision`` settings,
+    and once those were changed alone, reading the legacy ``allow_tf32`` flags (which libraries
+    still do) raises on a "mix of the legacy and new APIs"; setting the legacy flags first keeps
+    both readable and in agreement. Older torch has only the legacy flags."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
+        torch.backends.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path, trackers: list[str]) -> Any:

@@ -147,6 +147,7 @@ class Trainer:
             self.resume_path = ckpt.resolve_resume_path(self.output_dir, config.resume_from_checkpoint)
 
         trackers = _trackers(config.report_to)
+        setup_model.apply_torch_settings(config)  # torch_num_threads, disable_tf32
         self.accelerator = setup_model.make_accelerator(config, self.output_dir, trackers)
         set_seed(config.seed)
         self.hook = _plugin_hook()
@@ -221,11 +222,19 @@ class Trainer:
         offloaded = setup_model.place_transformer(transformer, offload, device)
 
         # With train_text_encoder the encoders' LoRA is a second parameter group at text_encoder_lr.
+        # lr_scale: the builders get learning_rate (and text_encoder_lr) times the effective batch.
+        optim_config = optim.scaled_learning_rates(config, self.accelerator.num_processes)
+        if self.accelerator.is_main_process:
+            log.info(
+                "learning rate %g%s", optim_config.learning_rate,
+                f" (learning_rate {config.learning_rate:g} x {optim.lr_scale_factor(config, self.accelerator.num_processes):g}, lr_scale)"
+                if config.lr_scale else "",
+            )
         params = text_encoder_training.param_groups(
-            self.weights.transformer_params, self.weights.text_encoder_params, config
+            self.weights.transformer_params, self.weights.text_encoder_params, optim_config
         )
-        self.optimizer = build_optimizer(params, config.learning_rate, config)
-        self.lr_scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.optimizer = build_optimizer(params, optim_config.learning_rate, optim_config)
+        self.lr_scheduler = build_scheduler(self.optimizer, optim_config, self.total_steps)
         # An offloaded transformer must not be moved whole onto the device by accelerate. With
         # several processes accelerate wraps it in DDP; only the training forward goes through
         # that wrapper (tune_train.distributed), everything else keeps the plain module.
@@ -312,8 +321,11 @@ class Trainer:
                 noise, generator, offset=config.noise_offset, probability=config.noise_offset_probability
             )
         model_noise = noise
-        if config.input_perturbation > 0:
-            model_noise = noise + config.input_perturbation * torch.randn(latents.shape, generator=generator)
+        perturbation = flow.input_perturbation_strength(
+            config.input_perturbation, config.input_perturbation_steps, self.global_step
+        )
+        if perturbation > 0:  # input_perturbation, decaying over input_perturbation_steps when set
+            model_noise = noise + perturbation * torch.randn(latents.shape, generator=generator)
         if scheme is not None:
             noisy = scheme.add_noise(latents, model_noise, sigmas)
             target = scheme.target(latents, noise, sigmas)
@@ -397,7 +409,7 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
         self.global_step += 1
         if self.ema is not None:
             self.ema.step(self.global_step)
