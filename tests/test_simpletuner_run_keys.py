@@ -1,5 +1,6 @@
 """SimpleTuner keys that change how a run is set up or stepped: ``lr_scale`` / ``lr_scale_sqrt``,
-``input_perturbation_steps``, ``disable_tf32``, ``torch_num_threads`` and ``set_grads_to_none``; each checked on the tiny Z-Image run or, for
+``input_perturbation_steps``, ``disable_tf32``, ``torch_num_threads``, ``vae_enable_tiling`` /
+``vae_enable_slicing`` and ``set_grads_to_none``; each checked on the tiny Z-Image run or, for
 the arithmetic, on its helper."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ KEYS = {
     "input_perturbation_steps": 10,
     "disable_tf32": True,
     "torch_num_threads": 2,
+    "vae_enable_tiling": True,
+    "vae_enable_slicing": True,
     "set_grads_to_none": False,
 }
 
@@ -75,7 +79,7 @@ def test_defaults_keep_the_old_behaviour():
     config = TrainConfig(model_family="z-image", output_dir="out")
     assert (config.lr_scale, config.lr_scale_sqrt, config.input_perturbation_steps) == (False, False, 0)
     assert (config.disable_tf32, config.torch_num_threads) == (False, None)
-    assert config.set_grads_to_none is True
+    assert (config.vae_enable_tiling, config.vae_enable_slicing, config.set_grads_to_none) == (False, False, True)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +140,18 @@ def test_disable_tf32_forces_ieee_fp32_in_torch_flags():
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
+def test_a_vae_without_tiling_gets_a_warning_naming_its_class(caplog):
+    class PlainVAE(torch.nn.Module):
+        pass
+
+    config = TrainConfig(model_family="z-image", output_dir="out", vae_enable_tiling=True, vae_enable_slicing=True)
+    with caplog.at_level(logging.WARNING, logger="tune_train.setup_model"):
+        called = setup_model.configure_vae(SimpleNamespace(vae=PlainVAE()), SimpleNamespace(name="toy"), config)
+    assert called == []
+    assert "vae_enable_tiling: the PlainVAE VAE of model family toy has no enable_tiling()" in caplog.text
+    assert "vae_enable_slicing: the PlainVAE VAE of model family toy has no enable_slicing()" in caplog.text
+
+
 # --------------------------------------------------------------------------- on the tiny run
 
 
@@ -157,11 +173,11 @@ def test_lr_scale_sets_the_optimizer_lr_to_base_times_the_effective_batch(
 
 
 @pytest.mark.slow
-def test_threads_and_tf32_are_applied_at_setup(
+def test_vae_tiling_slicing_threads_and_tf32_are_applied_at_setup_and_caching_works(
     tmp_path, tiny_zimage, shapes_dir, write_run
 ):
     config = write_run(tmp_path, model=tiny_zimage, data=shapes_dir, steps=1, extra={
-        "--torch_num_threads": 1, "--disable_tf32": True,
+        "--vae_enable_tiling": True, "--vae_enable_slicing": True, "--torch_num_threads": 1, "--disable_tf32": True,
     })
     with _TorchSettings():
         torch.set_num_threads(2)
@@ -169,6 +185,10 @@ def test_threads_and_tf32_are_applied_at_setup(
         assert torch.get_num_threads() == 1
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
         assert not torch.backends.cudnn.allow_tf32
+        vae = loop.model.vae
+        assert type(vae).__name__ == "AutoencoderKL"
+        assert vae.use_tiling and vae.use_slicing
+        assert loop.latents_encoded > 0  # every image went through the tiled, sliced VAE
         losses = loop.train().losses
     assert len(losses) == 1 and math.isfinite(losses[0])
 

@@ -412,6 +412,10 @@ class TrainConfig:
     """CPU threads torch uses for intra-op work (``torch.set_num_threads``), set at the start of setup; affects CPU-side work such as quantising or encoding on the CPU. Default none: torch's default (the number of cores, or ``OMP_NUM_THREADS``)."""
     set_grads_to_none: bool = True
     """After each optimizer step, free the gradients (set them to None) rather than filling them with zeros; None saves the memory of the gradient tensors between steps. ``false`` keeps zero-filled gradient tensors allocated. Default true (SimpleTuner's default is false; tune has always freed them)."""
+    vae_enable_tiling: bool = False
+    """Call the VAE's ``enable_tiling()`` once it is loaded, so images are encoded (latent caching) and decoded (validation) in overlapping tiles: lower peak memory on large images, possibly faint seams. A family whose VAE has no ``enable_tiling`` logs a warning naming the VAE class and runs without. Default false."""
+    vae_enable_slicing: bool = False
+    """Call the VAE's ``enable_slicing()`` once it is loaded, so a batch is encoded (latent caching) and decoded (validation) one image at a time: lower peak memory, same results. A family whose VAE has no ``enable_slicing`` logs a warning naming the VAE class and runs without. Default false."""
     base_model_precision: str = "no_change"
     """Quantise the frozen base weights with a tune-quant preset (``int8-torchao``, ``nf4-bnb``, ...). Default ``no_change``."""
     text_encoder_1_precision: str = "no_change"

@@ -52,6 +52,26 @@ def use_ieee_fp32() -> None:
         torch.backends.cudnn.rnn.fp32_precision = "ieee"
 
 
+def configure_vae(model: Any, family: Any, config: TrainConfig) -> list[str]:
+    """``vae_enable_tiling`` / ``vae_enable_slicing``: call the VAE's ``enable_tiling()`` /
+    ``enable_slicing()`` before latents are cached (the setting stays for validation's decodes).
+    A VAE without the method gets a warning naming its class. Returns the methods called."""
+    called = []
+    vae = getattr(model, "vae", None)
+    for key, method in (("vae_enable_tiling", "enable_tiling"), ("vae_enable_slicing", "enable_slicing")):
+        if not getattr(config, key):
+            continue
+        try:  # diffusers' mixin has both methods, raising NotImplementedError where the VAE lacks them
+            getattr(vae, method)()
+            called.append(method)
+        except (AttributeError, TypeError, NotImplementedError):
+            log.warning(
+                "%s: the %s VAE of model family %s has no %s(); running without it",
+                key, type(vae).__name__, getattr(family, "name", family), method,
+            )
+    return called
+
+
 def make_accelerator(config: TrainConfig, output_dir: Path, trackers: list[str]) -> Any:
     """A fresh ``accelerate.Accelerator`` in the run's mixed precision, logging to ``trackers``."""
     from accelerate import Accelerator

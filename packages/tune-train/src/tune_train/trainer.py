@@ -201,6 +201,7 @@ class Trainer:
         setup_model.group_offload_encoders(self.model, config, self.accelerator.device)
         # The noise scheme is the family's declaration: None trains flow matching (tune_train.flow).
         self.ddpm = ddpm.scheme_for(self.family, self.model, config)
+        setup_model.configure_vae(self.model, self.family, config)  # vae_enable_tiling / _slicing
         # Caches are filled before anything big moves to the accelerator.
         self._cache_embeddings()
 
