@@ -220,6 +220,14 @@ class ModelFamily:
     """Latents per transformer token along one side."""
     label: str = ""
     """Name for messages (``Z-Image``); the registered name when empty."""
+    cudnn_attention_in_training: bool = True
+    """Whether torch's cuDNN attention backend (scaled-dot-product attention) can run this
+    family's training step. False where its backward fails on the family's shapes: the trainer then
+    turns that one backend off for the run on CUDA (flash and memory-efficient attention remain).
+    A failing cuDNN kernel leaves the CUDA context unusable, so this is declared, not caught.
+    Measured with ``scripts/sdpa_cudnn_check.py`` (H100, torch 2.11): Flux.1 and Chroma fail
+    (illegal memory access / CUBLAS errors under gradient checkpointing); SD3, Qwen-Image, FLUX.2
+    and Z-Image run, and Z-Image's step is 9 % faster with it, so it stays on elsewhere."""
     accepts_reference_latents: bool = False
     """Whether :meth:`predict` takes ``reference_latents=[...]`` (clean latents of reference /
     edit images, one ``B x C x h x w`` tensor per reference, as :meth:`encode_images` returns

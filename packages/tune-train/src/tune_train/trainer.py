@@ -155,6 +155,7 @@ class Trainer:
         # Model: frozen base weights in the storage dtype; the LoRA trains in fp32.
         self.family = get_family(config.model_family)
         self.flavour = self.family.flavour(config.model_flavour)
+        setup_model.choose_attention_backends(self.family, self.accelerator.device)
         source = setup_model.model_source(config, self.family, self.flavour, self.accelerator.device)
         weight_dtype = setup_model.storage_dtype(config)
         self.model_identity = f"{self.family.name}:{source.pretrained_model_name_or_path}:{source.pretrained_transformer_model_name_or_path}"

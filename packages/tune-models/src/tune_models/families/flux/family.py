@@ -53,6 +53,9 @@ class FluxFamily(ModelFamily):
     name = "flux"
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX_FLAVOURS.items()}
     """Facts live in :mod:`tune_models.builtins` so listing them needs no torch."""
+    cudnn_attention_in_training = False
+    """cuDNN attention's backward fails on Flux's shapes (and Chroma's, which inherits this):
+    an illegal memory access on the H100 with torch 2.11 (``scripts/sdpa_cudnn_check.py``)."""
     default_flavour = "dev"
     # SimpleTuner's ``flux_lora_target`` values, by their documented meaning: ``all`` = every
     # attention projection of both streams (single blocks' q/k/v included), no feed-forward;
