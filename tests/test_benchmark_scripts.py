@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
+    "flux_lora_step.py": "bf16:ref:no-cudnn,bf16:tread,int8-torchao+swap2:act-offload",
     "flux2_lora_step.py": "bf16,int8-torchao+swap2:act-offload",
     "qwen_image_lora_step.py": "bf16:ref,bf16:edit,bf16:edit:tread,int8-torchao+swap2:edit:act-offload:lora-bf16",
     "zimage_lora_step.py": "reference,bf16:tread,int8-torchao+swap2:act-offload,gguf-q8_0",
