@@ -1,4 +1,4 @@
-"""What `tune check` says about training-time options: snr_gamma on a flow-matching family has no
+"""What `tune check` says about training-time options: snr_gamma (and timestep_bias_*) on a flow-matching family has no
 effect (min-SNR weights are defined on a DDPM schedule) and it says so, but not for a DDPM family;
 TREAD routes are shown."""
 
@@ -54,3 +54,31 @@ def test_tune_check_shows_tread_routes(tmp_path):
     loaded = attrs.evolve(loaded, train=attrs.evolve(loaded.train, tread_config=routes))
     text = format_plan(build_plan(loaded))
     assert "tread: 50% of image tokens skip blocks 2..-2 (training forwards only)" in text
+
+
+def _with(loaded, **train):
+    import attrs
+
+    return attrs.evolve(loaded, train=attrs.evolve(loaded.train, **train))
+
+
+@pytest.mark.parametrize("family", ["z-image", "flux"])
+def test_tune_check_says_timestep_bias_does_nothing_for_flow_families(tmp_path, family):
+    plan = build_plan(_with(_project(tmp_path, family, None), timestep_bias_strategy="later", timestep_bias_multiplier=2.0))
+    assert plan["noise"]["timestep_bias"] == "later ignored (flow matching)"
+    text = format_plan(plan)
+    assert f"warning: timestep_bias_strategy 'later' has no effect: model_family {family!r} trains with flow matching" in text
+
+
+def test_tune_check_shows_the_timestep_bias_of_a_ddpm_family(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    loaded = _project(tmp_path / "a", "sdxl", None)
+    assert "timestep_bias" not in build_plan(loaded)["noise"]
+    later = build_plan(_with(loaded, timestep_bias_strategy="later", timestep_bias_multiplier=2.0))
+    assert later["noise"]["timestep_bias"] == "later: the last 0.25 of the timesteps drawn with weight 2 (others 1)"
+    assert "has no effect" not in format_plan(later)
+    removed = build_plan(_with(loaded, timestep_bias_strategy="range", timestep_bias_multiplier=0.0,
+                               timestep_bias_begin=200, timestep_bias_end=400))
+    assert removed["noise"]["timestep_bias"] == "range: timesteps 200..399 never drawn"
+    assert "timestep_bias" not in format_plan(build_plan(_project(tmp_path / "b", "z-image", None)))

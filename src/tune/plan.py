@@ -358,10 +358,15 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
             "timesteps": _ddpm_timesteps(train),
             "caption_dropout_probability": train.caption_dropout_probability,
         }
+        if train.timestep_bias_strategy != "none":
+            plan["noise"]["timestep_bias"] = _timestep_bias(train)
         if train.diff2flow_enabled and train.diff2flow_loss:
             plan["noise"]["loss"] = "flow velocity noise - x0 (diff2flow_loss; snr_gamma ignored)"
-    elif train.snr_gamma:
-        plan["noise"]["snr_gamma"] = f"{train.snr_gamma:g} ignored (flow matching)"
+    else:
+        if train.snr_gamma:
+            plan["noise"]["snr_gamma"] = f"{train.snr_gamma:g} ignored (flow matching)"
+        if train.timestep_bias_strategy != "none":
+            plan["noise"]["timestep_bias"] = f"{train.timestep_bias_strategy} ignored (flow matching)"
     if train.tread_config:  # already validated by TrainConfig
         plan["noise"]["tread"] = "; ".join(
             f"{route['selection_ratio']:.0%} of image tokens skip blocks {route['start_layer_idx']}..{route['end_layer_idx']}"
@@ -375,7 +380,7 @@ def build_plan(loaded: LoadedConfig) -> dict[str, Any]:
         "resume": train.resume_from_checkpoint or "no",
     }
     plan["ignored"] = list(loaded.ignored)
-    plan["warnings"] = list(loaded.warnings) + _flow_snr_gamma_warning(train, prediction)
+    plan["warnings"] = list(loaded.warnings) + _flow_snr_gamma_warning(train, prediction) + _flow_timestep_bias_warning(train, prediction)
     plan["problems"] = problems
     return plan
 
@@ -449,6 +454,30 @@ def _flow_snr_gamma_warning(train: Any, prediction: str) -> list[str]:
         "matching; weight timesteps with the flow sampling keys instead (flow_sigmoid_scale, "
         "flow_use_beta_schedule, flow_use_uniform_schedule, flow_schedule_shift)"
     ]
+
+
+def _flow_timestep_bias_warning(train: Any, prediction: str) -> list[str]:
+    """The ``timestep_bias_*`` keys weight a DDPM schedule's integer timesteps; flow families draw
+    sigmas with their own keys."""
+    if prediction != "flow" or train.timestep_bias_strategy == "none":
+        return []
+    return [
+        f"timestep_bias_strategy {train.timestep_bias_strategy!r} has no effect: model_family "
+        f"{train.model_family!r} trains with flow matching; weight timesteps with the flow sampling keys "
+        "instead (flow_sigmoid_scale, flow_use_beta_schedule, flow_use_uniform_schedule, flow_schedule_shift)"
+    ]
+
+
+def _timestep_bias(train: Any) -> str:
+    """What the ``timestep_bias_*`` keys do to a DDPM run's timestep draws."""
+    strategy, multiplier = train.timestep_bias_strategy, train.timestep_bias_multiplier
+    if strategy == "range":
+        where = f"timesteps {train.timestep_bias_begin}..{train.timestep_bias_end - 1}"
+    else:
+        side = "last" if strategy == "later" else "first"
+        where = f"the {side} {train.timestep_bias_portion:g} of the timesteps"
+    effect = "never drawn" if multiplier == 0 else f"drawn with weight {multiplier:g} (others 1)"
+    return f"{strategy}: {where} {effect}"
 
 
 def _dataset_lines(row: dict[str, Any]) -> list[str]:

@@ -278,3 +278,93 @@ def test_train_config_refuses_diff2flow_loss_without_the_bridge():
         TrainConfig(model_family="sdxl", output_dir="out", max_train_steps=1, diff2flow_loss=True)
     assert TrainConfig(model_family="sdxl", output_dir="out", max_train_steps=1, diff2flow_enabled=True,
                        diff2flow_loss=True).diff2flow_loss
+
+
+def test_timestep_bias_later_draws_the_last_quarter_two_fifths_of_the_time():
+    """``later`` x2 on the last 0.25: P(last quarter) = 2 * 0.25 / (0.75 + 2 * 0.25) = 0.4."""
+    s = scheme()
+    s.timestep_weights = ddpm.timestep_bias_weights(1000, "later", multiplier=2.0, portion=0.25)
+    drawn = s.sample_timesteps(40_000, torch.Generator().manual_seed(0))
+    assert drawn.dtype == torch.int64 and drawn.min() >= 0 and drawn.max() <= 999
+    share = (drawn >= 750).double().mean().item()
+    assert abs(share - 0.4) < 0.01
+    # the same generator state gives the same draws (resume stays exact)
+    assert torch.equal(drawn, s.sample_timesteps(40_000, torch.Generator().manual_seed(0)))
+    earlier = ddpm.timestep_bias_weights(1000, "earlier", multiplier=3.0, portion=0.5)
+    assert earlier[:500].eq(3).all() and earlier[500:].eq(1).all()
+    assert ddpm.timestep_bias_weights(1000, "none") is None
+
+
+def test_timestep_bias_multiplier_zero_removes_a_range_and_refiner_range_still_holds():
+    s = scheme()
+    s.timestep_weights = ddpm.timestep_bias_weights(1000, "range", multiplier=0.0, begin=200, end=400)
+    drawn = s.sample_timesteps(20_000, torch.Generator().manual_seed(1))
+    assert not ((drawn >= 200) & (drawn < 400)).any()
+    assert (drawn == 199).any() and (drawn == 400).any()
+    s.max_timestep = 300  # a refiner range on top: only 0..199 are left
+    assert s.sample_timesteps(4096, torch.Generator().manual_seed(1)).max() < 200
+    s.max_timestep, s.min_timestep = 400, 200  # nothing left at all
+    with pytest.raises(ValueError, match="timestep_bias"):
+        s.sample_timesteps(1, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"strategy": "sideways"}, "timestep_bias_strategy"),
+        ({"strategy": "later", "portion": 0.0}, "timestep_bias_portion"),
+        ({"strategy": "earlier", "portion": 1.5}, "timestep_bias_portion"),
+        ({"strategy": "later", "multiplier": -1.0}, "timestep_bias_multiplier"),
+        ({"strategy": "range", "begin": 400, "end": 200}, "timestep_bias_begin"),
+        ({"strategy": "range", "begin": 0, "end": 1001}, "timestep_bias_end"),
+        ({"strategy": "later", "multiplier": 0.0, "portion": 1.0}, "timestep_bias_multiplier"),
+        ({"strategy": "range", "multiplier": 0.0, "begin": 0, "end": 1000}, "timestep_bias_multiplier"),
+    ],
+)
+def test_timestep_bias_bad_values_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        ddpm.timestep_bias_weights(1000, **kwargs)
+
+
+def test_scheme_for_timestep_bias_keys(caplog):
+    family, model = _unet_setup()
+    config = _Config()
+    config.timestep_bias_strategy, config.timestep_bias_multiplier = "later", 2.0
+    config.timestep_bias_portion, config.timestep_bias_begin, config.timestep_bias_end = 0.25, 0, 1000
+    chosen = ddpm.scheme_for(family, model, config)
+    assert chosen.timestep_weights[750:].eq(2).all() and chosen.timestep_weights[:750].eq(1).all()
+    # refiner_training keeps 0..199; a bias removing exactly those is refused before training
+    config.refiner_training, config.timestep_bias_strategy = True, "range"
+    config.timestep_bias_multiplier, config.timestep_bias_end = 0.0, 200
+    with pytest.raises(ValueError, match="timestep_bias"):
+        ddpm.scheme_for(family, model, config)
+    # beyond the scheduler's 1000 timesteps
+    config.refiner_training, config.timestep_bias_multiplier, config.timestep_bias_end = False, 2.0, 2000
+    with pytest.raises(ValueError, match="timestep_bias_end"):
+        ddpm.scheme_for(family, model, config)
+    # flow families: no effect, and the run says so
+    with caplog.at_level("WARNING"):
+        assert ddpm.scheme_for(_Flow(), None, config) is None
+    assert "timestep_bias_strategy 'range' has no effect: model_family 'flowy'" in caplog.text
+    assert ddpm.scheme_for(family, model, _Config()).timestep_weights is None
+
+
+def test_train_config_timestep_bias_keys():
+    from tune_train.config import ConfigError, TrainConfig
+
+    def make(**kw):
+        return TrainConfig(model_family="sdxl", output_dir="out", max_train_steps=1, **kw)
+
+    assert make().timestep_bias_strategy == "none" and make().timestep_bias_multiplier == 1.0
+    assert make(timestep_bias_strategy="later", timestep_bias_multiplier=0.0).timestep_bias_portion == 0.25
+    for kw, key in [
+        ({"timestep_bias_strategy": "sideways"}, "timestep_bias_strategy"),
+        ({"timestep_bias_multiplier": -0.5}, "timestep_bias_multiplier"),
+        ({"timestep_bias_portion": 0.0}, "timestep_bias_portion"),
+        ({"timestep_bias_begin": -1}, "timestep_bias_begin"),
+        ({"timestep_bias_strategy": "range", "timestep_bias_begin": 500, "timestep_bias_end": 500}, "timestep_bias_begin"),
+        ({"timestep_bias_strategy": "later", "timestep_bias_multiplier": 0.0, "timestep_bias_portion": 1.0},
+         "timestep_bias_multiplier"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            make(**kw)

@@ -45,6 +45,7 @@ CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "group_offload_type": (("block_level", "leaf_level"),) * 2,
     "evaluation_type": (("none", "clip"),) * 2,
     "conditioning_multidataset_sampling": (("combined", "random"),) * 2,
+    "timestep_bias_strategy": (("none", "earlier", "later", "range"),) * 2,
 }
 
 
@@ -324,6 +325,16 @@ class TrainConfig:
     """Share of the timesteps ``refiner_training`` trains, from the clean end. Default 0.2 (timesteps below 200 of 1000)."""
     refiner_training_invert_schedule: bool = False
     """With ``refiner_training``: train the other part of the schedule instead, the noisy timesteps from ``refiner_training_strength`` of the way up to pure noise (with 0.2: 200 to 999 of 1000), the range a first-stage (base) model denoises before a refiner takes over. Default false."""
+    timestep_bias_strategy: str = _field("none", _choices)
+    """Draw some training timesteps more (or less) often, for epsilon / v-prediction families (the scheme of diffusers' SDXL example): every timestep has weight 1 and the biased ones ``timestep_bias_multiplier``; ``later``: the last ``timestep_bias_portion`` of the schedule (the noisy end, coarse structure), ``earlier``: the first portion (the clean end, fine detail), ``range``: timesteps ``timestep_bias_begin`` to ``timestep_bias_end``. Choices: ``none``, ``earlier``, ``later``, ``range``. Default ``none`` (uniform); no effect, with a warning, for flow families."""
+    timestep_bias_multiplier: float = _field(1.0, _non_negative, _finite)
+    """With ``timestep_bias_strategy``: the weight of the biased timesteps against 1 for the others; 2 draws them twice as often, 0 never. Default 1.0 (no bias)."""
+    timestep_bias_begin: int = _field(0, _non_negative)
+    """With ``timestep_bias_strategy: range``: first biased timestep (included). Must be below ``timestep_bias_end``. Default 0."""
+    timestep_bias_end: int = _field(1000, _positive)
+    """With ``timestep_bias_strategy: range``: end of the biased timesteps (excluded), at most the scheduler's timestep count (1000 for SDXL). Default 1000."""
+    timestep_bias_portion: float = _field(0.25, _check(lambda v: 0 < v <= 1, "in (0, 1]"))
+    """With ``timestep_bias_strategy: earlier`` / ``later``: the share of the timesteps biased, from that end. Default 0.25."""
     diff2flow_enabled: bool = False
     """Diff2Flow bridge for epsilon / v-prediction families: lets ``diff2flow_loss`` read the network's prediction as a flow velocity. Alone it changes nothing (as in SimpleTuner). Refused for flow families. Default false."""
     diff2flow_loss: bool = False
@@ -542,6 +553,16 @@ class TrainConfig:
             raise ConfigError(
                 "push_checkpoints_to_hub needs push_to_hub: true (and hub_model_id, the repository the "
                 "checkpoints go to)"
+            )
+        if self.timestep_bias_strategy == "range" and not self.timestep_bias_begin < self.timestep_bias_end:
+            raise ConfigError(
+                f"timestep_bias_begin ({self.timestep_bias_begin}) must be below timestep_bias_end "
+                f"({self.timestep_bias_end}) with timestep_bias_strategy: range"
+            )
+        if self.timestep_bias_strategy in ("earlier", "later") and self.timestep_bias_multiplier == 0 and self.timestep_bias_portion == 1:
+            raise ConfigError(
+                "timestep_bias_multiplier 0 with timestep_bias_portion 1 removes every timestep; "
+                "use a multiplier > 0 or a smaller portion"
             )
         if self.diff2flow_loss and not self.diff2flow_enabled:
             raise ConfigError("diff2flow_loss needs diff2flow_enabled: true (the diffusion-to-flow bridge)")

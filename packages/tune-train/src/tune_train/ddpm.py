@@ -4,7 +4,9 @@ The second noise scheme of the generic loop, beside :mod:`tune_train.flow`. A fa
 ``prediction`` is not ``flow`` (the UNet families) is trained here:
 
 - a timestep ``t`` is drawn uniformly from the scheduler's ``num_train_timesteps`` (optionally a
-  sub-range, e.g. the low-noise end a refiner is trained on);
+  sub-range, e.g. the low-noise end a refiner is trained on), or, with SimpleTuner's
+  ``timestep_bias_*`` keys, in proportion to per-timestep weights (:func:`timestep_bias_weights`,
+  the scheme of diffusers' SDXL example script);
 - ``x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` with ``a_t`` the scheduler's ``alphas_cumprod``
   (exactly diffusers' ``DDPMScheduler.add_noise``);
 - the target is ``noise`` (``epsilon``) or ``sqrt(a_t) * noise - sqrt(1 - a_t) * x0``
@@ -93,6 +95,58 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str, *, so
     raise ValueError(f"unknown prediction_type {prediction_type!r}; choose {', '.join(PREDICTION_TYPES)}")
 
 
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+TIMESTEP_BIAS_KEYS = (
+    "timestep_bias_strategy",
+    "timestep_bias_multiplier",
+    "timestep_bias_begin",
+    "timestep_bias_end",
+    "timestep_bias_portion",
+)
+
+
+def timestep_bias_weights(
+    num_timesteps: int,
+    strategy: str = "none",
+    multiplier: float = 1.0,
+    portion: float = 0.25,
+    begin: int = 0,
+    end: int = 1000,
+) -> torch.Tensor | None:
+    """Per-timestep sampling weights of SimpleTuner's ``timestep_bias_*`` keys (the scheme of
+    diffusers' SDXL example, ``generate_timestep_weights``): a weight of 1 per timestep, the
+    biased ones multiplied by ``multiplier`` -- ``later``: the last ``portion`` of the timesteps
+    (the noisy end), ``earlier``: the first ``portion``, ``range``: ``begin`` to ``end``
+    (``end`` excluded). ``multiplier`` 0 removes them. ``None`` for ``none`` (uniform draws).
+    Errors name the key at fault."""
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(f"timestep_bias_strategy must be one of {', '.join(TIMESTEP_BIAS_STRATEGIES)}, got {strategy!r}")
+    if strategy == "none":
+        return None
+    if not (multiplier >= 0 and multiplier != float("inf")):
+        raise ValueError(f"timestep_bias_multiplier must be >= 0 and finite, got {multiplier!r}")
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    if strategy in ("earlier", "later"):
+        if not 0 < portion <= 1:
+            raise ValueError(f"timestep_bias_portion must be in (0, 1], got {portion!r}")
+        count = max(1, int(portion * num_timesteps))
+        biased = slice(0, count) if strategy == "earlier" else slice(num_timesteps - count, num_timesteps)
+    else:
+        if not 0 <= begin < end <= num_timesteps:
+            raise ValueError(
+                f"timestep_bias_begin ({begin}) and timestep_bias_end ({end}) must satisfy "
+                f"0 <= begin < end <= {num_timesteps} (the scheduler's timestep count)"
+            )
+        biased = slice(int(begin), int(end))
+    weights[biased] *= float(multiplier)
+    if not weights.sum() > 0:
+        raise ValueError(
+            f"timestep_bias_multiplier 0 with timestep_bias_strategy {strategy!r} removes every timestep; "
+            "use a multiplier > 0 or bias fewer timesteps"
+        )
+    return weights
+
+
 @attrs.define
 class DDPMScheme:
     """The DDPM training maths of one model: its ``alphas_cumprod`` and prediction type."""
@@ -112,6 +166,9 @@ class DDPMScheme:
     diff2flow: bool = False
     """Train against the flow velocity (Diff2Flow, see the module doc): ``target`` becomes
     ``noise - x0`` and ``loss`` converts the prediction before comparing."""
+    timestep_weights: torch.Tensor | None = None
+    """Per-timestep sampling weights (``timestep_bias_*``, :func:`timestep_bias_weights`);
+    ``None``: uniform. Timesteps outside ``[min_timestep, max_timestep)`` are never drawn."""
 
     def __attrs_post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -141,8 +198,26 @@ class DDPMScheme:
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
+    def _range_weights(self) -> torch.Tensor | None:
+        """``timestep_weights`` with the timesteps outside ``[min_timestep, max_timestep)`` zeroed."""
+        if self.timestep_weights is None:
+            return None
+        high = self.num_train_timesteps if self.max_timestep is None else self.max_timestep
+        weights = torch.zeros(self.num_train_timesteps, dtype=torch.float64)
+        weights[self.min_timestep:high] = self.timestep_weights.double().cpu()[self.min_timestep:high]
+        if not weights.sum() > 0:
+            raise ValueError(
+                f"the timestep_bias_* keys leave no timestep to train in [{self.min_timestep}, {high}) "
+                "(a timestep_bias_multiplier of 0 covers the whole range); use a multiplier > 0 or another range"
+            )
+        return weights
+
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Integer timesteps, uniform over ``[min_timestep, max_timestep)``."""
+        """Integer timesteps over ``[min_timestep, max_timestep)``: uniform, or in proportion to
+        ``timestep_weights`` (``torch.multinomial`` with replacement), drawn from ``generator``."""
+        weights = self._range_weights()
+        if weights is not None:
+            return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         high = self.num_train_timesteps if self.max_timestep is None else self.max_timestep
         return torch.randint(self.min_timestep, high, (batch_size,), generator=generator)
 
@@ -222,8 +297,9 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     ``snr_gamma``, ``use_soft_min_snr`` and ``refiner_training`` / ``refiner_training_strength``
     (train only the lowest ``strength`` share of the timesteps, the range a refiner denoises;
     with ``refiner_training_invert_schedule`` the rest, from that share up to pure noise),
-    and ``diff2flow_enabled`` / ``diff2flow_loss`` (train on the flow velocity; refused for flow
-    families, which need no bridge)."""
+    ``diff2flow_enabled`` / ``diff2flow_loss`` (train on the flow velocity; refused for flow
+    families, which need no bridge), and the ``timestep_bias_*`` keys (which timesteps are drawn
+    more or less often; no effect, with a warning, on flow families)."""
     override = getattr(config, "prediction_type", None)
     if family.prediction == "flow" and (getattr(config, "diff2flow_enabled", False) or getattr(config, "diff2flow_loss", False)):
         raise ValueError(
@@ -238,6 +314,13 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
             )
         if getattr(config, "snr_gamma", None):
             log.warning("snr_gamma is ignored: model_family %r is trained with flow matching", family.name)
+        if timestep_bias_active(config):
+            log.warning(
+                "timestep_bias_strategy %r has no effect: model_family %r is trained with flow matching; "
+                "weight timesteps with the flow sampling keys instead (flow_sigmoid_scale, flow_use_beta_schedule, "
+                "flow_use_uniform_schedule, flow_schedule_shift)",
+                config.timestep_bias_strategy, family.name,
+            )
         return None
     if override == "flow_matching":
         raise ValueError(f"prediction_type 'flow_matching' does not apply to model_family {family.name!r}")
@@ -259,6 +342,15 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     scheme.soft_min_snr = bool(getattr(config, "use_soft_min_snr", False))
     if scheme.soft_min_snr and not scheme.snr_gamma:
         raise ValueError("use_soft_min_snr needs snr_gamma (the gamma of the soft minimum), e.g. 5")
+    scheme.timestep_weights = timestep_bias_weights(
+        scheme.num_train_timesteps,
+        getattr(config, "timestep_bias_strategy", "none") or "none",
+        multiplier=float(getattr(config, "timestep_bias_multiplier", 1.0)),
+        portion=float(getattr(config, "timestep_bias_portion", 0.25)),
+        begin=int(getattr(config, "timestep_bias_begin", 0)),
+        end=int(getattr(config, "timestep_bias_end", 1000)),
+    )
+    scheme._range_weights()  # refuse, before training, a bias that leaves the trained range empty
     scheme.diff2flow = _diff2flow(config)
     if scheme.diff2flow and scheme.prediction_type == "epsilon" and float(scheme.alphas_cumprod.min()) < 1e-8:
         # x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a) is undefined at a = 0 (zero terminal SNR).
@@ -269,6 +361,11 @@ def scheme_for(family: Any, model: Any, config: Any) -> DDPMScheme | None:
     if scheme.diff2flow and scheme.snr_gamma:
         log.warning("snr_gamma is ignored with diff2flow_loss: the loss is the plain MSE to the flow velocity")
     return scheme
+
+
+def timestep_bias_active(config: Any) -> bool:
+    """Whether the config asks for a timestep bias (``timestep_bias_strategy`` other than none)."""
+    return (getattr(config, "timestep_bias_strategy", "none") or "none") != "none"
 
 
 def _diff2flow(config: Any) -> bool:
