@@ -27,7 +27,8 @@ import sys
 import time
 
 import torch
-from _harness import GIB, fill_random, run_meta, run_rows, step_arguments, timed_steps, write_results
+from _harness import (GIB, build_lora_model, flow_matching_step, print_summary, run_meta, run_rows,
+                      step_arguments, timed_steps, write_results)
 
 DEVICE = "cuda"
 CONFIG: dict = {}  # Flux2Transformer2DModel's defaults are FLUX.2 [dev]'s published config
@@ -36,59 +37,13 @@ TINY_CONFIG = dict(num_layers=2, num_single_layers=4, attention_head_dim=16, num
 
 
 def build(preset: str, blocks_to_swap: int, act_offload: bool):
-    """The quantised, partly swapped transformer, built block by block (see the module doc)."""
+    """The quantised, partly swapped transformer, built block by block (see the module doc);
+    LoRA weights in bf16."""
     from diffusers import Flux2Transformer2DModel
-    from peft import LoraConfig
 
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**CONFIG)
-    model.requires_grad_(False)
-    g = torch.Generator(DEVICE).manual_seed(0)
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    # Everything outside the blocks (embedders, modulation, output) is small: bf16 on the GPU.
-    for child in model.children():
-        if not isinstance(child, torch.nn.ModuleList):
-            child.to_empty(device=DEVICE)
-            child.to(torch.bfloat16)
-            fill_random(child, g)
-    model.pos_embed.to_empty(device=DEVICE)  # RoPE has no weights; recreate its buffers
-    first_swapped = len(blocks) - blocks_to_swap
-    for index, block in enumerate(blocks):
-        block.to_empty(device=DEVICE)
-        block.to(torch.bfloat16)
-        fill_random(block, g)
-        if preset != "bf16":
-            from tune_quant import quantise
-
-            quantise(block, preset, device=DEVICE)
-        if index >= first_swapped and DEVICE == "cuda":
-            block.to("cpu")  # the block swap pins it; it never waits on the GPU
-    # LoRA on every linear inside the blocks, bf16 weights.
-    targets = sorted({f"{list_name}.{i}.{name}"
-                      for list_name in ("transformer_blocks", "single_transformer_blocks")
-                      for i, block in enumerate(getattr(model, list_name))
-                      for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights=True, target_modules=targets))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    # Checkpointing before the swap, which warns without it.
-    if act_offload:
-        from tune_offload.activations import offloaded_checkpoint
-
-        model.enable_gradient_checkpointing(offloaded_checkpoint)
-    else:
-        model.enable_gradient_checkpointing()
-    swapper = None
-    if blocks_to_swap:
-        from tune_offload import OffloadSettings, apply_offload
-        from tune_offload.block_swap import block_swapper
-
-        apply_offload(model, OffloadSettings(musubi_blocks_to_swap=blocks_to_swap), onload_device=DEVICE)
-        swapper = block_swapper(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, swapper
+    return build_lora_model(lambda: Flux2Transformer2DModel(**CONFIG),
+                            block_lists=("transformer_blocks", "single_transformer_blocks"), preset=preset,
+                            swap=blocks_to_swap, act_offload=act_offload, lora_dtype=torch.bfloat16, device=DEVICE)
 
 
 def parse_row(row: str) -> tuple[str, int, bool]:
@@ -123,18 +78,10 @@ def run_row(row: str, args) -> dict:
     txt_ids[:, 3] = torch.arange(args.text_len, device=DEVICE)
     guidance = torch.full((1,), 4.0, device=DEVICE)
 
-    def step() -> float:
-        sigma = torch.rand(1, device=DEVICE, generator=g)
-        noisy = (1 - sigma) * x0 + sigma * noise
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            pred = model(noisy, text, sigma, img_ids, txt_ids, guidance, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    def forward(noisy, sigma):
+        return model(noisy, text, sigma, img_ids, txt_ids, guidance, return_dict=False)[0]
 
+    step = flow_matching_step(forward, x0, noise, params, optimizer, g, DEVICE)
     result = dict(row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2),
                   **timed_steps(step, warmup=args.warmup, steps=args.steps, device=DEVICE),
                   params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
@@ -151,12 +98,7 @@ def main() -> int:
         DEVICE = "cpu"
         CONFIG.update(TINY_CONFIG)
     results = run_rows(args.rows.split(","), lambda row: run_row(row, args), device=DEVICE)
-    print(f"\n{'row':<36} {'peak GiB':>9} {'s/step':>8} {'setup peak':>11}")
-    for r in results:
-        if "s_per_step" in r:
-            print(f"{r['row']:<36} {r['peak_gib']:>9.2f} {r['s_per_step']:>8.2f} {r['setup_peak_gib']:>11.2f}")
-        else:
-            print(f"{r['row']:<36} {r['error']}")
+    print_summary(results)
     write_results(args.json, run_meta(DEVICE, resolution=args.resolution, text_len=args.text_len, warmup=args.warmup,
                                       steps=args.steps, lora_rank=16, batch=1), results)
     return 0

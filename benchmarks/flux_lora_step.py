@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
-from _harness import GIB, fill_random, run_meta, run_rows, step_arguments, timed_steps, write_results
+from _harness import (GIB, build_lora_model, flow_matching_step, parse_step_row, print_summary, run_meta,
+                      run_rows, step_arguments, timed_steps, write_results)
 
 DEVICE = "cuda"
 CONFIG: dict = dict(guidance_embeds=True)  # the class defaults are Flux.1's; dev adds guidance
@@ -40,68 +40,20 @@ OPTIONS = ("ref", "no-cudnn", "act-offload")
 
 
 def parse_row(row: str) -> dict:
-    head, *options = row.split(":")
-    preset, _, swap = head.partition("+swap")
-    tread = 0.0
-    for option in options:
-        if option.startswith("tread"):
-            tread = float(option[len("tread"):] or 0.5)
-    unknown = {o for o in options if not o.startswith("tread")} - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown row options {sorted(unknown)} (known: {', '.join(OPTIONS)}, tread[R])")
-    return dict(preset=preset, swap=int(swap) if swap else 0, tread=tread,
-                **{o.replace("-", "_"): o in options for o in OPTIONS})
+    return parse_step_row(row, OPTIONS)
 
 
 def build(settings: dict):
+    """The (quantised, partly swapped) transformer with its fp32 LoRA, built block by block."""
     from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
 
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**CONFIG)
-    model.requires_grad_(False)
-    g = torch.Generator(DEVICE).manual_seed(0)
-    for name, child in model.named_children():
-        if not isinstance(child, torch.nn.ModuleList):
-            child.to_empty(device=DEVICE)
-            child.to(torch.bfloat16)
-            fill_random(child, g)
-    model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope)).to(DEVICE)
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    first_swapped = len(blocks) - settings["swap"]
-    for index, block in enumerate(blocks):
-        block.to_empty(device=DEVICE)
-        block.to(torch.bfloat16)
-        fill_random(block, g)
-        if settings["preset"] != "bf16":
-            from tune_quant import quantise
+    def rope(model):  # the RoPE module recreated off the meta device
+        return type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope))
 
-            quantise(block, settings["preset"], device=DEVICE)
-        if index >= first_swapped and DEVICE == "cuda":
-            block.to("cpu")
-    targets = sorted({f"{list_name}.{i}.{name}"
-                      for list_name in ("transformer_blocks", "single_transformer_blocks")
-                      for i, block in enumerate(getattr(model, list_name))
-                      for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights=True, target_modules=targets))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if settings["act_offload"]:
-        from tune_offload.activations import offloaded_checkpoint
-
-        model.enable_gradient_checkpointing(offloaded_checkpoint)
-    else:
-        model.enable_gradient_checkpointing()
-    swapper = None
-    if settings["swap"]:
-        from tune_offload import OffloadSettings, apply_offload
-        from tune_offload.block_swap import block_swapper
-
-        apply_offload(model, OffloadSettings(musubi_blocks_to_swap=settings["swap"]), onload_device=DEVICE)
-        swapper = block_swapper(model)
-    model.train()
-    return model, [p for p in model.parameters() if p.requires_grad], swapper
+    return build_lora_model(lambda: FluxTransformer2DModel(**CONFIG),
+                            block_lists=("transformer_blocks", "single_transformer_blocks"),
+                            preset=settings["preset"], swap=settings["swap"], act_offload=settings["act_offload"],
+                            lora_dtype=torch.float32, device=DEVICE, rope=rope)
 
 
 def forward_fn(model, settings: dict, prompts: dict):
@@ -117,9 +69,10 @@ def forward_fn(model, settings: dict, prompts: dict):
         route = {"selection_ratio": settings["tread"], "start_layer_idx": 2, "end_layer_idx": -2}
         tread.install(loaded, family, {"routes": [route]})
     if not settings["ref"]:
-        return lambda noisy, sigma: family.predict(loaded, noisy, sigma, prompts)
+        return lambda noisy, sigma: family.predict(loaded, noisy.to(torch.bfloat16), sigma, prompts)
 
     def plain(noisy, sigma):
+        noisy = noisy.to(torch.bfloat16)
         _, _, h, w = noisy.shape
         embeds = prompts["prompt_embeds"]
         out = model(hidden_states=family.pack(noisy), timestep=sigma.to(noisy.dtype),
@@ -163,18 +116,7 @@ def run_row(row: str, args) -> dict:
         }
         forward = forward_fn(model, settings, prompts)
 
-        def step() -> float:
-            sigma = torch.rand(1, device=DEVICE, generator=g)
-            noisy = ((1 - sigma) * x0 + sigma * noise).to(torch.bfloat16)
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                pred = forward(noisy, sigma)
-            loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
-
+        step = flow_matching_step(forward, x0, noise, params, optimizer, g, DEVICE)
         result = dict(row=row, setup_s=round(setup_s, 1), setup_peak_gib=round(setup_peak, 2),
                       **timed_steps(step, warmup=args.warmup, steps=args.steps, device=DEVICE),
                       params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
@@ -194,12 +136,7 @@ def main() -> int:
         DEVICE = "cpu"
         CONFIG.update(TINY_CONFIG)
     results = run_rows(args.rows.split(","), lambda row: run_row(row, args), device=DEVICE)
-    print(f"\n{'row':<40} {'peak GiB':>9} {'s/step':>8} {'setup peak':>11}")
-    for r in results:
-        if "s_per_step" in r:
-            print(f"{r['row']:<40} {r['peak_gib']:>9.2f} {r['s_per_step']:>8.3f} {r['setup_peak_gib']:>11.2f}")
-        else:
-            print(f"{r['row']:<40} {r['error']}")
+    print_summary(results)
     write_results(args.json, run_meta(DEVICE, resolution=args.resolution, text_len=args.text_len, warmup=args.warmup,
                                       steps=args.steps, lora_rank=16, batch=1), results)
     return 0
