@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
+from tune_models.testing import ModelFamilyTests
 from tune_models.testing import load_tiny as load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _picture(seed: int, size=(32, 32)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return ModelFamilyTests.input_picture(seed, size)
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:

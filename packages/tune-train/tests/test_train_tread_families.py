@@ -322,6 +322,21 @@ def test_masked_in_tokens_follow_the_family_packing(name):
 
 
 # ---------------------------------------------------------------------------- block swap
+def _train_first_block(model):
+    """The transformer in training mode with gradient checkpointing, everything frozen but the
+    first routable block's linear weights, whose gradients flow back through the routed (and, in
+    the tests, swapped) blocks after it. Returns (transformer, those weights)."""
+    transformer = model.transformer.train()
+    transformer.enable_gradient_checkpointing()
+    for p in transformer.parameters():
+        p.requires_grad_(False)
+    first = model.family.token_routing(model).blocks(transformer)[0]
+    trained = [m.weight for m in first.modules() if isinstance(m, torch.nn.Linear)]
+    for p in trained:
+        p.requires_grad_(True)
+    return transformer, trained
+
+
 @pytest.mark.parametrize("name", ["flux2", "qwen_image"])
 def test_block_swap_composes_with_routing(name):
     """musubi block swap (on a CPU "accelerator": synchronous copies, the same hooks) over blocks
@@ -331,15 +346,7 @@ def test_block_swap_composes_with_routing(name):
 
     def grads(swap: bool):
         model, latents, prompts, refs = MODELS[name]()
-        transformer = model.transformer.train()
-        transformer.enable_gradient_checkpointing()
-        for p in transformer.parameters():
-            p.requires_grad_(False)
-        # Trained: the first block (its gradients flow back through the routed, swapped blocks).
-        first = model.family.token_routing(model).blocks(transformer)[0]
-        trained = [m.weight for m in first.modules() if isinstance(m, torch.nn.Linear)]
-        for p in trained:
-            p.requires_grad_(True)
+        transformer, trained = _train_first_block(model)
         # As the trainer: routing installed first, then the transformer is placed (block swap).
         TokenRouter(transformer, model.family.token_routing(model), _routes(0.5, 1, -1))
         swapper = BlockSwapper(transformer, 2, onload_device="cpu", record=True) if swap else None
@@ -368,14 +375,7 @@ def test_block_swap_streams_routed_blocks_on_the_gpu(name, with_refs):
         model, latents, prompts, refs = MODELS[name]()
         refs = [r.cuda() for r in refs] if with_refs else None
         prompts = {k: v.cuda() for k, v in prompts.items()}
-        transformer = model.transformer.train()
-        transformer.enable_gradient_checkpointing()
-        for p in transformer.parameters():
-            p.requires_grad_(False)
-        first = model.family.token_routing(model).blocks(transformer)[0]
-        trained = [m.weight for m in first.modules() if isinstance(m, torch.nn.Linear)]
-        for p in trained:
-            p.requires_grad_(True)
+        transformer, trained = _train_first_block(model)
         router = TokenRouter(transformer, model.family.token_routing(model), _routes(0.5, 1, -1))
         swapper = BlockSwapper(transformer, 2, onload_device="cuda", record=True) if swap else None
         if not swap:

@@ -175,9 +175,11 @@ class ModelFamilyTests:
             return Path(request.getfixturevalue(cls.tiny_path_fixture))
         return Path(cls().build_tiny(tmp_path_factory.mktemp(f"tiny-{cls.family_name}")))
 
-    def load(self, family: ModelFamily, tiny_path: Path, **source: Any) -> LoadedModel:
+    def load(self, family: ModelFamily, tiny_path: Path, *, as_flavour: str | None = None, **source: Any) -> LoadedModel:
+        """The tiny folder through ``family.load``, as :attr:`flavour` (or ``as_flavour``)."""
         source.setdefault("disable_assistant_lora", True)
-        return family.load(ModelSource(pretrained_model_name_or_path=str(tiny_path), **source), self.flavour)
+        return family.load(ModelSource(pretrained_model_name_or_path=str(tiny_path), **source),
+                           as_flavour or self.flavour)
 
     def pixels(self, batch: int = 2) -> torch.Tensor:
         """A fixed batch of simple images in [-1, 1]: a bright square on a dark ground."""
@@ -412,9 +414,7 @@ class ModelFamilyTests:
         path = Path(request.getfixturevalue(self.input_tiny_path_fixture or "tiny_path"))
         for fixture in self.input_fixtures:
             request.getfixturevalue(fixture)
-        model = family.load(
-            ModelSource(pretrained_model_name_or_path=str(path), disable_assistant_lora=True), flavour_name
-        )
+        model = self.load(family, path, as_flavour=flavour_name)
         pipeline = family.validation_pipeline(model)
         flavour = family.flavour(flavour_name)
         size = self.image_size
