@@ -452,7 +452,7 @@ class TrainConfig:
     group_offload_use_stream: bool = False
     """Overlap offload transfers with compute on a CUDA stream (CUDA only). Default false."""
     group_offload_to_disk_path: str | None = None
-    """Spill offloaded weights to this folder instead of CPU memory. Not for the transformer being trained (refused: diffusers writes each group's file once and reads it back on every use, so trained weights inside the groups would not change). Default none."""
+    """Spill offloaded weights to this folder instead of CPU memory. Not for the transformer being trained (refused: its group offload runs as block swap or ramtorch, which hold weights in CPU memory, and diffusers' disk offload writes each group's file once and reads it back on every use, so trained weights inside the groups would not change). Default none."""
     group_offload_text_encoder: bool = False
     """With ``enable_group_offload``: group-offload the text encoders too (same type, blocks per group, stream and disk settings), so filling the text cache and validation never hold a whole encoder on the accelerator (FLUX.2's 24 B Mistral). ``block_level`` groups the blocks of an encoder's largest block list, wherever it sits (CLIP's ``encoder.layers``, T5's ``encoder.block``). Not with ``train_text_encoder``. Default false."""
     group_offload_vae: bool = False

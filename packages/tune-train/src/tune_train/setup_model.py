@@ -236,10 +236,12 @@ def quantise_and_checkpoint(transformer: Any, config: TrainConfig, device: torch
     offload.check_device(device)
     if offload.strategy == "group" and offload.group_offload_to_disk_path:
         raise ConfigError(
-            "group_offload_to_disk_path cannot hold the transformer being trained: diffusers' disk "
-            "offload writes each group's weights to a file once and reads that file back on every "
-            "use, so the trained weights inside the groups would never change (training stopped at "
-            "its first step with non-finite gradients); unset it to keep offloaded weights in CPU memory"
+            "group_offload_to_disk_path cannot hold the transformer being trained: its "
+            "enable_group_offload runs as block swap or ramtorch (diffusers' group offloading fails "
+            "in backward, docs/memory.md), which keep the offloaded weights in pinned CPU memory, and "
+            "diffusers' disk offload could not train it either (it writes each group's file once and "
+            "reads it back on every use, so trained weights inside the groups would never change); "
+            "unset it to keep offloaded weights in CPU memory"
         )
     # Group offload of a model trained through fails in backward on a GPU; the settings say
     # which backward-safe strategy stands in (the encoders keep diffusers' group offload).
