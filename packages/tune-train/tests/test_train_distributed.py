@@ -71,6 +71,9 @@ if rank == 1:
     c.grad = torch.full((3,), 4.0)                # no gradient on rank 0 counts as zero: mean 2
 average_gradients([a, b, c], accelerator)
 torch.save([a.grad, b.grad, c.grad], sys.argv[1] + f"/rank{rank}.pt")
+# As the trainer does at its end: without tearing the gloo group down, a rank can exit while
+# gloo's threads still run and abort with "terminate called without an active exception".
+accelerator.end_training()
 """
 
 
