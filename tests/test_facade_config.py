@@ -343,7 +343,7 @@ def test_plan_collects_problems(workdir, fake_family):
     path = write_project(workdir, {"model_flavour": "nope", "optimizer": "adamw_bf17", "lora_target": "mmdit", "disable_assistant_lora": True})
     plan = build_plan(load_config(path))
     problems = "\n".join(plan["problems"])
-    assert "unknown flavour 'nope'" in problems and "choose one of: base, turbo" in problems
+    assert "unknown model_flavour 'nope'" in problems and "choose one of: base, turbo" in problems
     assert "unknown optimizer 'adamw_bf17'" in problems
     assert "unknown preset 'mmdit'" in problems
     assert plan["components"]["assistant_lora"].startswith("disabled")
@@ -373,6 +373,7 @@ def test_plan_reports_an_unreadable_dataset(workdir, fake_family):
         ("sana-600m-512", None, ["512x512"]),
         ("sana-1.6b-512-multiling", None, ["512x512"]),
         ("sana-1.6b-1024", None, ["1024x1024"]),
+        ("sana1.0-1.6b-2048", None, ["2048x2048"]),  # SimpleTuner's name for sana-1.6b-2048
         ("sana-600m-512", "768,512x256", ["768x768", "512x256"]),
     ],
 )
@@ -519,3 +520,17 @@ def test_data_keys_of_config_json_reach_every_dataset_and_tune_check(workdir, fa
     pics = plan["datasets"][0]
     assert (pics["batches_per_epoch"], pics["repeats"]) == (1, 1)
     assert not any(p.startswith("dataset 'pics'") for p in plan["problems"])
+
+
+def test_plan_reads_simpletuner_flavour_names_and_explains_refused_ones(workdir):
+    """A SimpleTuner config's ``model_flavour`` resolves to the same checkpoint, or a problem says why not."""
+    path = write_project(workdir, {"model_family": "sdxl", "model_flavour": "base-1.0"})
+    plan = build_plan(load_config(path))
+    assert plan["flavour"]["name"] == "base" and plan["flavour"]["written"] == "base-1.0"
+    assert plan["components"]["base"] == "stabilityai/stable-diffusion-xl-base-1.0 [flavour default]"
+    assert not [p for p in plan["problems"] if p.startswith("model_flavour")]
+    assert "flavour: base (written as 'base-1.0')" in format_plan(plan)
+    path = write_project(workdir, {"model_family": "sdxl", "model_flavour": "base-0.9"})
+    problems = "\n".join(build_plan(load_config(path))["problems"])
+    assert "model_flavour 'base-0.9' of model_family 'sdxl' is not available in tune" in problems
+    assert "research preview" in problems

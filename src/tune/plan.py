@@ -71,12 +71,20 @@ def _family_section(loaded: LoadedConfig, problems: list[str]) -> tuple[dict[str
     if name is None:
         name = info.get("default_flavour") or (next(iter(flavours)) if flavours else None)
         flavour["default_applied"] = True
+    if flavours and name is not None:
+        from tune_models.flavour_facts import resolve_flavour_name
+
+        try:
+            canonical = resolve_flavour_name(
+                entry.name, name, flavours, info.get("flavour_aliases"), info.get("unavailable_flavours")
+            )
+        except ValueError as exc:
+            problems.append(f"model_flavour: {exc}")
+        else:
+            if canonical != name:  # SimpleTuner's name for it
+                flavour["written"] = name
+            name = canonical
     flavour["name"] = name
-    if flavours and name not in flavours:
-        problems.append(
-            f"model_flavour: unknown flavour {name!r} for model_family {entry.name!r}; "
-            f"choose one of: {', '.join(sorted(flavours))}"
-        )
     facts = flavours.get(name or "", {})
     family["lora_targets"] = sorted(info.get("lora_targets") or info.get("lora_target_presets") or [])
     family["default_lora_target"] = info.get("default_lora_target")
@@ -520,6 +528,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     flavour = plan["flavour"]
     name = family["name"] or f"{family['requested']} (not registered)"
     flavour_text = f"{flavour['name']}{' (default)' if flavour['default_applied'] else ''}"
+    if flavour.get("written"):
+        flavour_text += f" (written as {flavour['written']!r})"
     out = [f"config: {plan['config'] or '(from a dict)'}", f"family: {name}", f"flavour: {flavour_text}"]
     for title in ("components", "precision", "lora", "noise", "optimization", "steps", "checkpoints"):
         out.append(f"{title}:")

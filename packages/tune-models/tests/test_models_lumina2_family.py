@@ -32,7 +32,8 @@ def test_names_and_flavours(lumina):
     assert (base.name, base.pretrained, base.inference_steps, base.guidance, base.shift) == (
         "base", "Alpha-VLLM/Lumina-Image-2.0", 50, 4.0, 6.0
     )
-    assert set(lumina.flavours) == {"base", "tiny"}
+    assert set(lumina.flavours) == {"base", "neta-lumina", "tiny"}
+    assert lumina.flavour("2.0") is base  # SimpleTuner's name
     assert set(lumina.lora_target_presets["attention"]) < set(lumina.lora_target_presets["all"])
     from tune_models.registry import model_families
 

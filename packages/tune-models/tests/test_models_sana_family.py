@@ -209,8 +209,13 @@ def test_512_px_flavours(sana, sana_path, caplog, monkeypatch):
         assert (flavour.pretrained, flavour.inference_steps, flavour.guidance, flavour.shift) == (repo, 20, 4.5, 3.0)
         assert SANA_SAMPLE_SIZES[name] == 512 and flavour.resolution == 512  # the default validation size
         assert sana.flow_shift(512, 512, shift=flavour.shift, auto_shift=False) == 3.0
-    assert {SANA_SAMPLE_SIZES[n] for n in sana.flavours if n not in expected and n != "tiny"} == {1024}
-    assert {sana.flavour(n).resolution for n in sana.flavours if n not in expected} == {None}  # 1024
+    two_k = sana.flavour("sana-1.6b-2048")  # NVlabs' Sana_1600M_img2048_bf16.yaml: 20 steps, CFG 4.5, shift 3
+    assert (two_k.pretrained, two_k.inference_steps, two_k.guidance, two_k.shift, two_k.resolution) == (
+        "Efficient-Large-Model/Sana_1600M_2Kpx_BF16_diffusers", 20, 4.5, 3.0, 2048
+    )
+    expected_elsewhere = {*expected, "sana-1.6b-2048"}
+    assert {SANA_SAMPLE_SIZES[n] for n in sana.flavours if n not in expected_elsewhere and n != "tiny"} == {1024}
+    assert {sana.flavour(n).resolution for n in sana.flavours if n not in expected_elsewhere} == {None}  # 1024
 
     with caplog.at_level("WARNING"):
         model = load(sana, sana_path, flavour="sana-600m-512")

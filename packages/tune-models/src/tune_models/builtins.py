@@ -12,15 +12,36 @@ from collections.abc import Callable
 
 from tune_data.plugins import hookimpl
 
-from tune_models.families.chroma.flavours import CHROMA_FLAVOURS
-from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_LORA_TARGETS, FLUX_TRAINING_OPTIONS
+from tune_models.families.chroma.flavours import CHROMA_FLAVOURS, CHROMA_UNAVAILABLE_FLAVOURS
+from tune_models.families.flux.flavours import (
+    FLUX_FLAVOURS,
+    FLUX_LORA_TARGETS,
+    FLUX_TRAINING_OPTIONS,
+    FLUX_UNAVAILABLE_FLAVOURS,
+)
 from tune_models.families.flux2.flavours import FLUX2_FLAVOURS, FLUX2_LORA_TARGETS, FLUX2_TRAINING_OPTIONS
-from tune_models.families.lumina2.flavours import LUMINA2_FLAVOURS, LUMINA2_LORA_TARGETS
-from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS, QWEN_IMAGE_LORA_TARGETS
-from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_LORA_TARGETS, SANA_TRAINING_OPTIONS
+from tune_models.families.lumina2.flavours import LUMINA2_FLAVOUR_ALIASES, LUMINA2_FLAVOURS, LUMINA2_LORA_TARGETS
+from tune_models.families.qwen_image.flavours import (
+    QWEN_IMAGE_FLAVOUR_ALIASES,
+    QWEN_IMAGE_FLAVOURS,
+    QWEN_IMAGE_LORA_TARGETS,
+    QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
+)
+from tune_models.families.sana.flavours import (
+    SANA_FLAVOUR_ALIASES,
+    SANA_FLAVOURS,
+    SANA_LORA_TARGETS,
+    SANA_TRAINING_OPTIONS,
+)
 from tune_models.families.sd3.flavours import SD3_FLAVOURS, SD3_LORA_TARGETS
-from tune_models.families.sdxl.flavours import SDXL_FLAVOURS, SDXL_LORA_TARGETS, SDXL_TRAINING_OPTIONS
-from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS
+from tune_models.families.sdxl.flavours import (
+    SDXL_FLAVOUR_ALIASES,
+    SDXL_FLAVOURS,
+    SDXL_LORA_TARGETS,
+    SDXL_TRAINING_OPTIONS,
+    SDXL_UNAVAILABLE_FLAVOURS,
+)
+from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS, ZIMAGE_UNAVAILABLE_FLAVOURS
 
 _ZIMAGE = "tune_models.families.zimage.family:FAMILY"
 _FLUX = "tune_models.families.flux.family:FAMILY"
@@ -39,6 +60,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         _FLUX,
         description="Black Forest Labs FLUX.1 (12B MMDiT flow transformer, CLIP-L + T5-XXL text encoders)",
         flavours=FLUX_FLAVOURS,
+        unavailable_flavours=FLUX_UNAVAILABLE_FLAVOURS,
         default_flavour="dev",
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
@@ -71,6 +93,8 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         _SDXL,
         description="Stability AI Stable Diffusion XL 1.0 (DDPM UNet, epsilon or v-prediction, CLIP-L + OpenCLIP-G)",
         flavours=SDXL_FLAVOURS,
+        flavour_aliases=SDXL_FLAVOUR_ALIASES,
+        unavailable_flavours=SDXL_UNAVAILABLE_FLAVOURS,
         default_flavour="base",
         default_lora_target="all",
         lora_targets=SDXL_LORA_TARGETS,
@@ -83,6 +107,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         _CHROMA,
         description="lodestones Chroma1 (Flux-derived flow transformer without CLIP, T5-XXL with attention masking)",
         flavours=CHROMA_FLAVOURS,
+        unavailable_flavours=CHROMA_UNAVAILABLE_FLAVOURS,
         default_flavour="base",
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
@@ -94,6 +119,8 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         _QWEN_IMAGE,
         description="Alibaba Qwen-Image (20B MMDiT flow transformer, Qwen2.5-VL-7B text encoder, 3D causal VAE)",
         flavours=QWEN_IMAGE_FLAVOURS,
+        flavour_aliases=QWEN_IMAGE_FLAVOUR_ALIASES,
+        unavailable_flavours=QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
         default_flavour="base",
         default_lora_target="all",
         lora_targets=QWEN_IMAGE_LORA_TARGETS,
@@ -104,6 +131,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         _SANA,
         description="NVIDIA Sana / SANA 1.5 (linear-attention DiT, Gemma-2-2B text encoder, 32x DC-AE)",
         flavours=SANA_FLAVOURS,
+        flavour_aliases=SANA_FLAVOUR_ALIASES,
         default_flavour="sana1.5-1.6b",
         default_lora_target="all",
         lora_targets=SANA_LORA_TARGETS,
@@ -115,6 +143,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         aliases=["lumina-image-2", "lumina"],
         description="Alpha-VLLM Lumina Image 2.0 (2.6B unified NextDiT flow transformer, Gemma-2-2B, Flux VAE)",
         flavours=LUMINA2_FLAVOURS,
+        flavour_aliases=LUMINA2_FLAVOUR_ALIASES,
         default_flavour="base",
         default_lora_target="all",
         lora_targets=LUMINA2_LORA_TARGETS,
@@ -122,6 +151,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
     )
     info = {
         "flavours": ZIMAGE_FLAVOURS,
+        "unavailable_flavours": ZIMAGE_UNAVAILABLE_FLAVOURS,
         "default_flavour": "turbo",
         "default_lora_target": "all",
         "lora_targets": ["all", "attention"],

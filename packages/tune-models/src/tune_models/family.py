@@ -204,6 +204,12 @@ class ModelFamily:
     """Other names users may write (``zimage``); ``-`` and ``_`` already match each other."""
     flavours: dict[str, Flavour] = {}
     default_flavour: str = ""
+    flavour_aliases: dict[str, str] = {}
+    """Other names users may write for a flavour -> its name: SimpleTuner's flavour names where they
+    differ from tune's (``base-1.0`` for SDXL's ``base``), so its ``config.json`` runs unchanged."""
+    unavailable_flavours: dict[str, str] = {}
+    """Flavour names SimpleTuner knows and tune does not carry -> why, and what to use instead: the
+    error a user of such a config gets instead of a bare "unknown flavour"."""
     lora_target_presets: dict[str, list[str]] = {}
     """``lora_target`` name -> module-name suffixes for peft's ``target_modules``; an entry
     starting with ``re:`` is a regular expression over full module names (see :meth:`lora_targets`)."""
@@ -291,15 +297,15 @@ class ModelFamily:
 
     # ----------------------------------------------------------------- flavours and names
     def flavour(self, name: str | None) -> Flavour:
-        """The named flavour, or the default one for ``None``/empty."""
-        key = name or self.default_flavour
-        try:
-            return self.flavours[key]
-        except KeyError:
-            known = ", ".join(sorted(self.flavours))
-            raise ValueError(
-                f"unknown model_flavour {name!r} for model_family {self.name!r}; choose one of: {known}"
-            ) from None
+        """The named flavour (or one of its :attr:`flavour_aliases`), or the default one for
+        ``None``/empty. The returned flavour's ``name`` is the canonical one."""
+        from tune_models.flavour_facts import resolve_flavour_name
+
+        return self.flavours[
+            resolve_flavour_name(
+                self.name, name or self.default_flavour, self.flavours, self.flavour_aliases, self.unavailable_flavours
+            )
+        ]
 
     def lora_targets(self, target: str | Sequence[str] | None) -> list[str] | str:
         """peft's ``target_modules`` for a ``lora_target`` preset name or an explicit list.

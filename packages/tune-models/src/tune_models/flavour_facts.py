@@ -7,6 +7,7 @@ shows them, so there is one source for both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -23,3 +24,30 @@ def flavour_facts(pretrained: str, steps: int, guidance: float, shift: float | N
     }
     facts.update(extra)
     return facts
+
+
+def resolve_flavour_name(
+    family: str,
+    name: str,
+    flavours: Iterable[str],
+    aliases: Mapping[str, str] | None = None,
+    unavailable: Mapping[str, str] | None = None,
+) -> str:
+    """The canonical flavour name for ``name``: itself, or the flavour an alias stands for.
+
+    One function for the family class (a run) and ``tune check`` (registration data, no torch), so
+    the two accept the same names and refuse them with the same words. Raises ``ValueError`` for a
+    name tune does not carry, with the reason where SimpleTuner knows the name (``unavailable``)."""
+    known = set(flavours)
+    aliases = aliases or {}
+    canonical = aliases.get(name, name)
+    if canonical in known:
+        return canonical
+    if unavailable and name in unavailable:
+        raise ValueError(f"model_flavour {name!r} of model_family {family!r} is not available in tune: {unavailable[name]}")
+    choices = ", ".join(sorted(known))
+    also = ", ".join(f"{alias} (= {target})" for alias, target in sorted(aliases.items()))
+    raise ValueError(
+        f"unknown model_flavour {name!r} for model_family {family!r}; choose one of: {choices}"
+        + (f"; SimpleTuner's names are accepted too: {also}" if also else "")
+    )

@@ -270,6 +270,13 @@ class ModelFamilyTests:
             assert flavour.name == name and flavour.inference_steps > 0
         with _require_pytest().raises(ValueError, match="unknown model_flavour"):
             family.flavour("no-such-flavour")
+        # Aliases (SimpleTuner's names) reach a real flavour and shadow none; refused names are neither.
+        for alias, target in family.flavour_aliases.items():
+            assert alias not in family.flavours and family.flavour(alias) is family.flavours[target], alias
+        for name, reason in family.unavailable_flavours.items():
+            assert name not in family.flavours and name not in family.flavour_aliases and reason, name
+            with _require_pytest().raises(ValueError, match="not available in tune"):
+                family.flavour(name)
         assert family.default_lora_target in family.lora_target_presets
 
     def test_load_from_saved_folder(self, family: ModelFamily, tiny_path: Path) -> None:

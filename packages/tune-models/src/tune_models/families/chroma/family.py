@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 
 from tune_models.families import _shared
-from tune_models.families.chroma.flavours import CHROMA_FLAVOURS
+from tune_models.families.chroma.flavours import CHROMA_FLAVOURS, CHROMA_UNAVAILABLE_FLAVOURS
 from tune_models.families.flux.family import FluxFamily
 from tune_models.family import Flavour, LoadedModel, compute_dtype
 
@@ -41,6 +41,7 @@ class ChromaFamily(FluxFamily):
 
     name = "chroma"
     flavours = {name: Flavour(name=name, **facts) for name, facts in CHROMA_FLAVOURS.items()}
+    unavailable_flavours = CHROMA_UNAVAILABLE_FLAVOURS
     default_flavour = "base"
     lora_target_presets = {k: v for k, v in FluxFamily.lora_target_presets.items()}
     max_sequence_lengths = {"base": 512, "hd": 512, "tiny": 64}

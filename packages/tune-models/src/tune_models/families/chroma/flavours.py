@@ -20,3 +20,9 @@ CHROMA_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny Chroma with the real classes, built locally, for tests",
     ),
 }
+CHROMA_UNAVAILABLE_FLAVOURS: dict[str, str] = {
+    "flash": "tune has no flavour for Chroma1-Flash (a few-step distilled Chroma whose sampling settings tune "
+    "cannot check); train base or hd, or set pretrained_model_name_or_path: lodestones/Chroma1-Flash with "
+    "model_flavour hd and your own validation_num_inference_steps and validation_guidance",
+}
+"""SimpleTuner's chroma flavour names tune refuses, with the reason."""

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from tune_models.families import _shared
-from tune_models.families.flux.flavours import FLUX_FLAVOURS
+from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_UNAVAILABLE_FLAVOURS
 from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 _ATTENTION = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
@@ -52,6 +52,7 @@ class FluxFamily(ModelFamily):
 
     name = "flux"
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX_FLAVOURS.items()}
+    unavailable_flavours = FLUX_UNAVAILABLE_FLAVOURS
     """Facts live in :mod:`tune_models.builtins` so listing them needs no torch."""
     cudnn_attention_in_training = False
     """cuDNN attention's backward fails on Flux's shapes (and Chroma's, which inherits this):
@@ -76,7 +77,7 @@ class FluxFamily(ModelFamily):
     prediction = "flow"
     vae_scale_factor = 8
     patch_size = 2
-    max_sequence_lengths = {"dev": 512, "schnell": 256, "kontext": 512, "tiny": 64}
+    max_sequence_lengths = {"dev": 512, "krea": 512, "schnell": 256, "kontext": 512, "tiny": 64}
     accepts_reference_latents = True
     """Only the ``kontext`` flavour uses them (:meth:`accepts_references`)."""
     """T5 tokens per prompt, padded and truncated (the pipelines' defaults; the tiny model's is short)."""

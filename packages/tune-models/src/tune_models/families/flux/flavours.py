@@ -21,11 +21,25 @@ FLUX_FLAVOURS: dict[str, dict[str, Any]] = {
         "black-forest-labs/FLUX.1-Kontext-dev", 28, 2.5, None,
         "FLUX.1-Kontext-dev (reference-image editing: train with a conditioning dataset)",
     ),
+    "krea": flavour_facts(
+        "black-forest-labs/FLUX.1-Krea-dev", 28, 4.5, None,
+        "FLUX.1 Krea [dev] (FLUX.1-dev architecture, guidance-distilled, aesthetic-photography weights; "
+        "guidance 4.5 as its model card's example)",
+    ),
     "tiny": flavour_facts(
         "tune-tiny:flux", 2, 3.5, None,
         "random tiny Flux with the real classes, built locally, for tests",
     ),
 }
+FLUX_UNAVAILABLE_FLAVOURS: dict[str, str] = {
+    name: (
+        "tune does not carry SimpleTuner's community FLUX.1 fine-tunes (fluxbooru, libreflux): they are "
+        "de-distilled and validate with classifier-free guidance (libreflux also with attention masking), "
+        "which the flux family's flavours do not do; train dev, krea, schnell or kontext"
+    )
+    for name in ("fluxbooru", "libreflux")
+}
+"""SimpleTuner's flux flavour names tune refuses, with the reason (see ``ModelFamily.unavailable_flavours``)."""
 FLUX_LORA_TARGETS = ["all", "all+ffs", "context", "context+ffs", "mmdit", "tiny", "nano"]
 
 FLUX_TRAINING_OPTIONS: dict[str, str] = {

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from tune_models.families import _gemma
-from tune_models.families.lumina2.flavours import LUMINA2_FLAVOURS
+from tune_models.families.lumina2.flavours import LUMINA2_FLAVOURS, LUMINA2_FLAVOUR_ALIASES
 from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -58,6 +58,7 @@ class Lumina2Family(ModelFamily):
     name = "lumina2"
     aliases = ("lumina-image-2", "lumina")
     flavours = {name: Flavour(name=name, **facts) for name, facts in LUMINA2_FLAVOURS.items()}
+    flavour_aliases = LUMINA2_FLAVOUR_ALIASES
     default_flavour = "base"
     lora_target_presets = {"all": _ATTENTION + _MLP, "attention": list(_ATTENTION)}
     """``all``: attention projections and the SwiGLU feed-forward linears of every main, noise-refiner

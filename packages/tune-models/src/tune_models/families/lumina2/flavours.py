@@ -16,11 +16,18 @@ LUMINA2_FLAVOURS: dict[str, dict[str, Any]] = {
         "Lumina Image 2.0 (2.6B unified single-stream DiT, Gemma-2-2B text encoder, Flux VAE), CFG 4 with a "
         "negative prompt, shift 6",
     ),
+    "neta-lumina": flavour_facts(
+        "terminusresearch/neta-lumina-v1", 50, 4.0, 6.0,
+        "Neta Lumina (an anime fine-tune of Lumina Image 2.0, the same architecture; this diffusers copy is "
+        "the one SimpleTuner's neta-lumina flavour loads), the base flavour's sampling settings",
+    ),
     "tiny": flavour_facts(
         "tune-tiny:lumina2", 2, 4.0, 6.0,
         "random tiny Lumina 2 with the real classes, built locally, for tests",
     ),
 }
+LUMINA2_FLAVOUR_ALIASES: dict[str, str] = {"2.0": "base"}
+"""SimpleTuner's name for the base flavour (see ``ModelFamily.flavour_aliases``)."""
 LUMINA2_LORA_TARGETS = ["all", "attention"]
 
 PUBLISHED_SCHEDULER: dict[str, Any] = {

@@ -38,7 +38,11 @@ import torch
 
 from tune_models.families import _shared
 from tune_models.families.qwen_image.edit import EDIT_STYLES, EditStyle
-from tune_models.families.qwen_image.flavours import QWEN_IMAGE_FLAVOURS
+from tune_models.families.qwen_image.flavours import (
+    QWEN_IMAGE_FLAVOUR_ALIASES,
+    QWEN_IMAGE_FLAVOURS,
+    QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
+)
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -62,6 +66,8 @@ class QwenImageFamily(ModelFamily):
     name = "qwen_image"
     aliases = ("qwen-image",)
     flavours = {name: Flavour(name=name, **facts) for name, facts in QWEN_IMAGE_FLAVOURS.items()}
+    flavour_aliases = QWEN_IMAGE_FLAVOUR_ALIASES
+    unavailable_flavours = QWEN_IMAGE_UNAVAILABLE_FLAVOURS
     default_flavour = "base"
     lora_target_presets = {"all": _ATTENTION + _MLP, "attention": list(_ATTENTION)}
     """``all``: both streams' attention projections and MLP linears in every block (the
@@ -83,10 +89,9 @@ class QwenImageFamily(ModelFamily):
     accepts_reference_latents = True
     """Only the edit flavours use them (:meth:`accepts_references`)."""
 
-    @staticmethod
-    def edit_style(flavour: str | None) -> EditStyle | None:
-        """The edit conventions of ``flavour`` (``None`` for text-to-image flavours)."""
-        return EDIT_STYLES.get(flavour or "")
+    def edit_style(self, flavour: str | None) -> EditStyle | None:
+        """The edit conventions of ``flavour`` or its alias (``None`` for text-to-image flavours)."""
+        return EDIT_STYLES.get(self.flavour_aliases.get(flavour or "", flavour or ""))
 
     def accepts_references(self, flavour: str | None) -> bool:
         """Edit flavours are made for reference images; ``base`` has never seen one."""

@@ -24,4 +24,16 @@ QWEN_IMAGE_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny Qwen-Image with the real classes, built locally, for tests",
     ),
 }
+QWEN_IMAGE_FLAVOUR_ALIASES: dict[str, str] = {"v1.0": "base", "edit-v1": "edit", "edit-v2": "edit-plus"}
+"""SimpleTuner's names for the flavours (see ``ModelFamily.flavour_aliases``)."""
+QWEN_IMAGE_UNAVAILABLE_FLAVOURS: dict[str, str] = {
+    "v2.0": "Qwen-Image-2512 is not a tune flavour yet; train base, or set pretrained_model_name_or_path: "
+    "Qwen/Qwen-Image-2512 with model_flavour base (the same architecture)",
+    "v2.1": "Qwen-Image 2.1 has its own transformer, a 64-channel VAE and a Qwen3-VL text encoder, which "
+    "diffusers 0.42 does not provide; tune can train it once diffusers does",
+    "edit-v2+": "SimpleTuner's variant of Qwen-Image-Edit-2509 trained with a zero conditioning timestep is "
+    "not a tune flavour; train edit-plus (2509 as published)",
+    "edit-v3": "Qwen-Image-Edit-2511 is not a tune flavour yet; train edit-plus (2509)",
+}
+"""SimpleTuner's qwen_image flavour names tune refuses, with the reason."""
 QWEN_IMAGE_LORA_TARGETS = ["all", "attention"]

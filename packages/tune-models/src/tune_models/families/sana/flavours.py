@@ -31,6 +31,11 @@ SANA_FLAVOURS: dict[str, dict[str, Any]] = {
         "Efficient-Large-Model/Sana_600M_1024px_diffusers", 20, 4.5, 3.0,
         "Sana 1.0 0.6B at 1024 px (fp16 weights), CFG 4.5, shift 3",
     ),
+    "sana-1.6b-2048": flavour_facts(
+        "Efficient-Large-Model/Sana_1600M_2Kpx_BF16_diffusers", 20, 4.5, 3.0,
+        "Sana 1.0 1.6B at 2048 px (bf16 weights; NVlabs' Sana_1600M_img2048_bf16.yaml: flow shift 3), CFG 4.5",
+        resolution=2048,
+    ),
     "sana-1.6b-512": flavour_facts(
         "Efficient-Large-Model/Sana_1600M_512px_diffusers", 20, 4.5, 3.0,
         "Sana 1.0 1.6B at 512 px, CFG 4.5, shift 3",
@@ -51,6 +56,15 @@ SANA_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny Sana with the real classes, built locally, for tests",
     ),
 }
+SANA_FLAVOUR_ALIASES: dict[str, str] = {
+    "sana1.5-4.8b-1024": "sana1.5-4.8b",
+    "sana1.5-1.6b-1024": "sana1.5-1.6b",
+    "sana1.0-1.6b-2048": "sana-1.6b-2048",
+    "sana1.0-1.6b-1024": "sana-1.6b-1024",
+    "sana1.0-600m-1024": "sana-600m-1024",
+    "sana1.0-600m-512": "sana-600m-512",
+}
+"""SimpleTuner's names for the flavours (see ``ModelFamily.flavour_aliases``)."""
 SANA_LORA_TARGETS = ["all", "all+ffs", "self-attention"]
 SANA_SAMPLE_SIZES: dict[str, int] = {
     name: facts["resolution"] or 1024 for name, facts in SANA_FLAVOURS.items() if name != "tiny"

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from tune_models.families import _shared
-from tune_models.families.sdxl.flavours import SDXL_FLAVOURS
+from tune_models.families.sdxl.flavours import SDXL_FLAVOURS, SDXL_FLAVOUR_ALIASES, SDXL_UNAVAILABLE_FLAVOURS
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, SampleGeometry, compute_dtype
 
 _ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -87,6 +87,8 @@ class SDXLFamily(ModelFamily):
 
     name = "sdxl"
     flavours = {name: Flavour(name=name, **facts) for name, facts in SDXL_FLAVOURS.items()}
+    flavour_aliases = SDXL_FLAVOUR_ALIASES
+    unavailable_flavours = SDXL_UNAVAILABLE_FLAVOURS
     default_flavour = "base"
     # ``all``: the attention projections of every transformer block (self and cross attention),
     # the usual SDXL LoRA; ``all+ffs`` adds the feed-forwards and the blocks' in/out projections.
@@ -107,7 +109,7 @@ class SDXLFamily(ModelFamily):
 
     def validation_input(self, flavour: str | None) -> str | None:
         """The refiner validates by refining a training image; base makes images from text."""
-        return "image" if flavour == "refiner" else None
+        return "image" if self.flavour_aliases.get(flavour or "", flavour) == "refiner" else None
 
     def configure_training(self, model: LoadedModel, options: Any) -> None:
         """The refiner's options (:data:`REFINER_OPTIONS`): ``sdxl_aesthetic_score`` (validation,

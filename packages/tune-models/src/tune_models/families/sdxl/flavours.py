@@ -22,6 +22,16 @@ SDXL_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny SDXL with the real classes, built locally, for tests",
     ),
 }
+SDXL_FLAVOUR_ALIASES: dict[str, str] = {"base-1.0": "base", "refiner-1.0": "refiner"}
+"""SimpleTuner's names for the flavours (see ``ModelFamily.flavour_aliases``)."""
+SDXL_UNAVAILABLE_FLAVOURS: dict[str, str] = {
+    name: (
+        "SDXL 0.9 was a gated research preview, replaced by 1.0; tune's flavours are the 1.0 checkpoints "
+        f"(base, refiner). To train a 0.9 folder you have, set pretrained_model_name_or_path to it with "
+        f"model_flavour {kind}"
+    )
+    for name, kind in (("base-0.9", "base"), ("refiner-0.9", "refiner"))
+}
 SDXL_LORA_TARGETS = ["all", "all+ffs"]
 
 SDXL_TRAINING_OPTIONS: dict[str, str] = {

@@ -28,3 +28,9 @@ ZIMAGE_FLAVOURS: dict[str, dict[str, Any]] = {
         "random tiny Z-Image with the real classes, built locally, for tests",
     ),
 }
+ZIMAGE_UNAVAILABLE_FLAVOURS: dict[str, str] = {
+    "ostris-de-turbo": "tune has no flavour for Ostris' de-distilled Z-Image-Turbo transformer; set "
+    "pretrained_transformer_model_name_or_path: ostris/Z-Image-De-Turbo with model_flavour base (no "
+    "adapter, validation with CFG) and choose validation_num_inference_steps and validation_guidance for it",
+}
+"""SimpleTuner's z-image flavour names tune refuses, with the reason."""
