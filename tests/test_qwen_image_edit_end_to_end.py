@@ -25,11 +25,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 @pytest.fixture(autouse=True)
 def _small_vae_area(monkeypatch):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
-    original = edit.calculate_dimensions
-    monkeypatch.setattr(
-        edit, "calculate_dimensions", lambda area, ratio: original(32 * 32 if area == 1024 * 1024 else area, ratio)
-    )
+    for module in (edit, plus):
+        original = module.calculate_dimensions
+        monkeypatch.setattr(
+            module, "calculate_dimensions",
+            lambda area, ratio, original=original: original(32 * 32 if area == 1024 * 1024 else area, ratio),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +82,14 @@ def _config(root: Path, model: Path, edited: Path, refs: Path, **extra) -> Path:
     return root / "config.json"
 
 
-def _edit(model_dir: Path, lora: Path | None, picture: Image.Image) -> np.ndarray:
-    """QwenImageEditPipeline over the tiny checkpoint's components (loaded fresh), LoRA loaded with
-    ``load_lora_weights`` when given."""
+def _edit(model_dir: Path, lora: Path | None, picture: Image.Image, flavour: str = "edit") -> np.ndarray:
+    """The flavour's edit pipeline over the tiny checkpoint's components (loaded fresh), LoRA loaded
+    with ``load_lora_weights`` when given."""
     from tune_models.family import ModelSource, get_family
 
     family = get_family("qwen_image")
-    pipe = family.validation_pipeline(family.load(ModelSource(str(model_dir)), "edit"))
-    assert type(pipe).__name__ == "QwenImageEditPipeline"
+    pipe = family.validation_pipeline(family.load(ModelSource(str(model_dir)), flavour))
+    assert type(pipe).__name__ == ("QwenImageEditPipeline" if flavour == "edit" else "QwenImageEditPlusPipeline")
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     out = pipe(
@@ -188,3 +191,39 @@ def test_qwen_edit_with_tread_routes_only_the_target_tokens(tmp_path, tiny_edit,
     for got, target in seen:  # kept half of the target + the reference's tokens (same size as the target)
         assert got == target - round(0.5 * target) + target, (got, target)
     assert Path(result.outputs["lora"]).is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_edit_2511(tmp_path_factory) -> Path:
+    from tune_models.families.qwen_image.tiny import build_tiny_edit_pipeline
+
+    return build_tiny_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-edit-2511"), zero_cond_t=True)
+
+
+def test_qwen_edit_2511_from_a_simpletuner_config_trains_with_tread_and_the_lora_changes_the_edit(
+    tmp_path, tiny_edit_2511, edit_pairs
+):
+    """SimpleTuner's ``edit-v3`` (Qwen-Image-Edit-2511, a ``zero_cond_t`` transformer) with TREAD:
+    the routed blocks get the per-token timestep index cut like the tokens, the run trains and
+    validates through QwenImageEditPlusPipeline, and the LoRA loads there and changes the edit."""
+    edited, refs = edit_pairs
+    routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}
+    config = _config(tmp_path, tiny_edit_2511, edited, refs, **{"--model_flavour": "edit-v3", "--tread_config": routes})
+    loaded = load_config(config)
+    trainer = Loop(loaded.train, loaded.datasets, progress=False)
+    trainer.setup()
+    assert trainer.flavour.name == "edit-2511" and trainer.model.transformer.config.zero_cond_t
+    seen: list[tuple[int, int]] = []  # (image tokens, modulate_index length) of the routed block
+    trainer.model.transformer.transformer_blocks[-1].register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["hidden_states"].shape[1], k["modulate_index"].shape[1])), with_kwargs=True
+    )
+    result = trainer.train()
+    assert result.global_step == 4 and all(np.isfinite(result.losses))
+    assert seen and all(tokens == index for tokens, index in seen)
+    images = [p for p in (tmp_path / "output" / "validation").rglob("*.png") if p.name != "input.png"]
+    assert images and Image.open(images[0]).size == (32, 32)
+    lora = Path(result.outputs["lora"])
+    picture = Image.open(sorted(refs.glob("*.png"))[0]).convert("RGB")
+    plain = _edit(tiny_edit_2511, None, picture, "edit-2511")
+    with_lora = _edit(tiny_edit_2511, lora, picture, "edit-2511")
+    assert np.abs(plain - with_lora).max() > 1e-3

@@ -93,6 +93,15 @@ def edit_path(tmp_path_factory) -> Path:
     return build_tiny_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-edit"), warm_start_steps=0)
 
 
+@pytest.fixture(scope="session")
+def edit_2511_path(tmp_path_factory) -> Path:
+    """``edit_path``'s weights (the same seed) as a Qwen-Image-Edit-2511 folder: its transformer
+    config sets ``zero_cond_t`` and ``model_index.json`` names ``QwenImageEditPlusPipeline``."""
+    from tune_models.families.qwen_image.tiny import build_tiny_edit_pipeline
+
+    return build_tiny_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-edit-2511"), warm_start_steps=0, zero_cond_t=True)
+
+
 @pytest.fixture
 def small_vae_area(monkeypatch):
     """The edit pipelines' 1024 x 1024 VAE/output area, scaled for the tiny 2x VAE to 32 x 32."""

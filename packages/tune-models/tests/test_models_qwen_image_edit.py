@@ -31,13 +31,14 @@ def _pixels(image: Image.Image) -> torch.Tensor:
 
 
 def test_edit_flavours_take_references_and_base_does_not(qwen):
-    assert {"edit", "edit-plus"} < set(qwen.flavours)
+    assert {"edit", "edit-plus", "edit-2511"} < set(qwen.flavours)
     assert qwen.flavour("edit").pretrained == "Qwen/Qwen-Image-Edit"
     assert qwen.flavour("edit-plus").pretrained == "Qwen/Qwen-Image-Edit-2509"
-    for flavour in ("edit", "edit-plus"):
+    assert qwen.flavour("edit-2511").pretrained == "Qwen/Qwen-Image-Edit-2511"
+    for flavour in ("edit", "edit-plus", "edit-2511"):
         assert qwen.accepts_references(flavour) and qwen.prompts_use_references(flavour)
         assert qwen.validation_input(flavour) == "reference"
-    for flavour in ("base", "tiny"):
+    for flavour in ("base", "2512", "tiny"):
         assert not qwen.accepts_references(flavour) and not qwen.prompts_use_references(flavour)
         assert qwen.validation_input(flavour) is None
 
@@ -47,7 +48,7 @@ def test_edit_needs_a_checkpoint_with_a_processor(qwen, qwen_path):
         load(qwen, qwen_path, flavour="edit")
 
 
-@pytest.mark.parametrize("flavour", ["edit", "edit-plus"])
+@pytest.mark.parametrize("flavour", ["edit", "edit-plus", "edit-2511"])
 def test_templates_match_the_pipelines(qwen, edit_path, flavour):
     from tune_models.families.qwen_image.edit import EDIT_STYLES
 
@@ -98,6 +99,39 @@ def test_predict_with_references_is_the_edit_pipelines_velocity(qwen, edit_path,
         without = qwen.predict(model, noise, torch.tensor([1.0]), cond)
     torch.testing.assert_close(qwen.unpack(out, 16, 16), noise - velocity, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(velocity, without, atol=1e-4)  # the reference tokens matter
+
+
+@pytest.mark.parametrize("references", [1, 2])
+def test_edit_2511_predicts_the_pipelines_velocity_with_references_at_timestep_zero(
+    qwen, edit_path, edit_2511_path, small_vae_area, references, caplog
+):
+    """Qwen-Image-Edit-2511: the same check as above through QwenImageEditPlusPipeline on a
+    ``zero_cond_t`` transformer; and the same weights without ``zero_cond_t`` (2509's behaviour)
+    predict another velocity, so training does modulate the reference tokens with timestep 0."""
+    model = load(qwen, edit_2511_path, flavour="edit-2511")
+    assert model.transformer.config.zero_cond_t and "does not set zero_cond_t" not in caplog.text
+    pictures = [_picture(10 + i) for i in range(references)]
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe = qwen.validation_pipeline(model)
+    assert type(pipe).__name__ == "QwenImageEditPlusPipeline"
+    out = pipe(
+        image=pictures, prompt="make it red", height=32, width=32, num_inference_steps=1, true_cfg_scale=1.0,
+        latents=qwen.pack(noise), output_type="latent", sigmas=[1.0],
+    ).images
+    cond = qwen.collate_prompts(qwen.encode_prompts(model, ["make it red"], reference_images=[pictures]), "cpu", torch.float32)
+    refs = [qwen.encode_images(model, _pixels(p)) for p in pictures]
+    plus = load(qwen, edit_path, flavour="edit-plus")  # the same seed: the same weights, no zero_cond_t
+    with torch.no_grad():
+        velocity = qwen.predict(model, noise, torch.tensor([1.0]), cond, reference_latents=refs)
+        as_2509 = qwen.predict(plus, noise, torch.tensor([1.0]), cond, reference_latents=refs)
+    torch.testing.assert_close(qwen.unpack(out, 16, 16), noise - velocity, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(velocity, as_2509, atol=1e-4)
+
+
+def test_edit_2511_warns_on_a_transformer_without_zero_cond_t(qwen, edit_path, caplog):
+    with caplog.at_level("WARNING"):
+        load(qwen, edit_path, flavour="edit-v3")  # SimpleTuner's name for edit-2511, on a 2509-style folder
+    assert "does not set zero_cond_t" in caplog.text and "Its flavour is edit-plus" in caplog.text
 
 
 def test_generate_edits_the_given_image(qwen, edit_path, small_vae_area):

@@ -36,7 +36,7 @@ def test_names_and_flavours(qwen):
     assert (base.name, base.pretrained, base.inference_steps, base.guidance, base.shift) == (
         "base", "Qwen/Qwen-Image", 50, 4.0, None
     )
-    assert set(qwen.flavours) == {"base", "edit", "edit-plus", "tiny"}
+    assert set(qwen.flavours) == {"base", "2512", "edit", "edit-plus", "edit-2511", "tiny"}
     assert set(qwen.lora_target_presets) == {"all", "attention"} and qwen.default_lora_target == "all"
     assert set(qwen.lora_target_presets["attention"]) < set(qwen.lora_target_presets["all"])
     from tune_models.registry import model_families

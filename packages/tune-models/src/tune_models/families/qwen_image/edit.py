@@ -11,6 +11,9 @@ many references a prompt may have and at what size the encoder sees them:
 - ``edit-plus`` (``QwenImageEditPlusPipeline``, Qwen/Qwen-Image-Edit-2509): one or more references,
   each introduced as ``Picture N:`` before the instruction; the encoder sees each one resized to
   about 384 x 384 pixels (``CONDITION_IMAGE_SIZE``), the VAE at its own size.
+- ``edit-2511`` (Qwen/Qwen-Image-Edit-2511): ``edit-plus``'s pipeline and prompts; what differs is
+  in its transformer's config (``zero_cond_t``: the reference tokens are modulated with timestep 0),
+  which diffusers' ``QwenImageTransformer2DModel`` applies by itself, in training as in validation.
 """
 
 from __future__ import annotations
@@ -91,4 +94,5 @@ EDIT_STYLES: dict[str, EditStyle] = {
         condition_area=384 * 384,
     ),
 }
+EDIT_STYLES["edit-2511"] = EDIT_STYLES["edit-plus"]  # the same pipeline and prompt; zero_cond_t is the transformer's
 """Edit flavour name -> its conventions; flavours not listed are text-to-image."""

@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from tune_models.families.qwen_image.flavours import (
     QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
 )
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
+
+log = logging.getLogger(__name__)
 
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _MLP = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
@@ -123,6 +126,13 @@ class QwenImageFamily(ModelFamily):
         the checkpoint's ``processor`` (the VL processor its prompts go through) into
         ``extras["processor"]``."""
         model = super().load(source, flavour, dtype=dtype, device=device)
+        if model.flavour.name == "edit-2511" and not getattr(model.transformer.config, "zero_cond_t", False):
+            log.warning(
+                "model_flavour 'edit-2511': the loaded transformer's config does not set zero_cond_t, which "
+                "Qwen-Image-Edit-2511's does (reference tokens at timestep 0); is %s a 2509 checkpoint? "
+                "Its flavour is edit-plus",
+                model.extras.get("root"),
+            )
         if self.edit_style(model.flavour.name) is not None:
             from tune_models.families.qwen_image.processor import load_processor
 

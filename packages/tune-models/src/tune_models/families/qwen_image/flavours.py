@@ -19,21 +19,33 @@ QWEN_IMAGE_FLAVOURS: dict[str, dict[str, Any]] = {
         "Qwen/Qwen-Image-Edit-2509", 50, 4.0, None,
         "Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline): one or more reference images per edit",
     ),
+    "2512": flavour_facts(
+        "Qwen/Qwen-Image-2512", 50, 4.0, None,
+        "Qwen-Image-2512 (Qwen-Image retrained, the same architecture), true CFG 4 with a negative prompt",
+    ),
+    "edit-2511": flavour_facts(
+        "Qwen/Qwen-Image-Edit-2511", 40, 4.0, None,
+        "Qwen-Image-Edit-2511 (QwenImageEditPlusPipeline): one or more reference images per edit; its "
+        "transformer config sets zero_cond_t (reference tokens see timestep 0); 40 steps as its model card's example",
+    ),
     "tiny": flavour_facts(
         "tune-tiny:qwen-image", 2, 4.0, None,
         "random tiny Qwen-Image with the real classes, built locally, for tests",
     ),
 }
-QWEN_IMAGE_FLAVOUR_ALIASES: dict[str, str] = {"v1.0": "base", "edit-v1": "edit", "edit-v2": "edit-plus"}
+QWEN_IMAGE_FLAVOUR_ALIASES: dict[str, str] = {
+    "v1.0": "base",
+    "v2.0": "2512",
+    "edit-v1": "edit",
+    "edit-v2": "edit-plus",
+    "edit-v3": "edit-2511",
+}
 """SimpleTuner's names for the flavours (see ``ModelFamily.flavour_aliases``)."""
 QWEN_IMAGE_UNAVAILABLE_FLAVOURS: dict[str, str] = {
-    "v2.0": "Qwen-Image-2512 is not a tune flavour yet; train base, or set pretrained_model_name_or_path: "
-    "Qwen/Qwen-Image-2512 with model_flavour base (the same architecture)",
     "v2.1": "Qwen-Image 2.1 has its own transformer, a 64-channel VAE and a Qwen3-VL text encoder, which "
     "diffusers 0.42 does not provide; tune can train it once diffusers does",
     "edit-v2+": "SimpleTuner's variant of Qwen-Image-Edit-2509 trained with a zero conditioning timestep is "
-    "not a tune flavour; train edit-plus (2509 as published)",
-    "edit-v3": "Qwen-Image-Edit-2511 is not a tune flavour yet; train edit-plus (2509)",
+    "not a tune flavour; train edit-plus (2509 as published) or edit-2511 (whose checkpoint sets zero_cond_t)",
 }
 """SimpleTuner's qwen_image flavour names tune refuses, with the reason."""
 QWEN_IMAGE_LORA_TARGETS = ["all", "attention"]

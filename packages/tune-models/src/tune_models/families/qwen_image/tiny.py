@@ -146,10 +146,16 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     return _shared.save_tiny(FAMILY, path, components, warm_start_steps=0, seed=seed)
 
 
-def build_tiny_edit_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 30) -> Path:
+def build_tiny_edit_pipeline(
+    path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 30, zero_cond_t: bool = False
+) -> Path:
     """The tiny model as a Qwen-Image-Edit checkpoint: :func:`build_tiny_pipeline`'s folder plus
     ``processor/`` and a ``model_index.json`` naming ``QwenImageEditPipeline`` (what
-    Qwen/Qwen-Image-Edit publishes). Load it with ``model_flavour`` ``edit`` or ``edit-plus``."""
+    Qwen/Qwen-Image-Edit publishes). Load it with ``model_flavour`` ``edit`` or ``edit-plus``.
+
+    ``zero_cond_t`` makes it a Qwen-Image-Edit-2511 checkpoint instead (``edit-2511``): the
+    transformer config sets ``zero_cond_t`` (a behaviour, no weights) and ``model_index.json``
+    names ``QwenImageEditPlusPipeline``, as 2511 publishes."""
     import json
 
     from transformers import AutoTokenizer
@@ -161,7 +167,12 @@ def build_tiny_edit_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_sta
     save_processor(build_processor(tokenizer), path / "processor")
     index_file = path / "model_index.json"
     index = json.loads(index_file.read_text())
-    index["_class_name"] = "QwenImageEditPipeline"
+    index["_class_name"] = "QwenImageEditPlusPipeline" if zero_cond_t else "QwenImageEditPipeline"
+    if zero_cond_t:
+        transformer_file = path / "transformer" / "config.json"
+        transformer_config = json.loads(transformer_file.read_text())
+        transformer_config["zero_cond_t"] = True
+        transformer_file.write_text(json.dumps(transformer_config, indent=2))
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
     index_file.write_text(json.dumps(index, indent=2))
     return path
