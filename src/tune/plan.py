@@ -71,6 +71,15 @@ def _family_section(loaded: LoadedConfig, problems: list[str]) -> tuple[dict[str
     if name is None:
         name = info.get("default_flavour") or (next(iter(flavours)) if flavours else None)
         flavour["default_applied"] = True
+    if flavour["default_applied"] and name is not None:
+        from tune_models.flavour_facts import default_flavour_note
+
+        note = default_flavour_note(
+            entry.name, name, info.get("simpletuner_default_flavour"), info.get("flavour_aliases"),
+            info.get("unavailable_flavours"),
+        )
+        if note:
+            flavour["note"] = note
     if flavours and name is not None:
         from tune_models.flavour_facts import resolve_flavour_name
 
@@ -530,6 +539,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     flavour_text = f"{flavour['name']}{' (default)' if flavour['default_applied'] else ''}"
     if flavour.get("written"):
         flavour_text += f" (written as {flavour['written']!r})"
+    if flavour.get("note"):
+        flavour_text += f"\n  note: {flavour['note']}"
     out = [f"config: {plan['config'] or '(from a dict)'}", f"family: {name}", f"flavour: {flavour_text}"]
     for title in ("components", "precision", "lora", "noise", "optimization", "steps", "checkpoints"):
         out.append(f"{title}:")

@@ -17,6 +17,7 @@ from tune_models.families.flux.flavours import (
     FLUX_FLAVOURS,
     FLUX_LORA_TARGETS,
     FLUX_TRAINING_OPTIONS,
+    FLUX_SIMPLETUNER_DEFAULT_FLAVOUR,
     FLUX_UNAVAILABLE_FLAVOURS,
 )
 from tune_models.families.flux2.flavours import FLUX2_FLAVOURS, FLUX2_LORA_TARGETS, FLUX2_TRAINING_OPTIONS
@@ -25,12 +26,14 @@ from tune_models.families.qwen_image.flavours import (
     QWEN_IMAGE_FLAVOUR_ALIASES,
     QWEN_IMAGE_FLAVOURS,
     QWEN_IMAGE_LORA_TARGETS,
+    QWEN_IMAGE_SIMPLETUNER_DEFAULT_FLAVOUR,
     QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
 )
 from tune_models.families.sana.flavours import (
     SANA_FLAVOUR_ALIASES,
     SANA_FLAVOURS,
     SANA_LORA_TARGETS,
+    SANA_SIMPLETUNER_DEFAULT_FLAVOUR,
     SANA_TRAINING_OPTIONS,
 )
 from tune_models.families.sd3.flavours import SD3_FLAVOURS, SD3_LORA_TARGETS
@@ -41,7 +44,11 @@ from tune_models.families.sdxl.flavours import (
     SDXL_TRAINING_OPTIONS,
     SDXL_UNAVAILABLE_FLAVOURS,
 )
-from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS, ZIMAGE_UNAVAILABLE_FLAVOURS
+from tune_models.families.zimage.flavours import (
+    ZIMAGE_FLAVOURS,
+    ZIMAGE_SIMPLETUNER_DEFAULT_FLAVOUR,
+    ZIMAGE_UNAVAILABLE_FLAVOURS,
+)
 
 _ZIMAGE = "tune_models.families.zimage.family:FAMILY"
 _FLUX = "tune_models.families.flux.family:FAMILY"
@@ -61,6 +68,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         description="Black Forest Labs FLUX.1 (12B MMDiT flow transformer, CLIP-L + T5-XXL text encoders)",
         flavours=FLUX_FLAVOURS,
         unavailable_flavours=FLUX_UNAVAILABLE_FLAVOURS,
+        simpletuner_default_flavour=FLUX_SIMPLETUNER_DEFAULT_FLAVOUR,
         default_flavour="dev",
         default_lora_target="all",
         lora_targets=FLUX_LORA_TARGETS,
@@ -121,6 +129,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         flavours=QWEN_IMAGE_FLAVOURS,
         flavour_aliases=QWEN_IMAGE_FLAVOUR_ALIASES,
         unavailable_flavours=QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
+        simpletuner_default_flavour=QWEN_IMAGE_SIMPLETUNER_DEFAULT_FLAVOUR,
         default_flavour="base",
         default_lora_target="all",
         lora_targets=QWEN_IMAGE_LORA_TARGETS,
@@ -132,6 +141,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         description="NVIDIA Sana / SANA 1.5 (linear-attention DiT, Gemma-2-2B text encoder, 32x DC-AE)",
         flavours=SANA_FLAVOURS,
         flavour_aliases=SANA_FLAVOUR_ALIASES,
+        simpletuner_default_flavour=SANA_SIMPLETUNER_DEFAULT_FLAVOUR,
         default_flavour="sana1.5-1.6b",
         default_lora_target="all",
         lora_targets=SANA_LORA_TARGETS,
@@ -152,6 +162,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
     info = {
         "flavours": ZIMAGE_FLAVOURS,
         "unavailable_flavours": ZIMAGE_UNAVAILABLE_FLAVOURS,
+        "simpletuner_default_flavour": ZIMAGE_SIMPLETUNER_DEFAULT_FLAVOUR,
         "default_flavour": "turbo",
         "default_lora_target": "all",
         "lora_targets": ["all", "attention"],

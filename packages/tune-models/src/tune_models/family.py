@@ -207,6 +207,10 @@ class ModelFamily:
     flavour_aliases: dict[str, str] = {}
     """Other names users may write for a flavour -> its name: SimpleTuner's flavour names where they
     differ from tune's (``base-1.0`` for SDXL's ``base``), so its ``config.json`` runs unchanged."""
+    simpletuner_default_flavour: str | None = None
+    """SimpleTuner's default flavour (as it writes it) where it is not :attr:`default_flavour`: a
+    config without ``model_flavour`` would train another checkpoint in each, so the run and
+    ``tune check`` say so (:func:`~tune_models.flavour_facts.default_flavour_note`)."""
     unavailable_flavours: dict[str, str] = {}
     """Flavour names SimpleTuner knows and tune does not carry -> why, and what to use instead: the
     error a user of such a config gets instead of a bare "unknown flavour"."""

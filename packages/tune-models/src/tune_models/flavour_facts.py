@@ -51,3 +51,28 @@ def resolve_flavour_name(
         f"unknown model_flavour {name!r} for model_family {family!r}; choose one of: {choices}"
         + (f"; SimpleTuner's names are accepted too: {also}" if also else "")
     )
+
+
+def default_flavour_note(
+    family: str,
+    default: str,
+    simpletuner_default: str | None,
+    aliases: Mapping[str, str] | None = None,
+    unavailable: Mapping[str, str] | None = None,
+) -> str | None:
+    """What to tell a user whose config sets no ``model_flavour`` when SimpleTuner's default for
+    the family is another checkpoint than tune's (``None`` when they agree): such a config, brought
+    from SimpleTuner, would otherwise train another model without a word."""
+    if not simpletuner_default or (aliases or {}).get(simpletuner_default, simpletuner_default) == default:
+        return None
+    theirs = (aliases or {}).get(simpletuner_default)
+    if theirs:
+        where = f"tune's {theirs!r}"
+    elif simpletuner_default in (unavailable or {}):
+        where = "not available in tune"
+    else:
+        where = f"tune's {simpletuner_default!r}"
+    return (
+        f"model_flavour is not set: tune trains {family}'s default flavour {default!r}, while SimpleTuner's "
+        f"default is {simpletuner_default!r} ({where}); set model_flavour to choose"
+    )

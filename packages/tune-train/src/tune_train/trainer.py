@@ -135,6 +135,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from tune_models.family import get_family
+        from tune_models.flavour_facts import default_flavour_note
         from tune_train.adapter_setup import build_trained_weights
 
         config = self.config
@@ -155,6 +156,13 @@ class Trainer:
         # Model: frozen base weights in the storage dtype; the LoRA trains in fp32.
         self.family = get_family(config.model_family)
         self.flavour = self.family.flavour(config.model_flavour)
+        if config.model_flavour is None and self.accelerator.is_main_process:
+            note = default_flavour_note(
+                self.family.name, self.family.default_flavour, self.family.simpletuner_default_flavour,
+                self.family.flavour_aliases, self.family.unavailable_flavours,
+            )
+            if note:
+                log.warning(note)
         setup_model.choose_attention_backends(self.family, self.accelerator.device)
         source = setup_model.model_source(config, self.family, self.flavour, self.accelerator.device)
         weight_dtype = setup_model.storage_dtype(config)

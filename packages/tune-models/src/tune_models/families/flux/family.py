@@ -37,7 +37,11 @@ from typing import Any
 import torch
 
 from tune_models.families import _shared
-from tune_models.families.flux.flavours import FLUX_FLAVOURS, FLUX_UNAVAILABLE_FLAVOURS
+from tune_models.families.flux.flavours import (
+    FLUX_FLAVOURS,
+    FLUX_SIMPLETUNER_DEFAULT_FLAVOUR,
+    FLUX_UNAVAILABLE_FLAVOURS,
+)
 from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 _ATTENTION = ["to_k", "to_q", "to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0", "to_add_out"]
@@ -52,6 +56,7 @@ class FluxFamily(ModelFamily):
 
     name = "flux"
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX_FLAVOURS.items()}
+    simpletuner_default_flavour = FLUX_SIMPLETUNER_DEFAULT_FLAVOUR
     unavailable_flavours = FLUX_UNAVAILABLE_FLAVOURS
     """Facts live in :mod:`tune_models.builtins` so listing them needs no torch."""
     cudnn_attention_in_training = False

@@ -52,3 +52,5 @@ FLUX_TRAINING_OPTIONS: dict[str, str] = {
 """The family's own config keys (passed to ``configure_training``), each with what it does:
 registered as ``training_options`` so ``tune check`` and the config reference know them without
 importing the family."""
+FLUX_SIMPLETUNER_DEFAULT_FLAVOUR = "krea"
+"""SimpleTuner's default flavour, not tune's (see ``ModelFamily.simpletuner_default_flavour``)."""

@@ -43,6 +43,7 @@ from tune_models.families.qwen_image.flavours import (
     QWEN_IMAGE_FLAVOUR_ALIASES,
     QWEN_IMAGE_FLAVOURS,
     QWEN_IMAGE_UNAVAILABLE_FLAVOURS,
+    QWEN_IMAGE_SIMPLETUNER_DEFAULT_FLAVOUR,
 )
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
@@ -69,6 +70,7 @@ class QwenImageFamily(ModelFamily):
     name = "qwen_image"
     aliases = ("qwen-image",)
     flavours = {name: Flavour(name=name, **facts) for name, facts in QWEN_IMAGE_FLAVOURS.items()}
+    simpletuner_default_flavour = QWEN_IMAGE_SIMPLETUNER_DEFAULT_FLAVOUR
     flavour_aliases = QWEN_IMAGE_FLAVOUR_ALIASES
     unavailable_flavours = QWEN_IMAGE_UNAVAILABLE_FLAVOURS
     default_flavour = "base"

@@ -49,3 +49,5 @@ QWEN_IMAGE_UNAVAILABLE_FLAVOURS: dict[str, str] = {
 }
 """SimpleTuner's qwen_image flavour names tune refuses, with the reason."""
 QWEN_IMAGE_LORA_TARGETS = ["all", "attention"]
+QWEN_IMAGE_SIMPLETUNER_DEFAULT_FLAVOUR = "v2.1"
+"""SimpleTuner's default flavour, not tune's (see ``ModelFamily.simpletuner_default_flavour``)."""

@@ -37,7 +37,12 @@ from typing import Any
 import torch
 
 from tune_models.families import _gemma, _shared
-from tune_models.families.sana.flavours import SANA_FLAVOURS, SANA_FLAVOUR_ALIASES, SANA_SAMPLE_SIZES
+from tune_models.families.sana.flavours import (
+    SANA_FLAVOURS,
+    SANA_FLAVOUR_ALIASES,
+    SANA_SAMPLE_SIZES,
+    SANA_SIMPLETUNER_DEFAULT_FLAVOUR,
+)
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _SELF = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
@@ -66,6 +71,7 @@ class SanaFamily(ModelFamily):
 
     name = "sana"
     flavours = {name: Flavour(name=name, **facts) for name, facts in SANA_FLAVOURS.items()}
+    simpletuner_default_flavour = SANA_SIMPLETUNER_DEFAULT_FLAVOUR
     flavour_aliases = SANA_FLAVOUR_ALIASES
     default_flavour = "sana1.5-1.6b"
     lora_target_presets = {

@@ -81,3 +81,5 @@ SANA_TRAINING_OPTIONS: dict[str, str] = {
 """The family's own config keys (passed to ``configure_training``), each with what it does:
 registered as ``training_options`` so ``tune check`` and the config reference know them without
 importing the family."""
+SANA_SIMPLETUNER_DEFAULT_FLAVOUR = "sana1.5-4.8b-1024"
+"""SimpleTuner's default flavour, not tune's (see ``ModelFamily.simpletuner_default_flavour``)."""

@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-from tune_models.families.zimage.flavours import ZIMAGE_FLAVOURS, ZIMAGE_UNAVAILABLE_FLAVOURS
+from tune_models.families.zimage.flavours import (
+    ZIMAGE_FLAVOURS,
+    ZIMAGE_SIMPLETUNER_DEFAULT_FLAVOUR,
+    ZIMAGE_UNAVAILABLE_FLAVOURS,
+)
 from tune_models.family import Flavour, LoadedModel, ModelFamily, compute_dtype
 
 
@@ -31,6 +35,7 @@ class ZImageFamily(ModelFamily):
     name = "z-image"
     aliases = ("z_image", "zimage")
     flavours = {name: Flavour(name=name, **facts) for name, facts in ZIMAGE_FLAVOURS.items()}
+    simpletuner_default_flavour = ZIMAGE_SIMPLETUNER_DEFAULT_FLAVOUR
     unavailable_flavours = ZIMAGE_UNAVAILABLE_FLAVOURS
     """Facts live in :mod:`tune_models.builtins` so listing them needs no torch."""
     default_flavour = "turbo"

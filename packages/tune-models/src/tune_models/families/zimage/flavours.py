@@ -34,3 +34,5 @@ ZIMAGE_UNAVAILABLE_FLAVOURS: dict[str, str] = {
     "adapter, validation with CFG) and choose validation_num_inference_steps and validation_guidance for it",
 }
 """SimpleTuner's z-image flavour names tune refuses, with the reason."""
+ZIMAGE_SIMPLETUNER_DEFAULT_FLAVOUR = "turbo-ostris-v2"
+"""SimpleTuner's default flavour, not tune's (see ``ModelFamily.simpletuner_default_flavour``)."""
