@@ -16,10 +16,23 @@ from tune import Trainer
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["z-image", "flux", "flux2", "sd3", "sdxl", "qwen_image", "chroma", "sana", "lumina2"]
-SIZE = {"flux2": 64, "lumina2": 64}
+FAMILIES = ["z-image", "flux", "flux2", "flux2-klein", "sd3", "sdxl", "qwen_image", "chroma", "sana", "lumina2"]
+SIZE = {"flux2": 64, "flux2-klein": 64, "lumina2": 64}
 """Image side per family (32 px otherwise): the tiny FLUX.2 makes one token per 16 px, and the
 tiny Lumina 2 wants more than 4 tokens a side."""
+FLAVOURED = {"flux2-klein": ("flux2", "tiny-klein")}
+"""Cases that are another flavour line of a family: ``(family, tiny flavour)``. FLUX.2 [klein]
+(Qwen3 text encoder, no guidance input, Flux2KleinPipeline with CFG) has its own tiny model."""
+
+
+def _tiny(name: str, path: Path) -> Path:
+    from tune_models.testing import build_tiny_pipeline
+
+    if name == "flux2-klein":
+        from tune_models.families.flux2.tiny import build_tiny_klein_pipeline
+
+        return build_tiny_klein_pipeline(path)
+    return build_tiny_pipeline(name, path)
 
 
 def _image(family, pipeline, flavour: str, size: int) -> np.ndarray:
@@ -34,15 +47,14 @@ def test_a_lora_trained_by_the_loop_loads_into_the_familys_pipeline(name, tmp_pa
     from safetensors import safe_open
 
     from tune_models.family import ModelSource, get_family
-    from tune_models.testing import build_tiny_pipeline
 
-    family = get_family(name)
-    flavour = "base" if name == "z-image" else "tiny"
-    model_dir = tiny_zimage if name == "z-image" else build_tiny_pipeline(name, tmp_path / "tiny")
+    family_name, flavour = FLAVOURED.get(name, (name, "base" if name == "z-image" else "tiny"))
+    family = get_family(family_name)
+    model_dir = tiny_zimage if name == "z-image" else _tiny(name, tmp_path / "tiny")
     size = SIZE.get(name, 32)
     config = write_run(
         tmp_path / "run", model=model_dir, data=shapes_dir, steps=3,
-        extra={"--model_family": name, "--model_flavour": flavour, "--learning_rate": 5e-2},
+        extra={"--model_family": family_name, "--model_flavour": flavour, "--learning_rate": 5e-2},
         dataset_extra={"resolution": size, "aspect_bucket_alignment": 16},
     )
     trainer = Trainer.from_config(config, progress=False)
@@ -54,6 +66,8 @@ def test_a_lora_trained_by_the_loop_loads_into_the_familys_pipeline(name, tmp_pa
         assert handle.metadata()["modelspec.architecture"].endswith("/lora")
     assert keys and all(k.startswith(f"{family.lora_prefix}.") for k in keys)
 
+    if name == "flux2-klein":  # the flavour's own pipeline, whose LoRA loader reads the file below
+        assert type(family.validation_pipeline(trainer._run.model)).__name__ == "Flux2KleinPipeline"
     trained = _image(family, family.validation_pipeline(trainer._run.model), flavour, size)
     source = ModelSource(pretrained_model_name_or_path=str(model_dir), disable_assistant_lora=True)
     pipeline = family.validation_pipeline(family.load(source, flavour))

@@ -35,7 +35,7 @@ def test_names_and_flavours(flux2):
     assert (dev.name, dev.pretrained, dev.inference_steps, dev.guidance, dev.shift) == (
         "dev", "black-forest-labs/FLUX.2-dev", 50, 4.0, None
     )
-    assert set(flux2.flavours) == {"dev", "tiny"}
+    assert set(flux2.flavours) == {"dev", "klein-4b", "klein-9b", "tiny", "tiny-klein"}
     assert flux2.default_lora_target == "all"
     assert set(flux2.lora_target_presets["attention"]) < set(flux2.lora_target_presets["all"])
     assert set(flux2.lora_target_presets["all"]) < set(flux2.lora_target_presets["all+ffs"])

@@ -21,7 +21,11 @@ SIMPLETUNER_FLAVOURS: dict[str, dict[str, str]] = {
         "fluxbooru": "terminusresearch/fluxbooru-v0.3",
         "libreflux": "jimmycarter/LibreFlux-SimpleTuner",
     },
-    "flux2": {"dev": "black-forest-labs/FLUX.2-dev"},
+    "flux2": {
+        "dev": "black-forest-labs/FLUX.2-dev",
+        "klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+        "klein-9b": "black-forest-labs/FLUX.2-klein-base-9B",
+    },
     "sd3": {"medium": "stabilityai/stable-diffusion-3.5-medium", "large": "stabilityai/stable-diffusion-3.5-large"},
     "sdxl": {
         "base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",

@@ -1,6 +1,7 @@
 """FLUX.2 (Black Forest Labs): a 32 B MMDiT flow transformer, a Mistral-3 (Mistral Small 3.1, 24 B)
 text encoder and a 32-channel VAE, read off diffusers' ``Flux2Pipeline``,
-``Flux2Transformer2DModel`` and ``AutoencoderKLFlux2`` (0.42):
+``Flux2Transformer2DModel`` and ``AutoencoderKLFlux2`` (0.42); and FLUX.2 [klein] (flavours
+``klein-4b`` / ``klein-9b``, ``Flux2KleinPipeline``), which differs only where the last list item says:
 
 - prompts: each prompt becomes a chat (BFL's system message, then the prompt as the user turn,
   ``format_input`` in the pipeline module), tokenised by the tokenizer's chat template, padded
@@ -32,17 +33,31 @@ text encoder and a 32-channel VAE, read off diffusers' ``Flux2Pipeline``,
   ``reference_loose``); without them training is text-to-image. Validation follows the run: with
   conditioning data it edits a reference (``Flux2Pipeline(image=...)``, see
   :meth:`Flux2Family.validation_input`), without it makes images from text.
+- **klein** (the undistilled "Base" 4B / 9B; the per-flavour facts are plain data in
+  :data:`~tune_models.families.flux2.flavours.FLUX2_FLAVOUR_LINES`): the same transformer class
+  (fewer blocks), VAE, latents, ids, velocity convention, reference conditioning and LoRA key
+  names (ComfyUI's reader counts the blocks from the keys). What differs: the text encoder is a
+  Qwen3 causal LM; each prompt is the user turn of its chat template with the generation prompt
+  and thinking disabled (no system message), padded to 512, and the hidden states of layers 9, 18
+  and 27 are stacked per token (``Flux2KleinPipeline._get_qwen3_prompt_embeds``). The transformer
+  has no guidance embedding (``guidance_embeds`` false), so ``predict`` passes ``guidance=None``
+  and the ``flux2_guidance_*`` options do nothing (a warning says so). Validation runs
+  ``Flux2KleinPipeline`` with real classifier-free guidance against the empty prompt (or the
+  run's ``validation_negative_prompt``, passed as embeddings: the pipeline takes no negative
+  prompt text). Which line a flavour is decides the pipeline and text-encoder classes; a checkpoint
+  of the other line is refused before any weights load.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from tune_models.families import _shared
-from tune_models.families.flux2.flavours import FLUX2_FLAVOURS
+from tune_models.families.flux2.flavours import FLUX2_FLAVOUR_LINES, FLUX2_FLAVOURS
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _DOUBLE_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -52,16 +67,20 @@ _SINGLE_OUT = [r"re:(.*\.)?single_transformer_blocks\.\d+\.attn\.to_out"]
 """The single blocks' fused attention/MLP output projection (BFL's ``linear2``): a regex, since
 its suffix ``attn.to_out`` is also the double blocks' ``to_out`` ModuleList, which peft cannot adapt."""
 
+_log = logging.getLogger(__name__)
+
 GUIDANCE_MODES = _shared.GUIDANCE_MODES
-TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
-"""Hidden-state indices stacked into the prompt embedding (``Flux2Pipeline.encode_prompt``'s
-default ``text_encoder_out_layers``; index 0 is the token embeddings)."""
+TEXT_ENCODER_OUT_LAYERS = FLUX2_FLAVOUR_LINES["dev"]["text_encoder_out_layers"]
+"""dev's hidden-state indices stacked into the prompt embedding (``Flux2Pipeline.encode_prompt``'s
+default ``text_encoder_out_layers``; index 0 is the token embeddings); klein's are 9, 18, 27."""
+TINY_KLEIN_CACHE_NAME = "flux2-klein-v1"
+"""Folder of the ``tiny-klein`` flavour's model under ``$TUNE_TINY_CACHE`` (built on first use)."""
 MIN_REFERENCE_SIDE = 64
 """``Flux2ImageProcessor.check_image_input``'s smallest reference side, in pixels."""
 
 
 class Flux2Family(ModelFamily):
-    """FLUX.2-dev: text to image, and editing when trained with reference images."""
+    """FLUX.2-dev and FLUX.2 [klein] Base: text to image, and editing when trained with reference images."""
 
     name = "flux2"
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX2_FLAVOURS.items()}
@@ -86,12 +105,12 @@ class Flux2Family(ModelFamily):
     vae_scale_factor = 8
     patch_size = 2
     """The VAE's 2x2 patchify: one transformer token per 16 x 16 pixels."""
-    max_sequence_lengths = {"dev": 512, "tiny": 256}
-    """Prompt tokens, padded and truncated (the pipeline's default; the tiny model's is shorter,
-    still longer than BFL's system message in its byte-level tokens)."""
     label = "Flux.2"
     transformer_class = "Flux2Transformer2DModel"
     text_encoder_classes = ("Mistral3ForConditionalGeneration",)
+    """dev's; klein's is ``Qwen3ForCausalLM``. This family loads its components and builds its
+    pipeline itself, by the flavour's line (:meth:`line`), so the generic readers of this
+    attribute are not used."""
     default_extras = {"guidance": {"mode": "constant", "value": 1.0, "min": 1.0, "max": 4.0}}
     lora_keys_module = "tune_models.families.flux2.lora_keys"
     comfyui_key_prefix = "diffusion_model."
@@ -105,18 +124,95 @@ class Flux2Family(ModelFamily):
         references, a run without makes images from text."""
         return "optional-reference"
 
-    def pipeline_class(self) -> type:
-        from diffusers import Flux2Pipeline
+    def line(self, flavour: str | Flavour | None) -> dict[str, Any]:
+        """The model line of ``flavour`` (a name, alias or :class:`Flavour`; the default flavour's
+        for ``None``): pipeline and text-encoder classes, prompt-embedding layers, prompt length
+        and guidance kind (see :data:`~tune_models.families.flux2.flavours.FLUX2_MODEL_LINES`)."""
+        name = flavour.name if isinstance(flavour, Flavour) else flavour
+        if name not in FLUX2_FLAVOUR_LINES:
+            name = self.flavour(name).name
+        return FLUX2_FLAVOUR_LINES[name]
 
-        return Flux2Pipeline
+    def is_klein(self, flavour: str | Flavour | None) -> bool:
+        """Whether ``flavour`` is a FLUX.2 [klein] one (Qwen3 text encoder, CFG, no guidance input)."""
+        return self.line(flavour)["pipeline"] == "Flux2KleinPipeline"
+
+    def pipeline_class(self, flavour: str | Flavour | None = None) -> type:
+        """``Flux2Pipeline``, or ``Flux2KleinPipeline`` for a klein flavour. Without a flavour
+        (saving and reading LoRA files) either serves: both read and write LoRAs through the same
+        ``Flux2LoraLoaderMixin``."""
+        import diffusers
+
+        return getattr(diffusers, self.line(flavour)["pipeline"])
 
     # ----------------------------------------------------------------- loading
-    # ``load`` is the base class's, with FLUX.2's own components below.
+    def load(
+        self,
+        source: ModelSource,
+        flavour: str | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> LoadedModel:
+        """The base class's load, with FLUX.2's own components (:meth:`_load_components`), after
+        two steps of its own: the ``tiny-klein`` flavour's sentinel checkpoint is built on first
+        use (the generic path builds only ``tiny``), and the checkpoint's text encoder must be the
+        flavour's line's (read from ``text_encoder/config.json`` alone, before any weights load),
+        so a dev checkpoint under a klein flavour, or the reverse, fails at once and says which
+        flavours fit it."""
+        import attrs
+
+        chosen = self.flavour(flavour)
+        tiny_klein = self.flavours["tiny-klein"].pretrained
+        if (source.pretrained_model_name_or_path or chosen.pretrained) == tiny_klein:
+            from tune_models.families.flux2.tiny import build_tiny_klein_pipeline
+
+            built = _shared.tiny_checkpoint(TINY_KLEIN_CACHE_NAME, lambda path: build_tiny_klein_pipeline(path))
+            source = attrs.evolve(source, pretrained_model_name_or_path=built)
+        _, root = _shared.resolve_source(self, source, chosen)
+        found = self._checkpoint_text_encoder(root, revision=source.revision)
+        expected = self.line(chosen)["text_encoder"]
+        if found is not None and found != expected:
+            fitting = sorted(
+                name for name in self.flavours
+                if self.line(name)["text_encoder"] == found and not name.startswith("tiny")
+            )
+            raise ValueError(
+                f"model_flavour {chosen.name!r} is a {self.line(chosen)['pipeline']} model with a {expected} text "
+                f"encoder, but the checkpoint {root!r} has a {found} one; choose model_flavour "
+                f"{' or '.join(repr(n) for n in fitting) or 'of its kind'} for it, or another checkpoint"
+            )
+        return super().load(source, chosen.name, dtype=dtype, device=device)
+
+    @staticmethod
+    def _checkpoint_text_encoder(root: str, **hub_kwargs: Any) -> str | None:
+        """The transformers class the checkpoint's ``text_encoder/config.json`` names
+        (``architectures[0]``), or None where that file cannot be read (the loading that follows
+        then reports the problem)."""
+        import json
+
+        from transformers.utils import cached_file
+
+        try:
+            path = cached_file(
+                root, "config.json", subfolder="text_encoder", _raise_exceptions_for_missing_entries=False,
+                **{k: v for k, v in hub_kwargs.items() if v},
+            )
+        except (OSError, ValueError):
+            return None
+        if not path:
+            return None
+        architectures = json.loads(open(path, encoding="utf-8").read()).get("architectures") or [None]
+        return architectures[0]
+
     @staticmethod
     def _load_components(source: ModelSource, root: str, *, dtype: torch.dtype, device: str | torch.device) -> dict[str, Any]:
-        """FLUX.2's VAE class (``AutoencoderKLFlux2``). The tokenizer is read with ``AutoTokenizer``
-        (its chat template is all prompt encoding needs), not the checkpoint's ``PixtralProcessor``,
-        which would require torchvision for its image half."""
+        """FLUX.2's VAE class (``AutoencoderKLFlux2``) and the text encoder class the checkpoint
+        names (Mistral-3 for dev, Qwen3 for klein; :meth:`load` has checked it is the flavour's).
+        The tokenizer is read with ``AutoTokenizer`` (its chat template is all prompt encoding
+        needs), not dev's ``PixtralProcessor``, which would require torchvision for its image half.
+        ``extras["is_distilled"]``: the checkpoint's ``model_index.json`` flag that tells
+        ``Flux2KleinPipeline`` to skip CFG (true only for the step-distilled klein checkpoints)."""
         import diffusers
         import transformers
 
@@ -127,15 +223,36 @@ class Flux2Family(ModelFamily):
         )
         vae_location = source.pretrained_vae_model_name_or_path or root
         vae = _shared.load_vae(diffusers.AutoencoderKLFlux2, vae_location, is_root=vae_location == root, dtype=dtype, **kwargs)
-        text_encoder = transformers.Mistral3ForConditionalGeneration.from_pretrained(
-            root, subfolder="text_encoder", dtype=dtype, **kwargs
-        )
+        known = {line["text_encoder"] for line in FLUX2_FLAVOUR_LINES.values()}
+        found = Flux2Family._checkpoint_text_encoder(root, **hub_kwargs) or "Mistral3ForConditionalGeneration"
+        if found not in known:
+            raise ValueError(
+                f"the FLUX.2 checkpoint {root!r} has a {found} text encoder; FLUX.2 uses one of {sorted(known)}"
+            )
+        text_encoder = getattr(transformers, found).from_pretrained(root, subfolder="text_encoder", dtype=dtype, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(root, subfolder="tokenizer", **hub_kwargs)
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = Flux2Family._processor_chat_template(root, **hub_kwargs)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", **hub_kwargs)
         _shared.freeze(transformer, vae, text_encoder, device=device)
-        return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        extras = {"is_distilled": bool(Flux2Family._model_index(root, **hub_kwargs).get("is_distilled", False))}
+        return dict(
+            transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+            extras=extras,
+        )
+
+    @staticmethod
+    def _model_index(root: str, **hub_kwargs: Any) -> dict[str, Any]:
+        """The checkpoint's ``model_index.json`` (``{}`` where there is none)."""
+        import json
+
+        from transformers.utils import cached_file
+
+        try:
+            path = cached_file(root, "model_index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        except (OSError, ValueError):
+            return {}
+        return json.loads(open(path, encoding="utf-8").read()) if path else {}
 
     @staticmethod
     def _processor_chat_template(root: str, **hub_kwargs: Any) -> str:
@@ -160,41 +277,78 @@ class Flux2Family(ModelFamily):
     def configure_training(self, model: LoadedModel, options: Mapping[str, Any]) -> None:
         """FLUX.2's training options: ``flux2_guidance_mode`` (``constant``, default, or
         ``random-range``), ``flux2_guidance_value`` (1.0: ai-toolkit and SimpleTuner train
-        guidance-distilled Flux at 1), ``flux2_guidance_min`` (1.0), ``flux2_guidance_max`` (4.0)."""
+        guidance-distilled Flux at 1), ``flux2_guidance_min`` (1.0), ``flux2_guidance_max`` (4.0).
+
+        They set dev's guidance *input*. A transformer without one (klein: ``guidance_embeds``
+        false) ignores them, so setting any logs a warning saying they have no effect (their
+        values are still checked)."""
         model.extras["guidance"] = _shared.guidance_settings(model.extras["guidance"], options, "flux2")
+        given = sorted(k for k in options if str(k).lstrip("-").startswith("flux2_guidance_"))
+        if given and not self.has_guidance_input(model):
+            _log.warning(
+                "%s has no effect: model_flavour %r has no guidance input (its transformer's guidance_embeds "
+                "is false; FLUX.2 [klein] Base uses classifier-free guidance at inference instead)",
+                ", ".join(given), model.flavour.name,
+            )
+
+    @staticmethod
+    def has_guidance_input(model: LoadedModel) -> bool:
+        """Whether the transformer takes a guidance input (dev's guidance embedding; klein has none)."""
+        return bool(getattr(model.transformer.config, "guidance_embeds", False))
 
     # ----------------------------------------------------------------- prompts
     def _max_sequence_length(self, flavour: Flavour) -> int:
-        return self.max_sequence_lengths.get(flavour.name, 512)
+        return int(self.line(flavour)["max_sequence_length"])
+
+    def _tokenize(self, model: LoadedModel, prompts: list[str], length: int) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (``B x length``) as the flavour's pipeline makes them:
+        dev: BFL's system message and the prompt as a chat (``format_input``), through the chat
+        template; klein: the prompt as the user turn, the chat template applied as text with the
+        generation prompt and thinking off, then tokenised (``_get_qwen3_prompt_embeds``)."""
+        if self.is_klein(model.flavour):
+            texts = [
+                model.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                    enable_thinking=False,
+                )
+                for prompt in prompts
+            ]
+            tokens = model.tokenizer(
+                texts, return_tensors="pt", padding="max_length", truncation=True, max_length=length
+            )
+            return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+        return model.tokenizer.apply_chat_template(
+            format_input(prompts=prompts, system_message=SYSTEM_MESSAGE),
+            add_generation_prompt=False,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=length,
+        )
 
     @torch.no_grad()
     def encode_prompts(
         self, model: LoadedModel, prompts: list[str], *, batch_size: int = 4
     ) -> list[dict[str, torch.Tensor]]:
-        """Per prompt, as ``Flux2Pipeline.encode_prompt`` computes it: ``prompt_embeds``
-        ``[max_sequence_length, 3 x hidden]`` (layers 10/20/30 stacked per token, padding
-        included) and the tokenizer's ``attention_mask`` ``[max_sequence_length]`` (int64)."""
-        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-
+        """Per prompt, as the flavour's pipeline's ``encode_prompt`` computes it: ``prompt_embeds``
+        ``[max_sequence_length, 3 x hidden]`` (the hidden states of the line's three
+        ``text_encoder_out_layers`` stacked per token, padding included: 10/20/30 for dev, 9/18/27
+        for klein) and the tokenizer's ``attention_mask`` ``[max_sequence_length]`` (int64)."""
         if isinstance(prompts, str):
             raise TypeError("encode_prompts takes a list of prompts, not one string")
         encoder = model.text_encoder
         param = next(encoder.parameters())
         length = self._max_sequence_length(model.flavour)
+        layers = tuple(self.line(model.flavour)["text_encoder_out_layers"])
         results: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            tokens = model.tokenizer.apply_chat_template(
-                format_input(prompts=chunk, system_message=SYSTEM_MESSAGE),
-                add_generation_prompt=False,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                padding="max_length",
-                truncation=True,
-                max_length=length,
-            )
+            tokens = self._tokenize(model, chunk, length)
             mask = tokens["attention_mask"]
             hidden = encoder(
                 input_ids=tokens["input_ids"].to(param.device),
@@ -202,13 +356,13 @@ class Flux2Family(ModelFamily):
                 output_hidden_states=True,
                 use_cache=False,
             ).hidden_states
-            if len(hidden) <= max(TEXT_ENCODER_OUT_LAYERS):
+            if len(hidden) <= max(layers):
                 raise ValueError(
-                    f"the {self.label} text encoder has {len(hidden) - 1} layers; prompt embeddings stack the "
-                    f"hidden states of layers {TEXT_ENCODER_OUT_LAYERS}"
+                    f"the {self.label} text encoder has {len(hidden) - 1} layers; model_flavour "
+                    f"{model.flavour.name!r} stacks the hidden states of layers {layers} into prompt embeddings"
                 )
-            stacked = torch.stack([hidden[k] for k in TEXT_ENCODER_OUT_LAYERS], dim=2)  # B x L x 3 x D
-            embeds = stacked.flatten(2)  # per token: layer 10, then 20, then 30 (the pipeline's order)
+            stacked = torch.stack([hidden[k] for k in layers], dim=2)  # B x L x 3 x D
+            embeds = stacked.flatten(2)  # per token: the first layer's, then the second's, ... (the pipeline's order)
             for i in range(len(chunk)):
                 results.append(
                     {
@@ -372,8 +526,21 @@ class Flux2Family(ModelFamily):
 
     # ----------------------------------------------------------------- validation
     def validation_pipeline(self, model: LoadedModel) -> Any:
-        pipeline = super().validation_pipeline(model)
+        """The flavour's pipeline (``Flux2Pipeline`` or ``Flux2KleinPipeline``, the latter with the
+        checkpoint's ``is_distilled``) over ``model``'s components, with its own scheduler
+        instance, no progress bar, and the flavour's prompt length and layers for its calls."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        components = dict(
+            transformer=model.transformer, vae=model.vae, text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
+        )
+        if self.is_klein(model.flavour):
+            components["is_distilled"] = bool(model.extras.get("is_distilled", False))
+        pipeline = self.pipeline_class(model.flavour)(**components)
+        pipeline.set_progress_bar_config(disable=True)
         pipeline._tune_max_sequence_length = self._max_sequence_length(model.flavour)
+        pipeline._tune_text_encoder_out_layers = tuple(self.line(model.flavour)["text_encoder_out_layers"])
         return pipeline
 
     def generate(self, pipeline: Any, prompt: str, *, image: Any = None, **kwargs: Any) -> Any:
@@ -387,11 +554,25 @@ class Flux2Family(ModelFamily):
         return super().generate(pipeline, prompt, image=image, **kwargs)
 
     def _pipeline_call_kwargs(self, pipeline: Any, *, guidance: float, negative_prompt: str | None) -> dict[str, Any]:
-        """``guidance`` is the distilled guidance *input* (no CFG, so ``negative_prompt`` is unused)."""
-        return {
+        """The flavour's prompt length and layers. dev: ``guidance`` is the distilled guidance
+        *input* (no CFG, so ``negative_prompt`` is unused). klein: ``guidance`` is the CFG scale
+        (on above 1 unless the checkpoint is step-distilled); the pipeline's negative prompt is
+        always the empty one unless given as embeddings, so a ``negative_prompt`` is encoded here
+        and passed as ``negative_prompt_embeds``."""
+        from diffusers import Flux2KleinPipeline
+
+        kwargs: dict[str, Any] = {
             "max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512),
-            "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS,
+            "text_encoder_out_layers": getattr(pipeline, "_tune_text_encoder_out_layers", TEXT_ENCODER_OUT_LAYERS),
         }
+        if (
+            isinstance(pipeline, Flux2KleinPipeline) and negative_prompt
+            and guidance > 1 and not pipeline.config.is_distilled
+        ):
+            kwargs["negative_prompt_embeds"], _ = pipeline.encode_prompt(
+                prompt=negative_prompt, device=pipeline._execution_device, **kwargs
+            )
+        return kwargs
 
 
 FAMILY = Flux2Family()

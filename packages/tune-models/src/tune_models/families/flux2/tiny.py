@@ -21,6 +21,14 @@ Mistral-style chat template, and a ``FlowMatchEulerDiscreteScheduler``, saved as
 
 The transformer is warm-started briefly (full weights) on synthetic images so a LoRA has a
 denoiser to adapt.
+
+:func:`build_tiny_klein_pipeline` builds the ``tiny-klein`` flavour's model the same way, as a
+``Flux2KleinPipeline`` folder (``is_distilled`` false, like the klein Base checkpoints): the same
+tiny transformer without the guidance embedding (klein has none), the same VAE, and a random
+**6-layer**, width-16 ``Qwen3ForCausalLM`` (the flavour stacks layers 2, 4 and 5, where the real
+klein stacks 9, 18 and 27 of 36) with a byte-level Qwen2 tokenizer whose chat template writes
+Qwen3's ``<|im_start|>user ... <|im_end|>`` turns and, with ``enable_thinking=False``, the empty
+``<think>`` block after the generation prompt, as Qwen3's own template does.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from tune_models.families import _shared
+from tune_models.families import _qwen, _shared
 
 TINY_TRANSFORMER = dict(
     patch_size=1,
@@ -143,3 +151,70 @@ def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_st
     extras = {"guidance": {"mode": "random-range", "value": 1.0, "min": 1.0, "max": 5.0}}
     with _shared.one_thread():  # tiny matrices
         return _shared.save_tiny(FAMILY, path, components, warm_start_steps=warm_start_steps, seed=seed, extras=extras)
+
+
+# ----------------------------------------------------------------------------- FLUX.2 [klein]
+TINY_KLEIN_TRANSFORMER = {**TINY_TRANSFORMER, "guidance_embeds": False}
+TINY_QWEN3 = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=8, max_position_embeddings=1024,
+)
+"""Width 16: three stacked layers make the transformer's 48-wide text input, as for ``tiny``."""
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+"""Qwen3's chat layout for text turns, with its ``enable_thinking=False`` empty think block (what
+``Flux2KleinPipeline`` asks for)."""
+
+
+def build_klein_tokenizer():
+    """A byte-level Qwen2 tokenizer built in memory, with :data:`QWEN3_CHAT_TEMPLATE`."""
+    return _qwen.byte_tokenizer(QWEN3_CHAT_TEMPLATE)
+
+
+def tiny_qwen3(tokenizer):
+    """A random tiny ``Qwen3ForCausalLM`` (:data:`TINY_QWEN3`) for ``tokenizer``'s vocabulary."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        **TINY_QWEN3,
+    )
+    return Qwen3ForCausalLM(config).eval()
+
+
+def build_tiny_klein_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 20) -> Path:
+    """Build the tiny FLUX.2 [klein] with weights drawn from ``seed``, warm-start its transformer
+    for ``warm_start_steps`` (as the ``tiny-klein`` flavour: Qwen3 prompts, no guidance input) and
+    save it at ``path`` as a ``Flux2KleinPipeline`` folder."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    from tune_models.families.flux2.family import FAMILY
+    from tune_models.family import LoadedModel
+
+    tokenizer = build_klein_tokenizer()
+    with _shared.seeded(seed):
+        transformer = Flux2Transformer2DModel(**TINY_KLEIN_TRANSFORMER).eval()
+        vae = AutoencoderKLFlux2(**TINY_VAE).eval()
+        calibrate_vae(vae)
+        text_encoder = tiny_qwen3(tokenizer)
+    components = dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER),
+    )
+    with _shared.one_thread():  # tiny matrices
+        if warm_start_steps > 0:
+            model = LoadedModel(family=FAMILY, flavour=FAMILY.flavour("tiny-klein"), extras={}, **components)
+            _shared.warm_start(FAMILY, model, steps=warm_start_steps, seed=seed)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        Flux2KleinPipeline(**components, is_distilled=False).save_pretrained(path)
+    return path
