@@ -90,6 +90,9 @@ def test_registrations_match_the_families():
         assert entry.info.get("default_flavour") == family.default_flavour, entry.name
         assert dict(entry.info.get("flavour_aliases") or {}) == family.flavour_aliases, entry.name
         assert dict(entry.info.get("unavailable_flavours") or {}) == family.unavailable_flavours, entry.name
+        assert entry.info.get("simpletuner_default_flavour") == family.simpletuner_default_flavour, entry.name
+        if family.simpletuner_default_flavour:  # one of SimpleTuner's names for this family
+            assert family.simpletuner_default_flavour in SIMPLETUNER_FLAVOURS[name], name
 
 
 def test_flavour_questions_answer_the_same_for_an_alias():

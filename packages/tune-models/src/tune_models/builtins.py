@@ -20,7 +20,12 @@ from tune_models.families.flux.flavours import (
     FLUX_SIMPLETUNER_DEFAULT_FLAVOUR,
     FLUX_UNAVAILABLE_FLAVOURS,
 )
-from tune_models.families.flux2.flavours import FLUX2_FLAVOURS, FLUX2_LORA_TARGETS, FLUX2_TRAINING_OPTIONS
+from tune_models.families.flux2.flavours import (
+    FLUX2_FLAVOURS,
+    FLUX2_LORA_TARGETS,
+    FLUX2_SIMPLETUNER_DEFAULT_FLAVOUR,
+    FLUX2_TRAINING_OPTIONS,
+)
 from tune_models.families.lumina2.flavours import LUMINA2_FLAVOUR_ALIASES, LUMINA2_FLAVOURS, LUMINA2_LORA_TARGETS
 from tune_models.families.qwen_image.flavours import (
     QWEN_IMAGE_FLAVOUR_ALIASES,
@@ -80,6 +85,7 @@ def tune_register_model_families(register: Callable[..., None]) -> None:
         _FLUX2,
         description="Black Forest Labs FLUX.2 (32B MMDiT flow transformer, Mistral-3 24B text encoder, 32-channel VAE)",
         flavours=FLUX2_FLAVOURS,
+        simpletuner_default_flavour=FLUX2_SIMPLETUNER_DEFAULT_FLAVOUR,
         default_flavour="dev",
         default_lora_target="all",
         lora_targets=FLUX2_LORA_TARGETS,

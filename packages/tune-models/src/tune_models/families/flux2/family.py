@@ -57,7 +57,11 @@ from typing import Any
 import torch
 
 from tune_models.families import _shared
-from tune_models.families.flux2.flavours import FLUX2_FLAVOUR_LINES, FLUX2_FLAVOURS
+from tune_models.families.flux2.flavours import (
+    FLUX2_FLAVOUR_LINES,
+    FLUX2_FLAVOURS,
+    FLUX2_SIMPLETUNER_DEFAULT_FLAVOUR,
+)
 from tune_models.family import Flavour, LoadedModel, ModelFamily, ModelSource, compute_dtype
 
 _DOUBLE_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -84,6 +88,7 @@ class Flux2Family(ModelFamily):
 
     name = "flux2"
     flavours = {name: Flavour(name=name, **facts) for name, facts in FLUX2_FLAVOURS.items()}
+    simpletuner_default_flavour = FLUX2_SIMPLETUNER_DEFAULT_FLAVOUR
     default_flavour = "dev"
     # diffusers names the single blocks' output projection ``attn.to_out``, the same suffix as the
     # double blocks' ``to_out`` ModuleList, which peft cannot adapt; so only a regex target

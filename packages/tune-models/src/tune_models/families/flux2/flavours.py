@@ -104,3 +104,5 @@ FLUX2_TRAINING_OPTIONS: dict[str, str] = {
 """The family's own config keys (passed to ``configure_training``), each with what it does:
 registered as ``training_options`` so ``tune check`` and the config reference know them without
 importing the family."""
+FLUX2_SIMPLETUNER_DEFAULT_FLAVOUR = "klein-9b"
+"""SimpleTuner's default flavour, not tune's (see ``ModelFamily.simpletuner_default_flavour``)."""
