@@ -43,9 +43,17 @@ def test_empty_list_turns_it_off_and_unset_keys_are_not_passed():
     }
 
 
+def test_real_guidance_is_an_option_only_above_one():
+    """SimpleTuner's ``validation_guidance_real`` (Flux's real CFG): its default 1 means off, so
+    configs that carry it do not make other families warn."""
+    assert train(validation_guidance_real=1.0).validation_options() == {}
+    assert train(validation_guidance_real="3.5").validation_options() == {"validation_guidance_real": 3.5}
+
+
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
+        ({"validation_guidance_real": 0.5}, "validation_guidance_real must be >= 1"),
         ({"validation_guidance_skip_layers": [-1]}, "validation_guidance_skip_layers must be a list of block indices"),
         ({"validation_guidance_skip_layers": "7,x"}, "validation_guidance_skip_layers must be a list of block indices"),
         ({"validation_guidance_skip_layers": [7.5]}, "validation_guidance_skip_layers must be a list of whole numbers"),

@@ -254,3 +254,25 @@ def test_kontext_validation_edits_a_reference_at_its_training_size(flux, flux_pa
     assert shapes == [None, (1, 3, 32, 48)]
     assert edited.shape == text_only.shape == (32, 32, 3)
     assert np.abs(edited - text_only).max() > 1
+
+
+def test_validation_guidance_real_runs_classifier_free_guidance(flux, flux_path):
+    """``validation_guidance_real`` > 1: FluxPipeline's true CFG against the negative prompt (the
+    empty one when unset): two transformer calls a step and another image; 1 changes nothing;
+    Chroma (real CFG already) does not take the key."""
+    model = load(flux, flux_path)
+    pipe = flux.validation_pipeline(model)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    kwargs = dict(width=32, height=32, steps=2, guidance=3.5, seed=0)
+    plain = np.asarray(flux.generate(pipe, "a red square", **kwargs))
+    assert len(calls) == 2
+    calls.clear()
+    real = np.asarray(flux.generate(pipe, "a red square", options={"validation_guidance_real": 4.0}, **kwargs))
+    assert len(calls) == 4 and np.abs(real.astype(int) - plain.astype(int)).max() > 0
+    negative = np.asarray(
+        flux.generate(pipe, "a red square", negative_prompt="blue", options={"validation_guidance_real": 4.0}, **kwargs)
+    )
+    assert np.abs(negative.astype(int) - real.astype(int)).max() > 0  # the negative prompt is used
+    assert flux.validation_call_options(pipe, {"validation_guidance_real": 1.0}, guidance=3.5) == {}
+    assert "validation_guidance_real" not in get_family("chroma").validation_option_keys

@@ -367,6 +367,8 @@ class TrainConfig:
     """Sampling steps for validation images. Default: the flavour's."""
     validation_guidance: float | None = _field(None, _non_negative)
     """Guidance scale for validation images. Default: the flavour's."""
+    validation_guidance_real: float | None = _field(None, _at_least_one, _finite)
+    """Flux.1 only (dev, krea, schnell, kontext): real classifier-free guidance for validation images, on top of the distilled ``validation_guidance`` input. Above 1, each step also runs ``validation_negative_prompt`` (default: the empty prompt) and mixes the two, which doubles validation time; for LoRAs trained to need CFG (de-distillation). 1 (the default) turns it off. Other families warn that it does not apply (their ``validation_guidance`` is already CFG)."""
     validation_guidance_skip_layers: tuple[int, ...] | None = _field(None, _layer_indices, converter=_int_tuple)
     """SD3 only: transformer blocks skipped in the extra pass of skip-layer guidance for validation images (JSON list or comma-separated, e.g. ``[7, 8, 9]``; ``[]`` turns it off). Needs ``validation_guidance`` > 1. Default: the flavour's (3.5 Medium: 7, 8, 9; Large: none). Other families warn that it does not apply."""
     validation_guidance_skip_layers_start: float | None = _field(None, _probability)
@@ -701,12 +703,16 @@ class TrainConfig:
         guidance), for ``family.generate(options=...)``; a family warns once about those it does
         not use, so the trainer needs no family names."""
         names = (
+            "validation_guidance_real",
             "validation_guidance_skip_layers",
             "validation_guidance_skip_layers_start",
             "validation_guidance_skip_layers_stop",
             "validation_guidance_skip_scale",
         )
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        options = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if options.get("validation_guidance_real") == 1:  # SimpleTuner's default, "off": nothing to apply
+            del options["validation_guidance_real"]
+        return options
 
     def validation_sizes(self, default: int | None = None) -> list[tuple[int, int]]:
         """``validation_resolution`` as ``[(width, height), ...]``; ``"1024"`` is square. Unset, it

@@ -42,6 +42,7 @@ class ChromaFamily(FluxFamily):
     name = "chroma"
     flavours = {name: Flavour(name=name, **facts) for name, facts in CHROMA_FLAVOURS.items()}
     unavailable_flavours = CHROMA_UNAVAILABLE_FLAVOURS
+    validation_option_keys = frozenset()  # validation_guidance is already real CFG here
     simpletuner_default_flavour = None  # SimpleTuner's is base too (not Flux's krea, inherited otherwise)
     default_flavour = "base"
     lora_target_presets = {k: v for k, v in FluxFamily.lora_target_presets.items()}
