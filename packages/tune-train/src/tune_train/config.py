@@ -368,7 +368,7 @@ class TrainConfig:
     validation_guidance: float | None = _field(None, _non_negative)
     """Guidance scale for validation images. Default: the flavour's."""
     validation_guidance_real: float | None = _field(None, _at_least_one, _finite)
-    """Flux.1 only (dev, krea, schnell, kontext): real classifier-free guidance for validation images, on top of the distilled ``validation_guidance`` input. Above 1, each step also runs ``validation_negative_prompt`` (default: the empty prompt) and mixes the two, which doubles validation time; for LoRAs trained to need CFG (de-distillation). 1 (the default) turns it off. Other families warn that it does not apply (their ``validation_guidance`` is already CFG)."""
+    """Flux.1 only (dev, krea, schnell, kontext): real classifier-free guidance for validation images, on top of the distilled ``validation_guidance`` input. Above 1, each step also runs ``validation_negative_prompt`` (default: the empty prompt) and mixes the two, which doubles validation time; for LoRAs trained to need CFG (de-distillation). Other families warn that it does not apply (their ``validation_guidance`` is already CFG). Default: unset, which is 1 (off), SimpleTuner's default."""
     validation_guidance_skip_layers: tuple[int, ...] | None = _field(None, _layer_indices, converter=_int_tuple)
     """SD3 only: transformer blocks skipped in the extra pass of skip-layer guidance for validation images (JSON list or comma-separated, e.g. ``[7, 8, 9]``; ``[]`` turns it off). Needs ``validation_guidance`` > 1. Default: the flavour's (3.5 Medium: 7, 8, 9; Large: none). Other families warn that it does not apply."""
     validation_guidance_skip_layers_start: float | None = _field(None, _probability)
