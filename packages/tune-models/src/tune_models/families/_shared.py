@@ -444,17 +444,21 @@ def save_tiny(
     seed: int,
     shift: float = 1.0,
     extras: dict[str, Any] | None = None,
+    flavour: str = "tiny",
+    pipeline_class: type | None = None,
 ) -> Path:
-    """Warm-start a tiny model's transformer (see :func:`warm_start`) and save ``components``
-    (``LoadedModel`` field names, scheduler included) as ``family``'s pipeline at ``path``."""
+    """Warm-start a tiny model's transformer (see :func:`warm_start`) as ``flavour`` and save
+    ``components`` (``LoadedModel`` field names, scheduler included) as ``pipeline_class`` (default:
+    the family's pipeline) at ``path``: a family with a second tiny flavour of another pipeline
+    (FLUX.2's ``tiny-klein``) names both."""
     from tune_models.family import LoadedModel
 
     if warm_start_steps > 0:
-        model = LoadedModel(family=family, flavour=family.flavour("tiny"), extras=dict(extras or {}), **components)
+        model = LoadedModel(family=family, flavour=family.flavour(flavour), extras=dict(extras or {}), **components)
         warm_start(family, model, steps=warm_start_steps, seed=seed, shift=shift)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    family.pipeline_class()(**components).save_pretrained(path)
+    (pipeline_class or family.pipeline_class())(**components).save_pretrained(path)
     return path
 
 

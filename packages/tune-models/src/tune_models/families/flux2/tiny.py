@@ -34,7 +34,9 @@ Qwen3's ``<|im_start|>user ... <|im_end|>`` turns and, with ``enable_thinking=Fa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,26 +130,32 @@ def calibrate_vae(vae) -> None:
     vae.bn.running_var.copy_(latents.var(dim=(0, 2, 3)))
 
 
-def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 20) -> Path:
-    """Build the tiny pipeline with weights drawn from ``seed`` and save it at ``path``; the warm
-    start draws guidance inputs in [1, 5] so the guidance embedding learns something."""
+def _tiny_components(transformer_config: dict, tokenizer, text_encoder: Callable[[Any], Any], seed: int) -> dict:
+    """The tiny pipeline's components (``LoadedModel`` field names) with weights drawn from
+    ``seed``: the transformer of ``transformer_config``, the calibrated tiny VAE and
+    ``text_encoder(tokenizer)``; dev and klein differ only in those."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-    from tune_models.families.flux2.family import FAMILY
-
-    tokenizer = build_tokenizer()
     with _shared.seeded(seed):
-        transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER).eval()
+        transformer = Flux2Transformer2DModel(**transformer_config).eval()
         vae = AutoencoderKLFlux2(**TINY_VAE).eval()
         calibrate_vae(vae)
-        text_encoder = tiny_text_encoder(tokenizer)
-    components = dict(
+        encoder = text_encoder(tokenizer)
+    return dict(
         transformer=transformer,
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoder=encoder,
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER),
     )
+
+
+def build_tiny_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 20) -> Path:
+    """Build the tiny pipeline with weights drawn from ``seed`` and save it at ``path``; the warm
+    start draws guidance inputs in [1, 5] so the guidance embedding learns something."""
+    from tune_models.families.flux2.family import FAMILY
+
+    components = _tiny_components(TINY_TRANSFORMER, build_tokenizer(), tiny_text_encoder, seed)
     extras = {"guidance": {"mode": "random-range", "value": 1.0, "min": 1.0, "max": 5.0}}
     with _shared.one_thread():  # tiny matrices
         return _shared.save_tiny(FAMILY, path, components, warm_start_steps=warm_start_steps, seed=seed, extras=extras)
@@ -191,30 +199,14 @@ def tiny_qwen3(tokenizer):
 def build_tiny_klein_pipeline(path: str | os.PathLike, *, seed: int = 0, warm_start_steps: int = 20) -> Path:
     """Build the tiny FLUX.2 [klein] with weights drawn from ``seed``, warm-start its transformer
     for ``warm_start_steps`` (as the ``tiny-klein`` flavour: Qwen3 prompts, no guidance input) and
-    save it at ``path`` as a ``Flux2KleinPipeline`` folder."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    save it at ``path`` as a ``Flux2KleinPipeline`` folder (``is_distilled`` false, its default)."""
+    from diffusers import Flux2KleinPipeline
 
     from tune_models.families.flux2.family import FAMILY
-    from tune_models.family import LoadedModel
 
-    tokenizer = build_klein_tokenizer()
-    with _shared.seeded(seed):
-        transformer = Flux2Transformer2DModel(**TINY_KLEIN_TRANSFORMER).eval()
-        vae = AutoencoderKLFlux2(**TINY_VAE).eval()
-        calibrate_vae(vae)
-        text_encoder = tiny_qwen3(tokenizer)
-    components = dict(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER),
-    )
+    components = _tiny_components(TINY_KLEIN_TRANSFORMER, build_klein_tokenizer(), tiny_qwen3, seed)
     with _shared.one_thread():  # tiny matrices
-        if warm_start_steps > 0:
-            model = LoadedModel(family=FAMILY, flavour=FAMILY.flavour("tiny-klein"), extras={}, **components)
-            _shared.warm_start(FAMILY, model, steps=warm_start_steps, seed=seed)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        Flux2KleinPipeline(**components, is_distilled=False).save_pretrained(path)
-    return path
+        return _shared.save_tiny(
+            FAMILY, path, components, warm_start_steps=warm_start_steps, seed=seed, flavour="tiny-klein",
+            pipeline_class=Flux2KleinPipeline,
+        )
