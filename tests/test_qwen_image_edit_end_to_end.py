@@ -24,15 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 @pytest.fixture(autouse=True)
 def _small_vae_area(monkeypatch):
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+    from tune_models.families.qwen_image.tiny import shrink_edit_area
 
-    for module in (edit, plus):
-        original = module.calculate_dimensions
-        monkeypatch.setattr(
-            module, "calculate_dimensions",
-            lambda area, ratio, original=original: original(32 * 32 if area == 1024 * 1024 else area, ratio),
-        )
+    shrink_edit_area(monkeypatch)
 
 
 @pytest.fixture(scope="module")

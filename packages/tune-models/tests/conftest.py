@@ -105,12 +105,6 @@ def edit_2511_path(tmp_path_factory) -> Path:
 @pytest.fixture
 def small_vae_area(monkeypatch):
     """The edit pipelines' 1024 x 1024 VAE/output area, scaled for the tiny 2x VAE to 32 x 32."""
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+    from tune_models.families.qwen_image.tiny import shrink_edit_area
 
-    for module in (edit, plus):
-        original = module.calculate_dimensions
-        monkeypatch.setattr(
-            module, "calculate_dimensions",
-            lambda area, ratio, original=original: original(32 * 32 if area == 1024 * 1024 else area, ratio),
-        )
+    shrink_edit_area(monkeypatch)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -176,3 +177,18 @@ def build_tiny_edit_pipeline(
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
     index_file.write_text(json.dumps(index, indent=2))
     return path
+
+
+def shrink_edit_area(monkeypatch: Any, area: int = 32 * 32) -> None:
+    """For tests: the edit pipelines resize the output and the VAE's reference to 1024 x 1024
+    pixels of area, far too big for the tiny 2x VAE; patch both pipelines' ``calculate_dimensions``
+    (with pytest's ``monkeypatch``) to use ``area`` for that one request."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    for module in (edit, plus):
+        original = module.calculate_dimensions
+        monkeypatch.setattr(
+            module, "calculate_dimensions",
+            lambda wanted, ratio, original=original: original(area if wanted == 1024 * 1024 else wanted, ratio),
+        )
