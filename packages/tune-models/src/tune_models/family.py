@@ -652,7 +652,7 @@ class ModelFamily:
         back as it was."""
         generator = torch.Generator("cpu").manual_seed(int(seed))
         extra = self._pipeline_call_kwargs(pipeline, guidance=guidance, negative_prompt=negative_prompt)
-        extra.update(self.validation_call_options(pipeline, options, guidance=guidance))
+        extra.update(self.validation_call_options(pipeline, options, guidance=guidance, negative_prompt=negative_prompt))
         if image is not None:
             extra["image"] = image
         transformer = getattr(pipeline, self.lora_prefix)
@@ -678,7 +678,7 @@ class ModelFamily:
         return {}
 
     def validation_call_options(
-        self, pipeline: Any, options: Mapping[str, Any] | None, *, guidance: float
+        self, pipeline: Any, options: Mapping[str, Any] | None, *, guidance: float, negative_prompt: str | None = None
     ) -> dict[str, Any]:
         """Pipeline keyword arguments from the run's validation ``options``
         (``TrainConfig.validation_options()``: keys only some families use, such as SD3's
@@ -691,11 +691,16 @@ class ModelFamily:
                 _WARNED_OPTIONS.add((self.name, key))
                 _log.warning("%s does not apply to model_family %r; ignored", key, self.name)
             del options[key]
-        return self._validation_option_kwargs(pipeline, options, guidance=guidance) if options else {}
+        if not options:
+            return {}
+        return self._validation_option_kwargs(pipeline, options, guidance=guidance, negative_prompt=negative_prompt)
 
-    def _validation_option_kwargs(self, pipeline: Any, options: dict[str, Any], *, guidance: float) -> dict[str, Any]:
-        """The pipeline arguments for ``options`` (only keys of :attr:`validation_option_keys`);
-        a family that declares such keys overrides this."""
+    def _validation_option_kwargs(
+        self, pipeline: Any, options: dict[str, Any], *, guidance: float, negative_prompt: str | None
+    ) -> dict[str, Any]:
+        """The pipeline arguments for ``options`` (only keys of :attr:`validation_option_keys`),
+        given the call's ``guidance`` and ``negative_prompt``; a family that declares such keys
+        overrides this."""
         return {}
 
     def lora_state_dict(self, path: str | os.PathLike, *, weight_name: str | None = None) -> dict:

@@ -289,21 +289,22 @@ class FluxFamily(ModelFamily):
         is used only with ``validation_guidance_real``, see :meth:`_validation_option_kwargs`),
         ignored by schnell. Kontext gets ``max_area`` and, with a reference image,
         ``_auto_resize=False`` (see :meth:`generate`)."""
-        pipeline._tune_negative_prompt = negative_prompt
         kwargs: dict[str, Any] = {"max_sequence_length": getattr(pipeline, "_tune_max_sequence_length", 512)}
         if getattr(pipeline, "_tune_max_area", None):
             kwargs["max_area"] = pipeline._tune_max_area
             kwargs["_auto_resize"] = False
         return kwargs
 
-    def _validation_option_kwargs(self, pipeline: Any, options: dict[str, Any], *, guidance: float) -> dict[str, Any]:
+    def _validation_option_kwargs(
+        self, pipeline: Any, options: dict[str, Any], *, guidance: float, negative_prompt: str | None
+    ) -> dict[str, Any]:
         """``validation_guidance_real`` above 1: real classifier-free guidance, the pipeline's
         ``true_cfg_scale`` against ``validation_negative_prompt`` (the empty prompt when unset:
         ``FluxPipeline`` runs CFG only when it has a negative prompt). Two transformer calls a step."""
         scale = float(options.get("validation_guidance_real", 1.0))
         if scale <= 1:
             return {}
-        return {"true_cfg_scale": scale, "negative_prompt": getattr(pipeline, "_tune_negative_prompt", None) or ""}
+        return {"true_cfg_scale": scale, "negative_prompt": negative_prompt or ""}
 
     def generate(self, pipeline: Any, prompt: str, *, width: int, height: int, **kwargs: Any) -> Any:
         """As the base (the reference ``image`` goes to ``FluxKontextPipeline(image=...)``). For

@@ -96,7 +96,7 @@ class QwenImageFamily(ModelFamily):
 
     def edit_style(self, flavour: str | None) -> EditStyle | None:
         """The edit conventions of ``flavour`` or its alias (``None`` for text-to-image flavours)."""
-        return EDIT_STYLES.get(self.flavour_aliases.get(flavour or "", flavour or ""))
+        return EDIT_STYLES.get(self.flavour(flavour).name)
 
     def accepts_references(self, flavour: str | None) -> bool:
         """Edit flavours are made for reference images; ``base`` has never seen one."""

@@ -207,7 +207,9 @@ class SD3Family(ModelFamily):
             extra["skip_guidance_layers"] = list(layers)
         return extra
 
-    def _validation_option_kwargs(self, pipeline: Any, options: dict[str, Any], *, guidance: float) -> dict[str, Any]:
+    def _validation_option_kwargs(
+        self, pipeline: Any, options: dict[str, Any], *, guidance: float, negative_prompt: str | None
+    ) -> dict[str, Any]:
         """``validation_guidance_skip_*`` as the pipeline's skip-layer guidance arguments. The
         layers replace the flavour's (``[]``: none); the pipeline applies them only with
         classifier-free guidance (``guidance`` > 1), in the steps between ``start`` and ``stop``

@@ -109,7 +109,7 @@ class SDXLFamily(ModelFamily):
 
     def validation_input(self, flavour: str | None) -> str | None:
         """The refiner validates by refining a training image; base makes images from text."""
-        return "image" if self.flavour_aliases.get(flavour or "", flavour) == "refiner" else None
+        return "image" if self.flavour(flavour).name == "refiner" else None
 
     def configure_training(self, model: LoadedModel, options: Any) -> None:
         """The refiner's options (:data:`REFINER_OPTIONS`): ``sdxl_aesthetic_score`` (validation,
@@ -406,7 +406,7 @@ class SDXLFamily(ModelFamily):
             )
         from PIL import Image
 
-        extra = self.validation_call_options(pipeline, options, guidance=guidance)
+        extra = self.validation_call_options(pipeline, options, guidance=guidance, negative_prompt=negative_prompt)
         schedule = int(steps)
         while int(schedule * float(refiner["strength"])) < 1:  # diffusers' own count; 0 makes no image
             schedule += 1
